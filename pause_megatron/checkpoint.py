@@ -1,0 +1,154 @@
+"""Checkpoints with Megatron-Core dist_checkpointing: reshardable across TP/PP, safe against a crash mid-save.
+
+Layout of a checkpoint directory:
+    iter_0000100/     one dist_checkpointing checkpoint (model, optimizer, scheduler, counters, extra)
+    iter_0000100/rng/ per-rank RNG states (restored only when the parallel layout is unchanged)
+    latest            the name of the newest *complete* iteration, replaced atomically after every rank
+                      finished writing; a crash mid-save leaves the previous one in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from pause_megatron.train import TrainState
+
+LATEST = "latest"
+
+
+def iteration_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_checkpoint(root: Optional[str]) -> Optional[str]:
+    """The newest complete checkpoint under `root`, or None."""
+    if not root:
+        return None
+    marker = os.path.join(root, LATEST)
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    return path if os.path.isdir(path) else None
+
+
+def resolve(path: str) -> str:
+    """An iteration directory, given either it or a checkpoint root (whose `latest` is taken)."""
+    if os.path.exists(os.path.join(path, LATEST)):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: `latest` names a checkpoint that does not exist")
+        return found
+    if not os.path.exists(os.path.join(path, "metadata.json")):
+        raise FileNotFoundError(f"{path} is not a checkpoint (no `latest` and no metadata.json)")
+    return path
+
+
+def _model_sharded_state_dict(state: TrainState) -> dict:
+    # Keys of the bare GPTModel (not of its DDP wrapper), so checkpoints load outside training too.
+    if len(state.model) == 1:
+        return {"model": state.model[0].module.sharded_state_dict()}
+    return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(state.model)}
+
+
+def _rng_path(path: str) -> str:
+    from megatron.core import parallel_state as ps
+
+    name = (f"pp{ps.get_pipeline_model_parallel_rank()}_tp{ps.get_tensor_model_parallel_rank()}"
+            f"_dp{ps.get_data_parallel_rank()}_of_pp{ps.get_pipeline_model_parallel_world_size()}"
+            f"_tp{ps.get_tensor_model_parallel_world_size()}_dp{ps.get_data_parallel_world_size()}.pt")
+    return os.path.join(path, "rng", name)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    get_cuda_rng_tracker().set_states(rng["tracker"])
+
+
+def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
+    """Save everything needed to resume at `state.step`; collective (every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    path = iteration_dir(root, state.step)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        if os.path.exists(path):  # a partial save of this step from a crashed run: redo it
+            shutil.rmtree(path)
+        os.makedirs(os.path.join(path, "rng"))
+    torch.distributed.barrier()
+    sharded = _model_sharded_state_dict(state)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
+    sharded["scheduler"] = state.scheduler.state_dict()
+    sharded["step"] = state.step
+    sharded["consumed_samples"] = state.consumed_samples
+    sharded["extra"] = extra or {}
+    dist_checkpointing.save(sharded, path)
+    torch.save(_rng_state(), _rng_path(path))
+    torch.distributed.barrier()
+    if rank0:  # only now is the checkpoint complete: point `latest` at it, atomically
+        tmp = os.path.join(root, f".{LATEST}.tmp")
+        with open(tmp, "w") as f:
+            f.write(os.path.basename(path) + "\n")
+        os.replace(tmp, os.path.join(root, LATEST))
+    torch.distributed.barrier()
+    return path
+
+
+def load(state: TrainState, path: str, *, weights_only: bool = False) -> dict:
+    """Load a checkpoint saved under any TP/PP layout into `state`; returns its `extra` dict.
+
+    weights_only: the model alone (starting a new run from pretrained weights); otherwise the optimizer,
+    scheduler, counters and (for an unchanged layout) the RNG states too, so training resumes exactly.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve(path)
+    sharded = _model_sharded_state_dict(state)
+    if not weights_only:
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, path)
+    if len(state.model) == 1:
+        state.model[0].module.load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(state.model):
+            chunk.module.load_state_dict(loaded[f"model{i}"])
+    if weights_only:
+        state.optimizer.reload_model_params()
+        return loaded.get("extra", {})
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    state.scheduler.load_state_dict(loaded["scheduler"])
+    state.step = int(loaded["step"])
+    state.consumed_samples = int(loaded["consumed_samples"])
+    rng = _rng_path(path)
+    if os.path.exists(rng):
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return loaded.get("extra", {})

@@ -1,0 +1,284 @@
+"""Typed configuration: dataclasses with documented defaults, YAML recipe files and dotted overrides.
+
+`load_config("recipes/x.yaml", ["model.preset=130m", "parallel.tensor=2"])` merges, in order: the dataclass
+defaults, the model preset, the YAML file, the overrides; then `validate` checks every value before any
+process group starts, naming the field of each problem. OmegaConf does the merging and type checking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pause_megatron.pauses import PAPER_SEQ_LENGTH, PLACEMENTS, PRETRAIN_PAUSE_RATIO
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+# Model shapes. 130m and 1b are the paper's (Goyal et al., Section 4); tiny runs the whole stack on a CPU.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, seq_length=128),
+    "130m": dict(
+        num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072, seq_length=PAPER_SEQ_LENGTH
+    ),
+    "1b": dict(
+        num_layers=24, hidden_size=2048, num_attention_heads=32, ffn_hidden_size=8192, seq_length=PAPER_SEQ_LENGTH
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Decoder shape. Fields left None come from the preset."""
+
+    preset: str = "tiny"
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    seq_length: Optional[int] = None
+    position_embedding: str = "rope"  # "rope" or "learned_absolute"; the paper does not say
+    rotary_base: int = 10000
+    normalization: str = "LayerNorm"  # or "RMSNorm"
+    untie_embeddings: bool = True  # separate output layer: 136M parameters at 130m, as in the paper
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    make_vocab_size_divisible_by: int = 128  # padded size independent of TP (see tokenizer.padded_vocab_size)
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallelism. Data parallelism is what is left: world_size / (tensor * pipeline)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics. "auto" is fp32 on the CPU and bf16 on a GPU."""
+
+    dtype: str = "auto"  # "auto", "fp32" or "bf16"
+    fp8: Optional[str] = None  # None, "e4m3" or "hybrid" (Transformer Engine on a GPU only)
+    fp8_recipe: str = "delayed"  # "delayed", "tensorwise", "mxfp8" or "blockwise"
+
+
+@dataclass
+class OptimConfig:
+    """Adam with linear warmup and cosine decay; Megatron's distributed optimizer as an option."""
+
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    distributed: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch sizes in sequences, lengths in optimizer steps."""
+
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    steps: int = 20
+    seed: int = 1234
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: no validation
+    eval_steps: int = 2
+    save_interval: int = 0  # 0: save only at the end
+    checkpoint_dir: Optional[str] = None
+    init_from: Optional[str] = None  # a checkpoint whose weights (any TP/PP layout) start this run
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    path: Optional[str] = None  # a data-prep output directory (manifest.json + shards)
+    variant: str = "pause"  # "pause" (PausePT) or "std" (StdPT)
+    tokenizer: Optional[str] = None  # a SentencePiece .model; by default the one next to the manifest
+    split: str = "98,2,0"  # train, validation, test weights, as Megatron's dataset builder takes them
+
+
+@dataclass
+class PausesConfig:
+    """The pause rule's knobs (see pause_megatron.pauses)."""
+
+    ratio: float = PRETRAIN_PAUSE_RATIO
+    m_ft: int = 10
+    m_inf: Optional[int] = None  # None: the same as m_ft
+    placement: str = "append"
+    filler: str = "."
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow on rank 0. Any tracking URI; a local SQLite store by default."""
+
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "pause-megatron"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pauses: PausesConfig = field(default_factory=PausesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_size: Optional[int] = None) -> Config:
+    """Defaults < model preset < YAML file < `key=value` overrides, then validated."""
+    try:
+        merged = OmegaConf.structured(Config)
+        layers = []
+        if path is not None:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        preset = merged.model.preset
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        for key, value in PRESETS[preset].items():
+            if merged.model[key] is None:
+                merged.model[key] = value
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"config{where}: {exc.msg if hasattr(exc, 'msg') else exc} (key: {exc.full_key})") from None
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as a nested dict (for MLflow params and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as dotted keys, e.g. {"model.num_layers": 12}."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolved_dtype(cfg: Config, *, cuda: bool) -> str:
+    """fp32 or bf16: what "auto" means on this machine."""
+    if cfg.precision.dtype == "auto":
+        return "bf16" if cuda else "fp32"
+    return cfg.precision.dtype
+
+
+def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> None:
+    """Raise ConfigError naming the first field that cannot work; `world_size` checks the batch split."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    m, p, pr, o, t, d, pa = cfg.model, cfg.parallel, cfg.precision, cfg.optim, cfg.train, cfg.data, cfg.pauses
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length"):
+        need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    need(m.hidden_size % m.num_attention_heads == 0,
+         f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    need(m.position_embedding in ("rope", "learned_absolute"),
+         f"model.position_embedding must be 'rope' or 'learned_absolute', got {m.position_embedding!r}")
+    need(m.normalization in ("LayerNorm", "RMSNorm"),
+         f"model.normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
+
+    need(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
+    need(p.pipeline >= 1, f"parallel.pipeline must be >= 1, got {p.pipeline}")
+    need(m.num_attention_heads % p.tensor == 0,
+         f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
+    need(m.ffn_hidden_size % p.tensor == 0,
+         f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={p.tensor}")
+    chunks = p.pipeline * (p.virtual_pipeline or 1)
+    need(m.num_layers % chunks == 0,
+         f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}"
+         + (f" x parallel.virtual_pipeline={p.virtual_pipeline}" if p.virtual_pipeline else ""))
+    if p.virtual_pipeline is not None:
+        need(p.virtual_pipeline >= 1, f"parallel.virtual_pipeline must be >= 1, got {p.virtual_pipeline}")
+        need(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
+    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+
+    need(pr.dtype in ("auto", "fp32", "bf16"), f"precision.dtype must be 'auto', 'fp32' or 'bf16', got {pr.dtype!r}")
+    need(pr.fp8 in (None, "e4m3", "hybrid"), f"precision.fp8 must be null, 'e4m3' or 'hybrid', got {pr.fp8!r}")
+    need(pr.fp8_recipe in ("delayed", "tensorwise", "mxfp8", "blockwise"),
+         f"precision.fp8_recipe must be delayed, tensorwise, mxfp8 or blockwise, got {pr.fp8_recipe!r}")
+    if pr.fp8 is not None:
+        need(cuda, "precision.fp8 needs a GPU: FP8 runs through Transformer Engine on CUDA only")
+        need(transformer_engine_available(),
+             "precision.fp8 needs Transformer Engine (pip install 'pause-megatron[gpu]' or an NGC PyTorch container)")
+        need(resolved_dtype(cfg, cuda=cuda) == "bf16", "precision.fp8 needs precision.dtype bf16 (or auto on a GPU)")
+
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")
+    need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {o.clip_grad}")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)")
+
+    need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    need(t.global_batch_size % t.micro_batch_size == 0,
+         f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size={t.micro_batch_size}")
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    need(o.warmup_steps < t.steps, f"optim.warmup_steps={o.warmup_steps} must be less than train.steps={t.steps}")
+    for name in ("log_interval", "eval_interval", "eval_steps", "save_interval"):
+        need(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if world_size is not None:
+        need(world_size % (p.tensor * p.pipeline) == 0,
+             f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = {p.tensor * p.pipeline}")
+        dp = world_size // (p.tensor * p.pipeline)
+        need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x data-parallel"
+             f" size = {t.micro_batch_size} x {dp}")
+
+    need(d.variant in ("pause", "std"), f"data.variant must be 'pause' or 'std', got {d.variant!r}")
+    need(0.0 <= pa.ratio < 1.0, f"pauses.ratio must be in [0, 1), got {pa.ratio}")
+    need(pa.m_ft >= 0, f"pauses.m_ft must be >= 0, got {pa.m_ft}")
+    need(pa.m_inf is None or pa.m_inf >= 0, f"pauses.m_inf must be >= 0, got {pa.m_inf}")
+    need(pa.placement in PLACEMENTS, f"pauses.placement must be one of {PLACEMENTS}, got {pa.placement!r}")

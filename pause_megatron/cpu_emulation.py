@@ -1,0 +1,162 @@
+"""Run Megatron-Core on a CPU by mapping its CUDA requests to the CPU, inside this process only.
+
+Megatron-Core has no CPU code path, but all of its training stack (model, DDP, optimizer, pipeline
+schedules, dist_checkpointing) runs on CPU tensors once the few CUDA-only calls it makes are redirected:
+device arguments naming CUDA become the CPU, the CUDA RNG functions use the CPU generator, and streams,
+events and synchronisation are no-ops (the CPU runs every op in order). `enable()` is called by the runtime
+only when no GPU is present (or when asked for tests); it is never on in a GPU run, and this is the only
+module of the project that knows about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_enabled = False
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):  # a bare ordinal means a CUDA device to torch
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites `device=cuda...` arguments, `.cuda()` and `.to(cuda)` to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        if func in (torch.Tensor.cuda,):
+            kwargs.pop("device", None)
+            kwargs.pop("non_blocking", None)
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_CPU if _is_cuda(a) else a for a in args)
+        if func in (torch.Tensor.pin_memory,):
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: the CPU executes in program order."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _noop():
+    """A fresh do-nothing function (torch.compile's rule table refuses one object under two names)."""
+
+    def noop(*args, **kwargs):
+        return None
+
+    return noop
+
+
+def _get_rng_state(device="cuda", clone=False, graph_safe=False):
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _tensor_type_cpu(original):
+    """`tensor.type()` answers with the CUDA name for float tensors (Megatron asserts on it)."""
+
+    @functools.wraps(original)
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None:
+            name = original(self)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda") else name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type_
+
+
+def enable() -> None:
+    """Turn the emulation on for this process (idempotent). Must not be called when CUDA is available."""
+    global _enabled
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("CPU emulation of CUDA must not be enabled on a machine with a GPU")
+    # Import Megatron-Core first: its import runs torch.compile decorators, which snapshot torch.cuda.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.device_count = lambda: 1
+    cuda.set_device = _noop()
+    cuda.synchronize = _noop()
+    cuda.empty_cache = _noop()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.set_stream = _noop()
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, which would recurse.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = _noop()
+    cuda.nvtx.range_push = _noop()
+    cuda.nvtx.range_pop = _noop()
+    torch.Tensor.type = _tensor_type_cpu(torch.Tensor.type)
+
+    mcore_random._get_cuda_rng_state = _get_rng_state
+    mcore_random._set_cuda_rng_state = _set_rng_state
+
+    _CudaToCpu().__enter__()  # stays on for the life of the process
+    _enabled = True
+
+
+def enabled() -> bool:
+    """Whether this process runs Megatron-Core through the CPU emulation."""
+    return _enabled

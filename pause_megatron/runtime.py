@@ -1,0 +1,144 @@
+"""Process-group start (torchrun or Slurm), Megatron parallel state and seeds.
+
+On a machine without a GPU, the CPU emulation is switched on and gloo is used, so that the same
+Megatron-Core code paths run on a laptop as on a cluster (NCCL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+
+from pause_megatron import cpu_emulation
+from pause_megatron.config import Config
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    nodelist = nodelist.strip()
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise ValueError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def dist_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """Read rank and rendezvous from torchrun's variables, else Slurm's (one task per rank), else single."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        job_id = int(environ.get("SLURM_JOB_ID", "0"))
+        return DistEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            master_addr=environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"]),
+            # A port per job, so that two jobs sharing a first node do not collide.
+            master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
+        )
+    # A lone process (python -m ..., a test): any free local port will do.
+    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                   master_port=int(environ.get("MASTER_PORT", 0)) or _free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env(environ: Mapping[str, str] = os.environ) -> int:
+    return dist_env(environ).world_size
+
+
+def use_cuda() -> bool:
+    """GPU run unless there is no GPU or PAUSE_MEGATRON_CPU=1 asks for the CPU."""
+    return torch.cuda.is_available() and os.environ.get("PAUSE_MEGATRON_CPU", "0") != "1"
+
+
+def init_distributed(cfg: Config, *, timeout_minutes: int = 30) -> DistEnv:
+    """Start the process group and Megatron's parallel state for `cfg.parallel`; seed every RNG."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    env = dist_env()
+    cuda = use_cuda()
+    if not cuda:
+        cpu_emulation.enable()
+    else:
+        torch.cuda.set_device(env.local_rank)
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tensor,
+            pipeline_model_parallel_size=cfg.parallel.pipeline,
+            virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline,
+        )
+    seed_everything(cfg.train.seed)
+    model_parallel_cuda_manual_seed(cfg.train.seed)
+    return env
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down Megatron's parallel state and the process group (end of a run or a test)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def device() -> torch.device:
+    """The device tensors go to: the local GPU, or the CPU under the emulation."""
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")

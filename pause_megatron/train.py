@@ -1,0 +1,194 @@
+"""One training step on Megatron-Core, shared by pretraining and finetuning.
+
+A batch is a list of microbatches, each a dict of [micro_batch, seq] tensors: `tokens`, `labels`,
+`loss_mask` (from the pause rule: 0 where the target is `<pause>` or padding) and `position_ids`. The loss
+is summed over unmasked targets and divided by their count across all microbatches and data-parallel
+ranks (Megatron's per-token loss normalisation), so a microbatch full of pauses weighs what it should.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+
+from pause_megatron.config import Config
+from pause_megatron.model import build_model_chunks
+
+
+@dataclass
+class TrainState:
+    """Everything a step needs; `step` counts optimizer steps taken."""
+
+    cfg: Config
+    model: list  # Megatron DDP-wrapped chunks (one, or virtual_pipeline of them)
+    optimizer: object
+    scheduler: object
+    cuda: bool
+    step: int = 0
+    consumed_samples: int = 0
+
+    @property
+    def tconfig(self):
+        return self.model[0].config
+
+
+def build_train_state(cfg: Config, *, vocab_size: int, cuda: bool) -> TrainState:
+    """Model chunks in Megatron DDP, the Megatron optimizer (Adam) and the LR/WD scheduler."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    chunks = build_model_chunks(cfg, vocab_size=vocab_size, cuda=cuda)
+    tconfig = chunks[0].config
+    if cuda:
+        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optim.distributed,
+        check_for_nan_in_grad=True,
+    )
+    model = [
+        DistributedDataParallel(
+            config=tconfig,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Only the first chunk's buffers are bucketed separately for overlap; no overlap here.
+            disable_bucketing=(i > 0),
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    o = cfg.optim
+    bf16 = tconfig.bf16
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=bf16,
+            params_dtype=tconfig.params_dtype,
+            use_distributed_optimizer=o.distributed,
+        ),
+        model,
+    )
+    # The schedules call these between microbatches and at the end of the backward pass.
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.grad_scale_func = optimizer.scale_loss
+    total = cfg.train.steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=total,
+        lr_decay_style="cosine",
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+    )
+    return TrainState(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, cuda=cuda)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed loss over unmasked targets and their count; the schedule normalises by the total count."""
+    losses = output_tensor.float()
+    loss_mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses.view(-1) * loss_mask)
+    num_tokens = loss_mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator: Iterator[dict], model, *, device: torch.device):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=None,  # causal mask from the layer spec
+        labels=batch["labels"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _run_schedule(state: TrainState, microbatches: list[dict], *, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seq_length = microbatches[0]["tokens"].shape[1]
+    micro_batch_size = microbatches[0]["tokens"].shape[0]
+    device = torch.device("cuda", torch.cuda.current_device()) if state.cuda else torch.device("cpu")
+    if len(state.model) > 1:  # interleaved: one iterator per model chunk, each over the same microbatches
+        data_iterator = [iter(microbatches) for _ in state.model]
+    else:
+        data_iterator = iter(microbatches)
+    forward_backward = get_forward_backward_func()
+    return forward_backward(
+        forward_step_func=partial(_forward_step, device=device),
+        data_iterator=data_iterator,
+        model=state.model if len(state.model) > 1 else state.model[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _mean_loss(losses: list[dict], *, key: str = "lm loss") -> tuple[float, int]:
+    """(loss per unmasked token, token count) over microbatches and data-parallel ranks.
+
+    Only the last pipeline stage computes losses; the result is broadcast so every rank returns it.
+    """
+    from megatron.core import parallel_state
+
+    total = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses:
+            total += item[key].detach().to("cpu", torch.float64)
+    if torch.distributed.is_initialized():
+        # Sum over data-parallel ranks, then share the last stage's value along the pipeline.
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        t = total.to(dev)
+        torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+        total = t.cpu()
+    loss_sum, count = float(total[0]), int(total[1])
+    return (loss_sum / max(count, 1)), count
+
+
+def train_step(state: TrainState, microbatches: list[dict]) -> dict:
+    """One optimizer step over this data-parallel rank's microbatches; returns loss, tokens, grad norm, lr."""
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = _run_schedule(state, microbatches, forward_only=False)
+    update_successful, grad_norm, _ = state.optimizer.step()
+    if update_successful:
+        state.scheduler.step(increment=1)
+    state.step += 1
+    loss, count = _mean_loss(losses)
+    lr = state.optimizer.param_groups[0]["lr"]
+    return {"loss": loss, "tokens": count, "grad_norm": float(grad_norm or 0.0), "lr": lr, "skipped": not update_successful}
+
+
+@torch.no_grad()
+def eval_step(state: TrainState, microbatches: list[dict], *, loss_key: Optional[str] = None) -> dict:
+    """Loss per unmasked token without updating anything (validation)."""
+    for chunk in state.model:
+        chunk.eval()
+    try:
+        losses = _run_schedule(state, microbatches, forward_only=True)
+    finally:
+        for chunk in state.model:
+            chunk.train()
+    loss, count = _mean_loss(losses, key=loss_key or "lm loss")
+    return {"loss": loss, "tokens": count}
