@@ -46,6 +46,10 @@ def transformer_config(cfg: Config, *, cuda: bool):
         persist_layer_norm=fused,
         apply_rope_fusion=False,
         calculate_per_token_loss=True,  # pause targets are masked: normalise by the real token count
+        # Batched isend/irecv pairs a rank's messages to the same peer by order; on gloo with PP=2 and
+        # virtual stages the forward activation and the backward gradient (same shape) then cross.
+        # Unbatched P2P keeps the two directions on separate communicators.
+        batch_p2p_comm=cuda,
     )
     if cfg.precision.fp8 is not None:
         kwargs.update(fp8=cfg.precision.fp8, fp8_recipe=cfg.precision.fp8_recipe)
@@ -141,3 +145,26 @@ def preset_parameter_count(cfg: Config, *, vocab_size: int) -> int:
     with torch.device("meta"):
         model = build_gpt(single, vocab_size=vocab_size, cuda=False)
     return count_parameters(model)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m pause_megatron.model [preset ...]`: print each preset's parameter count as JSON lines."""
+    import argparse
+    import json
+
+    from pause_megatron.config import PRESETS, load_config
+    from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, padded_vocab_size
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("presets", nargs="*", default=sorted(PRESETS))
+    ap.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE + 1, help="with <pause>, before padding")
+    args = ap.parse_args(argv)
+    for preset in args.presets:
+        cfg = load_config(None, [f"model.preset={preset}"])
+        vocab = padded_vocab_size(args.vocab_size)
+        print(json.dumps({"preset": preset, "parameters": preset_parameter_count(cfg, vocab_size=vocab),
+                          "padded_vocab_size": vocab}))
+
+
+if __name__ == "__main__":
+    main()

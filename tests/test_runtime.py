@@ -1,0 +1,29 @@
+"""Rank and rendezvous from torchrun or Slurm variables."""
+
+import pytest
+
+from pause_megatron.runtime import dist_env, first_host
+
+
+@pytest.mark.parametrize("nodelist,host", [("n1", "n1"), ("gpu[003-005,9]", "gpu003"), ("a[7],b[1-2]", "a7"),
+                                           ("node-01,node-02", "node-01"), ("c[12-13]", "c12")])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_torchrun_variables_win():
+    env = dist_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+                    "SLURM_PROCID": "0", "SLURM_NTASKS": "8"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (3, 4, 1, "h", 1234)
+
+
+def test_slurm_variables_one_task_per_rank():
+    env = dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                    "SLURM_JOB_NODELIST": "gpu[010-013]", "SLURM_JOB_ID": "4242"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 8, 1, "gpu010")
+    assert env.master_port == 20000 + 4242
+
+
+def test_a_lone_process_gets_a_free_port():
+    env = dist_env({})
+    assert (env.rank, env.world_size) == (0, 1) and env.master_port > 0
