@@ -1,46 +1,147 @@
-"""From token samples to the microbatches a training step takes, with the pause loss mask.
+"""Pretraining data: Megatron-Core's GPTDataset over data-prep shards, batched with the pause loss mask.
 
-A sample is `seq_length + 1` token ids (Megatron's convention: inputs are sample[:-1], targets sample[1:]).
+Data prep (data_prep/build_c4.py) writes each window of `seq_length` tokens as one document of a Megatron
+indexed dataset; megatron-core's stock GPTDataset (built by BlendedMegatronDatasetBuilder, with the train /
+validation split and blending across shards) then yields samples of `seq_length + 1` tokens aligned to the
+windows. The pause rule's loss mask is applied on top of GPTDataset's own mask when samples are batched.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
 
+from pause_megatron.config import Config
 from pause_megatron.pauses import pause_loss_mask
+from pause_megatron.tokenizer import PauseTokenizer
+
+MANIFEST = "manifest.json"
 
 
-def microbatches(
-    samples,
-    *,
-    pause_id: int,
-    pad_id: int | None,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-) -> list[dict]:
-    """Split one global batch [G, seq+1] into this data-parallel rank's microbatches.
+class DataError(ValueError):
+    """The data directory does not fit the config or the tokenizer; the message names the file."""
 
-    Global batch = dp_size x num_micro x micro_batch_size samples; in each group of dp_size microbatches,
-    rank r takes the r-th (Megatron's pretraining sampler does the same).
+
+@dataclass(frozen=True)
+class _TokenizerView:
+    """What GPTDataset reads from a tokenizer (its ids only: the shards are already tokenized)."""
+
+    eod: int
+    pad: int
+    vocab_size: int
+
+
+def read_manifest(data_path: str) -> dict:
+    path = os.path.join(data_path, MANIFEST)
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found: data.path must be an output directory of data_prep/build_c4.py")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_tokenizer(cfg: Config) -> PauseTokenizer:
+    """data.tokenizer, or the tokenizer.model that data prep wrote next to the manifest."""
+    path = cfg.data.tokenizer or os.path.join(cfg.data.path or ".", "tokenizer.model")
+    return PauseTokenizer.load(path)
+
+
+def shard_prefixes(data_path: str, variant: str) -> list[str]:
+    """Indexed-dataset prefixes (path without .bin/.idx) of one variant, in name order."""
+    folder = os.path.join(data_path, variant)
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} not found: no '{variant}' shards in {data_path}")
+    prefixes = sorted(os.path.join(folder, n[:-4]) for n in os.listdir(folder) if n.endswith(".idx"))
+    missing = [p for p in prefixes if not os.path.exists(p + ".bin")]
+    if not prefixes or missing:
+        raise DataError(f"{folder}: no complete shards (.bin + .idx)" + (f"; missing {missing[0]}.bin" if missing else ""))
+    return prefixes
+
+
+def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, where: str) -> None:
+    """The shards must have been made with this tokenizer and this sequence length."""
+    tokenizer.check_matches(manifest, where=where)
+    seq = manifest.get("seq_length")
+    if seq is not None and seq != cfg.model.seq_length:
+        raise DataError(f"{where}: shards have seq_length={seq} but model.seq_length={cfg.model.seq_length}")
+
+
+def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_samples: int, valid_samples: int,
+                            cache_dir: str):
+    """(train, validation) GPTDatasets over the shards of `cfg.data.variant`, blended by shard size."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    manifest = read_manifest(cfg.data.path)
+    check_manifest(manifest, cfg=cfg, tokenizer=tokenizer, where=os.path.join(cfg.data.path, MANIFEST))
+    prefixes = shard_prefixes(cfg.data.path, cfg.data.variant)
+    config = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=(prefixes, None),  # weights None: proportional to each shard's size
+        split=cfg.data.split,
+        path_to_cache=cache_dir,
+        tokenizer=_TokenizerView(eod=tokenizer.eod_id, pad=tokenizer.pad_id, vocab_size=tokenizer.vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal mask comes from the layer spec
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+def collate(samples: Sequence[dict], *, pause_id: int) -> dict:
+    """Stack samples into a microbatch. `loss_mask` gets the pause rule; `all_mask` keeps every target."""
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask",
+                                                                               "position_ids")}
+    batch["tokens"], batch["labels"] = batch["tokens"].long(), batch["labels"].long()
+    all_mask = batch["loss_mask"].float()
+    batch["all_mask"] = all_mask
+    batch["loss_mask"] = all_mask * pause_loss_mask(batch["labels"], pause_id=pause_id)
+    return batch
+
+
+def microbatch_indices(*, start: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                       dp_size: int) -> list[list[int]]:
+    """Sample indices of this data-parallel rank's microbatches for the global batch at `start`.
+
+    In each group of dp_size microbatches, rank r takes the r-th (as Megatron's pretraining sampler does),
+    so a step's samples depend only on `start` (consumed samples): resuming is exact.
     """
-    samples = torch.as_tensor(np.asarray(samples), dtype=torch.long)
-    global_size, width = samples.shape
     step = micro_batch_size * dp_size
-    if global_size % step:
-        raise ValueError(f"global batch {global_size} is not divisible by micro_batch_size x dp = {step}")
+    if global_batch_size % step:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by micro_batch_size x dp = {step}")
     out = []
-    for start in range(0, global_size, step):
-        lo = start + dp_rank * micro_batch_size
-        chunk = samples[lo : lo + micro_batch_size]
-        tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
-        out.append(
-            {
-                "tokens": tokens,
-                "labels": labels,
-                "loss_mask": pause_loss_mask(labels, pause_id=pause_id, pad_id=pad_id),
-                "position_ids": torch.arange(width - 1).unsqueeze(0).expand_as(tokens).contiguous(),
-            }
-        )
+    for group in range(start, start + global_batch_size, step):
+        lo = group + dp_rank * micro_batch_size
+        out.append(list(range(lo, lo + micro_batch_size)))
     return out
+
+
+def microbatches_from(dataset, *, start: int, cfg: Config, pause_id: int, dp_rank: int, dp_size: int,
+                      global_batch_size: Optional[int] = None) -> list[dict]:
+    """This rank's microbatches of the global batch at sample `start` of a GPTDataset (wraps around)."""
+    groups = microbatch_indices(start=start, global_batch_size=global_batch_size or cfg.train.global_batch_size,
+                                micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    n = len(dataset)
+    return [collate([dataset[i % n] for i in idx], pause_id=pause_id) for idx in groups]
+
+
+def windows_to_samples(windows) -> list[dict]:
+    """Token rows of `seq_length + 1` ids as GPTDataset-style samples (every target counted)."""
+    windows = torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    width = windows.shape[1] - 1
+    return [
+        {"tokens": w[:-1], "labels": w[1:], "loss_mask": torch.ones(width), "position_ids": torch.arange(width)}
+        for w in windows
+    ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -100,14 +100,21 @@ def build_train_state(cfg: Config, *, vocab_size: int, cuda: bool) -> TrainState
     return TrainState(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, cuda=cuda)
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Summed loss over unmasked targets and their count; the schedule normalises by the total count."""
-    losses = output_tensor.float()
+def _loss_func(loss_mask: torch.Tensor, all_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed loss over unmasked targets and their count; the schedule normalises by the total count.
+
+    Also reports the loss over every target, pauses included ("all-token loss"), for validation.
+    """
+    losses = output_tensor.float().view(-1)
     loss_mask = loss_mask.view(-1).float()
-    loss_sum = torch.sum(losses.view(-1) * loss_mask)
+    all_mask = all_mask.view(-1).float()
+    loss_sum = torch.sum(losses * loss_mask)
     num_tokens = loss_mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    report = {
+        "lm loss": torch.stack([loss_sum.detach(), num_tokens.float()]),
+        "all-token loss": torch.stack([torch.sum(losses.detach() * all_mask), all_mask.sum()]),
+    }
+    return loss_sum, num_tokens, report
 
 
 def _forward_step(data_iterator: Iterator[dict], model, *, device: torch.device):
@@ -118,7 +125,7 @@ def _forward_step(data_iterator: Iterator[dict], model, *, device: torch.device)
         attention_mask=None,  # causal mask from the layer spec
         labels=batch["labels"],
     )
-    return output, partial(_loss_func, batch["loss_mask"])
+    return output, partial(_loss_func, batch["loss_mask"], batch.get("all_mask", batch["loss_mask"]))
 
 
 def _run_schedule(state: TrainState, microbatches: list[dict], *, forward_only: bool):
@@ -181,8 +188,8 @@ def train_step(state: TrainState, microbatches: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def eval_step(state: TrainState, microbatches: list[dict], *, loss_key: Optional[str] = None) -> dict:
-    """Loss per unmasked token without updating anything (validation)."""
+def eval_step(state: TrainState, microbatches: list[dict]) -> dict:
+    """Validation losses without updating anything: on non-pause targets (`loss`) and on all targets."""
     for chunk in state.model:
         chunk.eval()
     try:
@@ -190,5 +197,6 @@ def eval_step(state: TrainState, microbatches: list[dict], *, loss_key: Optional
     finally:
         for chunk in state.model:
             chunk.train()
-    loss, count = _mean_loss(losses, key=loss_key or "lm loss")
-    return {"loss": loss, "tokens": count}
+    loss, count = _mean_loss(losses)
+    all_loss, all_count = _mean_loss(losses, key="all-token loss")
+    return {"loss": loss, "tokens": count, "all_token_loss": all_loss, "all_tokens": all_count}

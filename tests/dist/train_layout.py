@@ -13,7 +13,7 @@ import torch
 
 from pause_megatron import checkpoint, runtime
 from pause_megatron.config import load_config
-from pause_megatron.data import microbatches
+from pause_megatron.data import collate, microbatch_indices, windows_to_samples
 from pause_megatron.pauses import inject_pauses
 from pause_megatron.tokenizer import padded_vocab_size
 from pause_megatron.train import build_train_state, train_step
@@ -56,8 +56,10 @@ def main() -> None:
     for step in range(cfg.train.steps):
         batch = synthetic_batch(step, global_batch=cfg.train.global_batch_size, seq_length=cfg.model.seq_length,
                                 seed=cfg.train.seed)
-        mbs = microbatches(batch, pause_id=PAUSE_ID, pad_id=None, micro_batch_size=cfg.train.micro_batch_size,
-                           dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+        samples = windows_to_samples(batch)
+        groups = microbatch_indices(start=0, global_batch_size=len(samples), micro_batch_size=cfg.train.micro_batch_size,
+                                    dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
+        mbs = [collate([samples[i] for i in idx], pause_id=PAUSE_ID) for idx in groups]
         record.append(train_step(state, mbs))
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
