@@ -103,7 +103,7 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     if rank0:
         if os.path.exists(path):  # a partial save of this step from a crashed run: redo it
             shutil.rmtree(path)
-        os.makedirs(os.path.join(path, "rng"))
+        os.makedirs(path)
     torch.distributed.barrier()
     sharded = _model_sharded_state_dict(state)
     sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
@@ -112,6 +112,7 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     sharded["consumed_samples"] = state.consumed_samples
     sharded["extra"] = extra or {}
     dist_checkpointing.save(sharded, path)
+    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(), _rng_path(path))
     torch.distributed.barrier()
     if rank0:  # only now is the checkpoint complete: point `latest` at it, atomically

@@ -99,8 +99,8 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0: no validation
     eval_steps: int = 2
-    save_interval: int = 0  # 0: save only at the end
-    checkpoint_dir: Optional[str] = None
+    save_interval: int = 0  # 0: save only at the end (and when stopped by SIGTERM/SIGUSR1)
+    output_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and the dataset index cache go here
     init_from: Optional[str] = None  # a checkpoint whose weights (any TP/PP layout) start this run
 
 

@@ -35,6 +35,10 @@ class _TokenizerView:
     pad: int
     vocab_size: int
 
+    @property
+    def unique_identifiers(self) -> dict:  # part of the dataset cache key
+        return {"class": "PauseTokenizer", "eod": self.eod, "pad": self.pad, "vocab_size": self.vocab_size}
+
 
 def read_manifest(data_path: str) -> dict:
     path = os.path.join(data_path, MANIFEST)

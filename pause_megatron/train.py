@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -200,3 +200,178 @@ def eval_step(state: TrainState, microbatches: list[dict]) -> dict:
     loss, count = _mean_loss(losses)
     all_loss, all_count = _mean_loss(losses, key="all-token loss")
     return {"loss": loss, "tokens": count, "all_token_loss": all_loss, "all_tokens": all_count}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop: the same for pretraining and finetuning; only where the batches come from differs.
+
+PEAK_TFLOPS_BF16 = {  # dense bf16 peak per GPU, from the vendors' data sheets
+    "H100": 989.4,
+    "H200": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+}
+
+
+def model_flops_per_token(cfg: Config, *, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), counted from the config.
+
+    Forward per token: per layer 2*(3h*h) QKV + 2*h*h output projection + 2*2*h*ffn MLP + 2*2*s*h attention
+    scores and values (Megatron's convention: the causal half is not discounted); plus 2*h*V for the logits.
+    """
+    m = cfg.model
+    h, s, f = m.hidden_size, m.seq_length, m.ffn_hidden_size
+    per_layer = 8 * h * h + 4 * h * f + 4 * s * h
+    return 3.0 * (m.num_layers * per_layer + 2 * h * vocab_size)
+
+
+def peak_tflops(cfg: Config, *, cuda: bool) -> Optional[float]:
+    """Peak dense TFLOP/s of this GPU for the run's precision (FP8 doubles it); None on a CPU or unknown GPU."""
+    if not cuda:
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return value * (2.0 if cfg.precision.fp8 else 1.0)
+    return None
+
+
+def memory_gb(cuda: bool) -> float:
+    """Peak GPU memory allocated by this rank, or this process's resident memory on a CPU."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class GracefulStop:
+    """SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) ask for save-and-exit.
+
+    Every rank must agree to stop at the same step, so the flag is all-reduced (MAX) after each step.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self.signal_name: Optional[str] = None
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _handler(self, signum, frame):
+        import signal
+
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if torch.distributed.is_initialized():
+            if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def validate(state: TrainState, valid_batches: Callable[[int], list[dict]]) -> dict:
+    """Mean validation losses over `eval_steps` global batches (the same batches every time)."""
+    sums = {"loss": 0.0, "tokens": 0, "all_token_loss": 0.0, "all_tokens": 0}
+    g = state.cfg.train.global_batch_size
+    for i in range(state.cfg.train.eval_steps):
+        r = eval_step(state, valid_batches(i * g))
+        sums["loss"] += r["loss"] * r["tokens"]
+        sums["tokens"] += r["tokens"]
+        sums["all_token_loss"] += r["all_token_loss"] * r["all_tokens"]
+        sums["all_tokens"] += r["all_tokens"]
+    return {
+        "val/loss": sums["loss"] / max(sums["tokens"], 1),  # on non-pause targets
+        "val/all_token_loss": sums["all_token_loss"] / max(sums["all_tokens"], 1),  # pauses included
+    }
+
+
+def fit(
+    state: TrainState,
+    *,
+    train_batches: Callable[[int], list[dict]],
+    valid_batches: Optional[Callable[[int], list[dict]]],
+    tracker,
+    vocab_size: int,
+    checkpoint_extra: dict,
+) -> dict:
+    """Train from `state.step` to `train.steps`: log, validate, checkpoint; save and return on SIGTERM/SIGUSR1.
+
+    `train_batches(start)` returns this rank's microbatches of the global batch at sample `start`.
+    Returns {"stopped": bool, "step": int, "last": metrics of the last step}.
+    """
+    import json
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    from pause_megatron import checkpoint
+
+    cfg = state.cfg
+    t = cfg.train
+    rank0 = torch.distributed.get_rank() == 0
+    world = torch.distributed.get_world_size()
+    ckpt_root = os.path.join(t.output_dir, "checkpoints")
+    flops_per_step = model_flops_per_token(cfg, vocab_size=vocab_size) * t.global_batch_size * cfg.model.seq_length
+    peak = peak_tflops(cfg, cuda=state.cuda)
+    stop = GracefulStop()
+    metrics_file = open(os.path.join(t.output_dir, "metrics.jsonl"), "a") if rank0 else None
+    import sys
+
+    # In a batch log (Slurm) a bar redrawn every step floods the file: redraw at most every 30 s there.
+    bar = tqdm(total=t.steps, initial=state.step, disable=not rank0, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    last: dict = {}
+    saved_at = -1
+    stopped = False
+    try:
+        while state.step < t.steps:
+            start = time.perf_counter()
+            out = train_step(state, train_batches(state.consumed_samples))
+            state.consumed_samples += t.global_batch_size
+            elapsed = time.perf_counter() - start
+            tflops = flops_per_step / elapsed / world / 1e12
+            last = {
+                "train/loss": out["loss"],
+                "train/lr": out["lr"],
+                "train/grad_norm": out["grad_norm"],
+                "train/loss_tokens": out["tokens"],
+                "perf/tokens_per_s": t.global_batch_size * cfg.model.seq_length / elapsed,
+                "perf/tflops_per_gpu": tflops,
+                "perf/mfu": (tflops / peak) if peak else None,
+                "perf/memory_gb": memory_gb(state.cuda),
+            }
+            if valid_batches is not None and t.eval_interval and (state.step % t.eval_interval == 0
+                                                                   or state.step == t.steps):
+                last.update(validate(state, valid_batches))
+            if rank0:
+                metrics_file.write(json.dumps({"step": state.step, **last}) + "\n")
+                metrics_file.flush()
+                if state.step % max(t.log_interval, 1) == 0 or state.step == t.steps:
+                    tracker.log_metrics({k: v for k, v in last.items() if v is not None}, step=state.step)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{last['perf/tokens_per_s']:.0f}")
+                bar.update(1)
+            stopped = stop.agreed()
+            if stopped or (t.save_interval and state.step % t.save_interval == 0):
+                checkpoint.save(state, ckpt_root, extra=checkpoint_extra)
+                saved_at = state.step
+            if stopped:
+                if rank0:
+                    print(f"\nstopped by {stop.signal_name or 'a signal on another rank'} at step {state.step}; "
+                          f"checkpoint saved in {ckpt_root}", flush=True)
+                break
+        if not stopped and saved_at != state.step:
+            checkpoint.save(state, ckpt_root, extra=checkpoint_extra)
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    return {"stopped": stopped, "step": state.step, "last": last}
