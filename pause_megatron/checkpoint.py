@@ -18,6 +18,16 @@ import torch
 from pause_megatron.train import TrainState
 
 LATEST = "latest"
+TOKENIZER_FILE = "tokenizer.model"  # next to `latest`: every checkpoint root carries its tokenizer
+
+
+def tokenizer_path(path: str) -> str:
+    """The tokenizer of a checkpoint root or of one of its iteration directories."""
+    path = os.path.abspath(path)
+    for candidate in (path, os.path.dirname(path)):
+        if os.path.exists(os.path.join(candidate, TOKENIZER_FILE)):
+            return os.path.join(candidate, TOKENIZER_FILE)
+    raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} in the checkpoint directory or its parent")
 
 
 def iteration_dir(root: str, step: int) -> str:
@@ -49,11 +59,41 @@ def resolve(path: str) -> str:
     return path
 
 
-def _model_sharded_state_dict(state: TrainState) -> dict:
-    # Keys of the bare GPTModel (not of its DDP wrapper), so checkpoints load outside training too.
-    if len(state.model) == 1:
-        return {"model": state.model[0].module.sharded_state_dict()}
-    return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(state.model)}
+def _bare(chunks: list) -> list:
+    """GPTModels without their DDP wrappers: checkpoint keys are the bare model's, so they load anywhere."""
+    return [getattr(c, "module", c) for c in chunks]
+
+
+def _model_sharded_state_dict(chunks: list) -> dict:
+    chunks = _bare(chunks)
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _load_model_state(chunks: list, loaded: dict) -> None:
+    chunks = _bare(chunks)
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])
+
+
+def read_extra(path: str) -> dict:
+    """The `extra` dict of a checkpoint (config, tokenizer ids and checksum), without loading any tensor."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(resolve(path)).get("extra", {})
+
+
+def load_model(chunks: list, path: str) -> dict:
+    """Load only the weights of a checkpoint (any TP/PP layout) into model chunks; returns its `extra`."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(_model_sharded_state_dict(chunks), resolve(path))
+    _load_model_state(chunks, loaded)
+    return loaded.get("extra", {})
 
 
 def _rng_path(path: str) -> str:
@@ -105,7 +145,7 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
             shutil.rmtree(path)
         os.makedirs(path)
     torch.distributed.barrier()
-    sharded = _model_sharded_state_dict(state)
+    sharded = _model_sharded_state_dict(state.model)
     sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
     sharded["scheduler"] = state.scheduler.state_dict()
     sharded["step"] = state.step
@@ -133,18 +173,14 @@ def load(state: TrainState, path: str, *, weights_only: bool = False) -> dict:
     from megatron.core import dist_checkpointing
 
     path = resolve(path)
-    sharded = _model_sharded_state_dict(state)
-    if not weights_only:
-        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, path)
-    if len(state.model) == 1:
-        state.model[0].module.load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(state.model):
-            chunk.module.load_state_dict(loaded[f"model{i}"])
     if weights_only:
+        extra = load_model(state.model, path)
         state.optimizer.reload_model_params()
-        return loaded.get("extra", {})
+        return extra
+    sharded = _model_sharded_state_dict(state.model)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, path)
+    _load_model_state(state.model, loaded)
     state.optimizer.load_state_dict(loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])
     state.step = int(loaded["step"])

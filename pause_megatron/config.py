@@ -84,7 +84,7 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
     clip_grad: float = 1.0
-    warmup_steps: int = 10
+    warmup_steps: int = 2
     distributed: bool = False
 
 
@@ -112,6 +112,7 @@ class DataConfig:
     variant: str = "pause"  # "pause" (PausePT) or "std" (StdPT)
     tokenizer: Optional[str] = None  # a SentencePiece .model; by default the one next to the manifest
     split: str = "98,2,0"  # train, validation, test weights, as Megatron's dataset builder takes them
+    task_dir: Optional[str] = None  # finetuning/eval data offline: <task_dir>/<task>/{train,eval}.jsonl
 
 
 @dataclass
@@ -145,13 +146,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     pauses: PausesConfig = field(default_factory=PausesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: Optional[str] = None  # the downstream task of a finetuning run (see pause_megatron.tasks)
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_size: Optional[int] = None) -> Config:
-    """Defaults < model preset < YAML file < `key=value` overrides, then validated."""
+def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_size: Optional[int] = None,
+                base: Optional[dict] = None) -> Config:
+    """Defaults < `base` (e.g. a checkpoint's config) < model preset < YAML file < overrides, validated."""
     try:
         merged = OmegaConf.structured(Config)
-        layers = []
+        layers = [OmegaConf.create(base)] if base else []
         if path is not None:
             if not os.path.exists(path):
                 raise ConfigError(f"config file not found: {path}")
@@ -282,3 +285,7 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
     need(pa.m_ft >= 0, f"pauses.m_ft must be >= 0, got {pa.m_ft}")
     need(pa.m_inf is None or pa.m_inf >= 0, f"pauses.m_inf must be >= 0, got {pa.m_inf}")
     need(pa.placement in PLACEMENTS, f"pauses.placement must be one of {PLACEMENTS}, got {pa.placement!r}")
+    if cfg.task is not None:
+        from pause_megatron.tasks import TASKS
+
+        need(cfg.task in TASKS, f"task: unknown task {cfg.task!r}; the paper's tasks are {sorted(TASKS)}")

@@ -134,11 +134,10 @@ def microbatch_indices(*, start: int, global_batch_size: int, micro_batch_size: 
 
 def microbatches_from(dataset, *, start: int, cfg: Config, pause_id: int, dp_rank: int, dp_size: int,
                       global_batch_size: Optional[int] = None) -> list[dict]:
-    """This rank's microbatches of the global batch at sample `start` of a GPTDataset (wraps around)."""
+    """This rank's microbatches of the global batch at sample `start` of a dataset."""
     groups = microbatch_indices(start=start, global_batch_size=global_batch_size or cfg.train.global_batch_size,
                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    n = len(dataset)
-    return [collate([dataset[i % n] for i in idx], pause_id=pause_id) for idx in groups]
+    return [collate([dataset[i] for i in idx], pause_id=pause_id) for idx in groups]
 
 
 def windows_to_samples(windows) -> list[dict]:
@@ -149,3 +148,44 @@ def windows_to_samples(windows) -> list[dict]:
         {"tokens": w[:-1], "labels": w[1:], "loss_mask": torch.ones(width), "position_ids": torch.arange(width)}
         for w in windows
     ]
+
+
+class FinetuneDataset:
+    """PauseFT samples: prompt + M placed pauses + target + EOD, padded to seq_length + 1; loss on the target.
+
+    Index i is example perm_e[i mod N] of epoch e = i // N (a fresh seeded shuffle per epoch), so the order
+    depends only on the seed and i, and training resumes exactly from `consumed_samples`.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str]], *, tokenizer: PauseTokenizer, seq_length: int, m: int,
+                 placement: str, filler_id: Optional[int], seed: int, where: str):
+        from pause_megatron.pauses import finetune_example
+
+        if not pairs:
+            raise DataError(f"{where}: no finetuning examples")
+        self.seq_length, self.seed, self.pad_id = seq_length, seed, tokenizer.pad_id
+        self.examples = []
+        for i, (prompt, target) in enumerate(pairs):
+            try:
+                ids, is_target = finetune_example(
+                    tokenizer.encode(prompt), tokenizer.encode(target) + [tokenizer.eod_id], m=m,
+                    pause_id=tokenizer.pause_id, placement=placement, filler_id=filler_id, max_length=seq_length + 1)
+            except ValueError as exc:
+                raise DataError(f"{where}: example {i}: {exc}") from None
+            self.examples.append((ids, is_target))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _example(self, i: int) -> tuple[list[int], list[int]]:
+        n = len(self.examples)
+        perm = np.random.default_rng([self.seed, i // n]).permutation(n)
+        return self.examples[perm[i % n]]
+
+    def __getitem__(self, i: int) -> dict:
+        ids, is_target = self._example(i)
+        pad = self.seq_length + 1 - len(ids)
+        ids = torch.tensor(ids + [self.pad_id] * pad, dtype=torch.long)
+        target = torch.tensor(is_target + [0] * pad, dtype=torch.float32)
+        return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": target[1:],
+                "position_ids": torch.arange(self.seq_length)}

@@ -94,3 +94,30 @@ def place_pauses(
             raise ValueError("placement 'filler' needs a filler_id")
         return prompt + [filler_id] * m
     raise ValueError(f"unknown pause placement {placement!r}; expected one of {PLACEMENTS}")
+
+
+def finetune_example(
+    prompt: list[int],
+    target: list[int],
+    *,
+    m: int,
+    pause_id: int,
+    placement: Placement = "append",
+    filler_id: int | None = None,
+    max_length: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """PauseFT: (ids, is_target) for prompt + M placed pauses + target; the loss is on target ids only.
+
+    `is_target[i]` is 1 where ids[i] is a target token (so the output at i - 1 is trained on it), 0 on the
+    prompt and the pauses. With `max_length`, the prompt is cut from the left (the pauses and the target are
+    kept whole); a target longer than `max_length` alone is an error.
+    """
+    placed = place_pauses(prompt, m=m, pause_id=pause_id, placement=placement, filler_id=filler_id)
+    if max_length is not None and len(placed) + len(target) > max_length:
+        overflow = len(placed) + len(target) - max_length
+        if overflow > len(prompt) - 1:
+            raise ValueError(f"target of {len(target)} tokens and {m} pauses do not fit in {max_length} tokens")
+        prompt = list(prompt)[overflow:]
+        placed = place_pauses(prompt, m=m, pause_id=pause_id, placement=placement, filler_id=filler_id)
+    ids = placed + [int(t) for t in target]
+    return ids, [0] * len(placed) + [1] * len(target)

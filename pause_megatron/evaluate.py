@@ -1,0 +1,293 @@
+"""Evaluation with lm-eval: the Megatron model behind a `TemplateLM`, with M_inf pauses in every request.
+
+`python -m pause_megatron.evaluate --checkpoint runs/ft_squad/checkpoints --tasks squad [--data-dir D]
+    [pauses.m_inf=10 pauses.placement=append] [--limit N] [--output results.json]`
+
+The checkpoint (any TP/PP layout) is loaded at TP=1, PP=1 through dist_checkpointing's resharding; with
+several processes, lm-eval splits the requests across them (data parallel). Likelihood requests get the
+pauses after the context (`_encode_pair`); generation requests after the encoded context; greedy decoding
+uses Megatron-Core's KV cache (StaticInferenceContext).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from pause_megatron.pauses import place_pauses
+from pause_megatron.tokenizer import PauseTokenizer
+
+
+# ---- decoding --------------------------------------------------------------------------------------------
+
+def _forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] (float32) of a GPTModel without labels."""
+    kwargs = {"inference_context": context, "runtime_gather_output": True} if context is not None else {}
+    return model(input_ids=ids, position_ids=positions, attention_mask=None, **kwargs).float()
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: tuple[int, ...] = (),
+                    use_cache: bool = True, device: torch.device = torch.device("cpu")) -> list[int]:
+    """Greedy continuation of `prompt` (at most `max_new_tokens`, ending early at a stop id, not returned).
+
+    With `use_cache`, the prompt runs once and each new token reuses the keys and values of the previous ones
+    (Megatron-Core's StaticInferenceContext); without it, the whole sequence is recomputed every step.
+    """
+    out: list[int] = []
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    positions = torch.arange(len(prompt), device=device).unsqueeze(0)
+    context = None
+    if use_cache:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        context = StaticInferenceContext(1, len(prompt) + max_new_tokens)
+    for _ in range(max_new_tokens):
+        logits = _forward(model, ids, positions, context)
+        token = int(logits[0, -1].argmax())
+        if token in stop_ids:
+            break
+        out.append(token)
+        if use_cache:
+            context.sequence_len_offset += ids.shape[1]
+            ids = torch.tensor([[token]], device=device)
+            positions = torch.tensor([[len(prompt) + len(out) - 1]], device=device)
+        else:
+            ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+            positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+    return out
+
+
+@torch.no_grad()
+def continuation_logprob(model, context: list[int], continuation: list[int], *,
+                         device: torch.device = torch.device("cpu")) -> tuple[float, bool]:
+    """(sum of log p(continuation | context), whether greedy decoding would produce it) in one forward."""
+    ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
+    positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+    logprobs = F.log_softmax(_forward(model, ids, positions)[0], dim=-1)
+    n = len(continuation)
+    picked = logprobs[len(context) - 1 : len(context) - 1 + n]
+    target = torch.tensor(continuation, device=device)
+    return float(picked.gather(1, target[:, None]).sum()), bool((picked.argmax(-1) == target).all())
+
+
+# ---- the lm-eval adapter ---------------------------------------------------------------------------------
+
+def _make_lm_class():
+    from lm_eval.api.model import TemplateLM
+
+    class PauseLM(TemplateLM):
+        """A Megatron GPTModel for lm-eval, placing M_inf pauses after every context."""
+
+        def __init__(self, model, tokenizer: PauseTokenizer, *, m_inf: int, placement: str = "append",
+                     filler_id: Optional[int] = None, max_length: int, device: torch.device):
+            super().__init__()
+            self.model, self.tok = model, tokenizer
+            self.m_inf, self.placement, self.filler_id = m_inf, placement, filler_id
+            self.max_length, self._device = max_length, device
+            self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self._world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            self.samples: list[dict] = []  # (prompt, output) of generation requests, for the artifact
+
+        def with_pauses(self, ids: list[int]) -> list[int]:
+            return place_pauses(ids, m=self.m_inf, pause_id=self.tok.pause_id, placement=self.placement,
+                                filler_id=self.filler_id)
+
+        @property
+        def eot_token_id(self) -> int:
+            return self.tok.eod_id
+
+        def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+            return self.tok.encode(string)
+
+        def tok_decode(self, ids, **kwargs) -> str:
+            return self.tok.decode(ids)
+
+        def _encode_pair(self, context: str, continuation: str):
+            context_ids, continuation_ids = super()._encode_pair(context, continuation)
+            return self.with_pauses(context_ids), continuation_ids
+
+        def _fit(self, context: list[int], room: int) -> list[int]:
+            """Keep the end of a context that must leave `room` tokens free in the model's window.
+
+            An empty context becomes EOD (a document boundary), so that there is a position to predict from.
+            """
+            return context[-max(self.max_length - room, 1):] or [self.eot_token_id]
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            results = []
+            for _, context, continuation in requests:
+                continuation = continuation[-self.max_length + 1:]
+                results.append(continuation_logprob(self.model, self._fit(context, len(continuation)),
+                                                    continuation, device=self._device))
+            return results
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            out = []
+            for (string,) in [r.args for r in requests]:
+                ids, total, start = self.tok.encode(string), 0.0, 0
+                while start < len(ids):  # disjoint windows, each conditioned on EOD
+                    chunk = ids[start : start + self.max_length - 1]
+                    total += continuation_logprob(self.model, [self.eot_token_id], chunk, device=self._device)[0]
+                    start += len(chunk)
+                out.append(total)
+            return out
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            outputs = []
+            for context, gen_kwargs in [r.args for r in requests]:
+                until = gen_kwargs.get("until", [])
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = int(gen_kwargs.get("max_gen_toks", 64))
+                prompt = self._fit(self.with_pauses(self.tok.encode(context)), max_new)
+                ids = greedy_generate(self.model, prompt, max_new_tokens=max_new, stop_ids=(self.tok.eod_id,),
+                                      device=self._device)
+                text = self.tok.decode(ids)
+                for stop in until:
+                    if stop and stop in text:
+                        text = text[: text.index(stop)]
+                outputs.append(text)
+                self.samples.append({"context": context, "output": text})
+            return outputs
+
+        # Data-parallel evaluation: lm-eval splits requests by rank and gathers through these.
+        def all_gather(self, tensor):
+            parts = [torch.zeros_like(tensor) for _ in range(self._world_size)]
+            torch.distributed.all_gather(parts, tensor)
+            return torch.cat(parts)
+
+        def gather_object(self, obj, dst=0):
+            parts = [None] * self._world_size if self._rank == dst else None
+            torch.distributed.gather_object(obj, parts, dst=dst)
+            return parts
+
+        def barrier(self):
+            torch.distributed.barrier()
+
+    return PauseLM
+
+
+def make_lm(model, tokenizer, **kwargs):
+    """A PauseLM instance (lm-eval is imported only when evaluation is used)."""
+    return _make_lm_class()(model, tokenizer, **kwargs)
+
+
+# ---- loading a checkpoint for evaluation -----------------------------------------------------------------
+
+def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
+    """(model, cfg, tokenizer) from a checkpoint of any layout, rebuilt at TP=1, PP=1 on this process."""
+    from pause_megatron import checkpoint, runtime
+    from pause_megatron.config import load_config
+    from pause_megatron.model import build_gpt
+    from pause_megatron.tokenizer import padded_vocab_size
+
+    extra = checkpoint.read_extra(checkpoint_path)
+    base = dict(extra.get("config") or {})
+    base["parallel"] = {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "sequence_parallel": False}
+    base.pop("task", None)
+    cfg = load_config(None, list(overrides), base=base, world_size=runtime.world_size_from_env())
+    tokenizer = PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path))
+    tokenizer.check_matches(extra, where=checkpoint_path)
+    runtime.init_distributed(cfg)
+    cuda = runtime.use_cuda()
+    vocab = padded_vocab_size(tokenizer.vocab_size, divisible_by=cfg.model.make_vocab_size_divisible_by)
+    model = build_gpt(cfg, vocab_size=vocab, cuda=cuda)
+    if cuda:
+        model = model.cuda()
+    checkpoint.load_model([model], checkpoint_path)
+    model.eval()
+    return model, cfg, tokenizer
+
+
+def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optional[str], limit: Optional[int] = None,
+                   m_inf: Optional[int] = None) -> tuple[dict, list[dict]]:
+    """Run lm-eval on `tasks` with M_inf pauses; returns ({task: {metric: value}}, generation samples)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from pause_megatron.runtime import device
+    from pause_megatron.tasks import get_task, lm_eval_config
+
+    p = cfg.pauses
+    m = m_inf if m_inf is not None else (p.m_inf if p.m_inf is not None else p.m_ft)
+    filler_id = tokenizer.piece_id(p.filler) if p.placement == "filler" else None
+    lm = make_lm(model, tokenizer, m_inf=m, placement=p.placement, filler_id=filler_id,
+                 max_length=cfg.model.seq_length, device=device())
+    configs = [lm_eval_config(get_task(t), data_dir=data_dir) for t in tasks]
+    out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(), limit=limit,
+                                  num_fewshot=0, log_samples=False, bootstrap_iters=0)
+    scores = {}
+    if out is not None:  # only rank 0 gets results
+        for t in tasks:
+            raw = out["results"][f"pause_{t}"]
+            scores[t] = {k.split(",")[0]: v for k, v in raw.items() if "," in k and not k.split(",")[0].endswith("stderr")}
+    return scores, lm.samples
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint root (its `latest`) or iteration directory")
+    ap.add_argument("--tasks", help="comma-separated task names (also accepted as tasks=a,b)")
+    ap.add_argument("--data-dir", help="offline task data: <dir>/<task>/eval.jsonl")
+    ap.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    ap.add_argument("--output", help="write the scores (and per-sample generations) to this JSON file")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pauses.m_inf=10 pauses.placement=append")
+    args = ap.parse_args(argv)
+    overrides = [o for o in args.overrides if not o.startswith("tasks=")]
+    tasks_arg = args.tasks or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tasks=")), None)
+
+    from pause_megatron import runtime
+    from pause_megatron.config import ConfigError
+    from pause_megatron.tasks import UnknownTask, get_task
+    from pause_megatron.tokenizer import TokenizerMismatch
+
+    try:
+        if not tasks_arg:
+            raise ConfigError("--tasks is required (e.g. --tasks squad,gsm8k)")
+        tasks = [t.strip() for t in tasks_arg.split(",") if t.strip()]
+        for t in tasks:
+            get_task(t)
+        # A checkpoint whose tokenizer lacks <pause> fails here: adding the piece changes its checksum.
+        model, cfg, tokenizer = load_for_inference(args.checkpoint, overrides)
+    except (ConfigError, UnknownTask, TokenizerMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, UnknownTask) else exc}", file=sys.stderr)
+        return 2
+
+    scores, samples = evaluate_tasks(model, cfg, tokenizer, tasks=tasks, data_dir=args.data_dir or cfg.data.task_dir,
+                                     limit=args.limit)
+    if torch.distributed.get_rank() == 0:
+        m_inf = cfg.pauses.m_inf if cfg.pauses.m_inf is not None else cfg.pauses.m_ft
+        report = {"checkpoint": args.checkpoint, "m_inf": m_inf, "placement": cfg.pauses.placement,
+                  "scores": scores}
+        print(json.dumps(report), flush=True)
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump({**report, "samples": samples}, f, indent=1)
+        _track(cfg, report, args.output)
+    runtime.destroy()
+    return 0
+
+
+def _track(cfg, report: dict, output: Optional[str]) -> None:
+    from pause_megatron.config import flat_dict
+    from pause_megatron.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, enabled=True)
+    tracker.start(params={**flat_dict(cfg), "checkpoint": report["checkpoint"]},
+                  tags={"stage": "evaluate", "m_inf": str(report["m_inf"])})
+    tracker.log_metrics({f"{task}/{k}": v for task, vals in report["scores"].items() for k, v in vals.items()
+                         if isinstance(v, (int, float))}, step=0)
+    if output:
+        tracker.log_artifact(output)
+    tracker.end()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

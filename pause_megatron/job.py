@@ -1,0 +1,115 @@
+"""What pretraining and finetuning jobs share around the loop: output directory, resume, MLflow, checkpoints.
+
+`run_job(cfg, tokenizer, train_ds, valid_ds, ...)` builds the train state, resumes from the newest checkpoint
+of `train.output_dir` (or starts from `train.init_from`'s weights), starts or resumes the MLflow run, and runs
+`train.fit`. The datasets are anything indexable that yields GPTDataset-style samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from pause_megatron import checkpoint, runtime
+from pause_megatron.config import Config, flat_dict, to_dict
+from pause_megatron.data import microbatches_from
+from pause_megatron.tokenizer import PauseTokenizer, padded_vocab_size
+from pause_megatron.tracking import Tracker
+from pause_megatron.train import build_train_state, fit, validate
+
+RUN_FILE = "run.json"  # the MLflow run id, so that a restarted job logs into the same run
+
+
+def vocab_size(cfg: Config, tokenizer: PauseTokenizer) -> int:
+    return padded_vocab_size(tokenizer.vocab_size, tensor_parallel=cfg.parallel.tensor,
+                             divisible_by=cfg.model.make_vocab_size_divisible_by)
+
+
+def prepare_output_dir(cfg: Config, tokenizer: PauseTokenizer) -> str:
+    """Create train.output_dir/checkpoints with the tokenizer in it (checkpoints are self-contained)."""
+    root = os.path.join(cfg.train.output_dir, "checkpoints")
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        tokenizer.save(os.path.join(root, checkpoint.TOKENIZER_FILE))
+    torch.distributed.barrier()
+    return root
+
+
+def _read_run_id(output_dir: str) -> Optional[str]:
+    path = os.path.join(output_dir, RUN_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f).get("mlflow_run_id")
+    return None
+
+
+def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage: str, tags: dict[str, str],
+            artifacts: tuple[str, ...] = (), validate_only: bool = False,
+            parent_run_id: Optional[str] = None) -> int:
+    """Train (or, with validate_only, evaluate the newest checkpoint) and tear the process group down."""
+    from megatron.core import parallel_state as ps
+
+    t = cfg.train
+    rank0 = torch.distributed.get_rank() == 0
+    vocab = vocab_size(cfg, tokenizer)
+    ckpt_root = prepare_output_dir(cfg, tokenizer)
+    state = build_train_state(cfg, vocab_size=vocab, cuda=runtime.use_cuda())
+    resume_from = checkpoint.latest_checkpoint(ckpt_root)
+    if resume_from:
+        checkpoint.load(state, resume_from)
+        if rank0:
+            print(f"resumed from {resume_from} at step {state.step}", flush=True)
+    elif t.init_from:
+        tokenizer.check_matches(checkpoint.read_extra(t.init_from), where=t.init_from)
+        checkpoint.load(state, t.init_from, weights_only=True)
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+    def batches(dataset):
+        return lambda start: microbatches_from(dataset, start=start, cfg=cfg, pause_id=tokenizer.pause_id,
+                                               dp_rank=dp_rank, dp_size=dp_size)
+
+    if validate_only:
+        if not resume_from:
+            raise SystemExit(f"error: no checkpoint in {ckpt_root}")
+        losses = validate(state, batches(valid_ds))
+        if rank0:
+            print(json.dumps({"step": state.step, **losses}), flush=True)
+        runtime.destroy()
+        return 0
+
+    tracker = Tracker(cfg.tracking, enabled=rank0)
+    run_id = tracker.start(params=flat_dict(cfg), tags={"stage": stage, **tags},
+                           resume_run_id=_read_run_id(t.output_dir) if rank0 else None, parent_run_id=parent_run_id)
+    holder = [run_id]
+    torch.distributed.broadcast_object_list(holder, src=0)  # the checkpoint's common state must agree
+    run_id = holder[0]
+    if rank0:
+        with open(os.path.join(t.output_dir, RUN_FILE), "w") as f:
+            json.dump({"mlflow_run_id": run_id, "tracking_uri": cfg.tracking.uri}, f)
+        with open(os.path.join(t.output_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+        for path in (os.path.join(t.output_dir, "config.json"), *artifacts):
+            tracker.log_artifact(path)
+        params = sum(p.numel() for chunk in state.model for p in chunk.parameters())
+        print(f"{stage}: {cfg.model.preset} on {torch.distributed.get_world_size()} ranks (TP={cfg.parallel.tensor} "
+              f"PP={cfg.parallel.pipeline} DP={dp_size}), {params / 1e6:.2f}M parameters on rank 0, "
+              f"{t.steps} steps", flush=True)
+
+    extra = {"config": to_dict(cfg), "mlflow_run_id": run_id, "stage": stage, **tokenizer.ids(),
+             "tokenizer_sha256": tokenizer.checksum}
+    status = "FAILED"
+    try:
+        result = fit(state, train_batches=batches(train_ds),
+                     valid_batches=batches(valid_ds) if valid_ds is not None and len(valid_ds) else None,
+                     tracker=tracker, vocab_size=vocab, checkpoint_extra=extra)
+        status = "KILLED" if result["stopped"] else "FINISHED"
+        if rank0:
+            print(json.dumps({"final_step": result["step"], **result["last"]}), flush=True)
+    finally:
+        tracker.end(status)
+        runtime.destroy()
+    return 0
