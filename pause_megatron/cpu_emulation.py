@@ -33,21 +33,27 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaToCpu(TorchFunctionMode):
-    """Rewrites `device=cuda...` arguments, `.cuda()` and `.to(cuda)` to the CPU."""
+    """Rewrites `device=cuda...` arguments, `.cuda()` and `.to(cuda)` to the CPU.
+
+    Every torch call passes through here, so the common case (nothing to rewrite) is kept to a few checks.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = _CPU
-        if func in (torch.Tensor.cuda,):
-            kwargs.pop("device", None)
-            kwargs.pop("non_blocking", None)
-            return args[0]
-        if func is torch.Tensor.to:
+        if kwargs:
+            if "device" in kwargs and _is_cuda(kwargs["device"]):
+                kwargs = {**kwargs, "device": _CPU}
+        else:
+            kwargs = {}
+        if func is _TENSOR_TO:
             args = tuple(_CPU if _is_cuda(a) else a for a in args)
-        if func in (torch.Tensor.pin_memory,):
+        elif func is _TENSOR_CUDA or func is _TENSOR_PIN_MEMORY:
             return args[0]
         return func(*args, **kwargs)
+
+
+_TENSOR_TO = torch.Tensor.to
+_TENSOR_CUDA = torch.Tensor.cuda
+_TENSOR_PIN_MEMORY = torch.Tensor.pin_memory
 
 
 class _NullStream:

@@ -193,6 +193,9 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     base.pop("task", None)
     cfg = load_config(None, list(overrides), base=base, world_size=runtime.world_size_from_env())
     tokenizer = PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path))
+    p = cfg.pauses
+    if p.placement in ("append", "prepend") and (p.m_inf if p.m_inf is not None else p.m_ft) > 0:
+        tokenizer.require_pause(why=f"evaluation asks for pauses (placement {p.placement})")
     tokenizer.check_matches(extra, where=checkpoint_path)
     runtime.init_distributed(cfg)
     cuda = runtime.use_cuda()
@@ -244,22 +247,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from pause_megatron import runtime
     from pause_megatron.config import ConfigError
-    from pause_megatron.tasks import UnknownTask, get_task
+    from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples
     from pause_megatron.tokenizer import TokenizerMismatch
 
     try:
         if not tasks_arg:
             raise ConfigError("--tasks is required (e.g. --tasks squad,gsm8k)")
         tasks = [t.strip() for t in tasks_arg.split(",") if t.strip()]
-        for t in tasks:
-            get_task(t)
-        # A checkpoint whose tokenizer lacks <pause> fails here: adding the piece changes its checksum.
+        for t in tasks:  # unknown names and malformed rows fail before the model is loaded
+            load_examples(get_task(t), part="eval", data_dir=args.data_dir)
         model, cfg, tokenizer = load_for_inference(args.checkpoint, overrides)
-    except (ConfigError, UnknownTask, TokenizerMismatch, FileNotFoundError) as exc:
+    except (ConfigError, UnknownTask, TaskDataError, TokenizerMismatch, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, UnknownTask) else exc}", file=sys.stderr)
         return 2
 
-    scores, samples = evaluate_tasks(model, cfg, tokenizer, tasks=tasks, data_dir=args.data_dir or cfg.data.task_dir,
+    scores, samples = evaluate_tasks(model, cfg, tokenizer, tasks=tasks, data_dir=args.data_dir,
                                      limit=args.limit)
     if torch.distributed.get_rank() == 0:
         m_inf = cfg.pauses.m_inf if cfg.pauses.m_inf is not None else cfg.pauses.m_ft

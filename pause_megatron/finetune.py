@@ -20,7 +20,7 @@ from pause_megatron import checkpoint, runtime
 from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import DataError, FinetuneDataset
 from pause_megatron.job import run_job
-from pause_megatron.tasks import UnknownTask, get_task, load_split
+from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples
 from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch
 
 
@@ -47,8 +47,7 @@ def build_datasets(cfg, tokenizer: PauseTokenizer):
     filler_id = tokenizer.piece_id(p.filler) if p.placement == "filler" else None
     out = []
     for part in ("train", "eval"):
-        rows = load_split(task, part=part, data_dir=cfg.data.task_dir)
-        pairs = [pair for doc in rows for pair in task.examples(doc)]
+        pairs = load_examples(task, part=part, data_dir=cfg.data.task_dir)
         out.append(FinetuneDataset(pairs, tokenizer=tokenizer, seq_length=cfg.model.seq_length, m=m,
                                    placement=p.placement, filler_id=filler_id, seed=cfg.train.seed,
                                    where=f"{task.name}/{part}"))
@@ -64,9 +63,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = finetune_config(args.config, args.overrides)
         tokenizer = PauseTokenizer.load(checkpoint.tokenizer_path(cfg.train.init_from))
+        if cfg.pauses.placement in ("append", "prepend") and cfg.pauses.m_ft > 0:
+            tokenizer.require_pause(why=f"pauses.placement={cfg.pauses.placement} asks for pauses")
         tokenizer.check_matches(checkpoint.read_extra(cfg.train.init_from), where=cfg.train.init_from)
         train_ds, eval_ds = build_datasets(cfg, tokenizer)
-    except (ConfigError, UnknownTask, DataError, TokenizerMismatch, FileNotFoundError) as exc:
+    except (ConfigError, UnknownTask, DataError, TaskDataError, TokenizerMismatch, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, UnknownTask) else exc}", file=sys.stderr)
         return 2
     runtime.init_distributed(cfg)

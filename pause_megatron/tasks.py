@@ -22,6 +22,10 @@ class UnknownTask(KeyError):
     pass
 
 
+class TaskDataError(ValueError):
+    """A task's data file has a row that is not in the dataset's format; the message names file and row."""
+
+
 @dataclass(frozen=True)
 class Task:
     """One downstream task. `examples(doc)` gives finetuning (prompt, target) pairs; `lm_eval` its scoring."""
@@ -188,6 +192,22 @@ def load_split(task: Task, *, part: str, data_dir: Optional[str]):
         return datasets.load_dataset("json", data_files={"rows": path}, split="rows")
     return datasets.load_dataset(task.hf_path, task.hf_name,
                                  split=task.train_split if part == "train" else task.eval_split)
+
+
+def load_examples(task: Task, *, part: str, data_dir: Optional[str]) -> list[tuple[str, str]]:
+    """All (prompt, target) pairs of a split; a row missing a field is an error naming the file and row."""
+    rows = load_split(task, part=part, data_dir=data_dir)
+    pairs = []
+    for i, doc in enumerate(rows):
+        try:
+            pairs.extend(task.examples(doc))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            where = task.local_file(data_dir, part) if data_dir else f"{task.hf_path} ({part})"
+            raise TaskDataError(f"{where}: row {i + 1} is not in {task.name}'s format "
+                                f"({type(exc).__name__}: {exc})") from None
+    if not pairs:
+        raise TaskDataError(f"{task.name} ({part}): no examples")
+    return pairs
 
 
 def lm_eval_config(task: Task, *, data_dir: Optional[str]) -> dict:

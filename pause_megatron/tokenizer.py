@@ -35,12 +35,18 @@ def padded_vocab_size(vocab_size: int, *, tensor_parallel: int = 1, divisible_by
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def _with_pause_piece(model_proto: bytes) -> bytes:
-    """The model with `<pause>` appended as a control piece, unless it already has one."""
+def has_pause_piece(model_proto: bytes) -> bool:
     proto = model_pb2.ModelProto()
     proto.ParseFromString(model_proto)
-    if any(p.piece == PAUSE_PIECE for p in proto.pieces):
+    return any(p.piece == PAUSE_PIECE for p in proto.pieces)
+
+
+def _with_pause_piece(model_proto: bytes) -> bytes:
+    """The model with `<pause>` appended as a control piece, unless it already has one."""
+    if has_pause_piece(model_proto):
         return model_proto
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
     piece = proto.pieces.add()
     piece.piece = PAUSE_PIECE
     piece.score = 0.0
@@ -52,6 +58,7 @@ class PauseTokenizer:
     """A SentencePiece model that is guaranteed to have `<pause>`, EOD and pad ids."""
 
     def __init__(self, model_proto: bytes, *, source: str = "<memory>"):
+        self.had_pause = has_pause_piece(model_proto)  # False: `<pause>` was added here, never trained
         self.model_proto = _with_pause_piece(model_proto)
         self.source = source
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
@@ -102,6 +109,11 @@ class PauseTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids; `<pause>`, EOD and pad decode to nothing."""
         return self.sp.decode([int(i) for i in ids])
+
+    def require_pause(self, *, why: str) -> None:
+        """A model's tokenizer must already have `<pause>` (a trained or at least allocated embedding)."""
+        if not self.had_pause:
+            raise TokenizerMismatch(f"{self.source}: the tokenizer has no <pause> piece, but {why}")
 
     def ids(self) -> dict[str, int]:
         """The special ids, as recorded in manifests and checkpoints."""

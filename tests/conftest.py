@@ -27,3 +27,18 @@ def tiny_c4(tmp_path_factory):
     python("-m", "data_prep.build_c4", "build", "--input", str(root / "json"), "--output", str(root / "out"),
            "--seq-length", str(TINY_SEQ), "--vocab-size", "500", "--workers", "2")
     return root / "out"
+
+
+SAMPLE_TASKS = "pause_megatron/sample_tasks"  # the nine tasks' built-in rows, in each dataset's own format
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_c4, tmp_path_factory):
+    """A tiny PausePT checkpoint (30 steps on the tiny corpus), the start of every finetuning test."""
+    from helpers import torchrun
+
+    out = tmp_path_factory.mktemp("pretrained")
+    torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={out}", "model.preset=tiny",
+             "train.steps=30", "optim.lr=2e-3", "train.global_batch_size=8", "train.micro_batch_size=4",
+             "tracking.enabled=false")
+    return out / "checkpoints"

@@ -1,0 +1,116 @@
+"""Per-task pause finetuning and lm-eval evaluation on the nine tasks' local rows (tiny model, CPU)."""
+
+import json
+import shutil
+
+import pytest
+
+from helpers import ROOT, python, torchrun
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = str(ROOT / "pause_megatron" / "sample_tasks")
+M_FT = 4
+PAPER_METRIC = {"gsm8k": "exact_match", "squad": "exact_match", "coqa": "f1", "commonsense_qa": "exact_match",
+                "piqa": "acc", "hellaswag": "acc", "lambada": "exact_match", "webqs": "exact_match",
+                "nq_open": "exact_match"}
+FT = ["train.steps=3", "optim.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=2",
+      "tracking.enabled=false", f"data.task_dir={SAMPLES}"]
+
+
+def finetune(pretrained, out, task, *extra, nproc=1, check=True):
+    return torchrun("-m pause_megatron.finetune", f"task={task}", f"train.init_from={pretrained}",
+                    f"train.output_dir={out}", f"pauses.m_ft={M_FT}", *FT, *extra, nproc=nproc, check=check)
+
+
+def evaluate(checkpoint, tasks, *extra, check=True, limit=2):
+    proc = python("-m", "pause_megatron.evaluate", "--checkpoint", str(checkpoint), "--tasks", tasks,
+                  "--data-dir", SAMPLES, "--limit", str(limit), "tracking.enabled=false", *extra, check=check)
+    if not check:
+        return proc
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
+
+
+@pytest.mark.parametrize("task", sorted(PAPER_METRIC))
+def test_task_finetunes_then_evaluates_with_the_papers_metric(pretrained, tmp_path, task):
+    finetune(pretrained, tmp_path, task)
+    report = evaluate(tmp_path / "checkpoints", task)
+    score = report["scores"][task][PAPER_METRIC[task]]
+    assert 0.0 <= score <= 1.0 and report["m_inf"] == M_FT
+
+
+def test_finetuning_on_two_ranks_with_tensor_parallelism(pretrained, tmp_path):
+    proc = finetune(pretrained, tmp_path, "squad", "parallel.tensor=2", nproc=2)
+    assert "TP=2" in proc.stdout
+    assert json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"final_step"')][-1])["final_step"] == 3
+
+
+@pytest.fixture(scope="module")
+def probe(pretrained):
+    proc = python(str(ROOT / "tests" / "dist" / "eval_probe.py"), "--checkpoint", str(pretrained),
+                  "--data-dir", SAMPLES)
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("PROBE ")][-1][6:])
+
+
+def test_adapter_likelihood_equals_a_direct_forward_pass_with_pauses(probe):
+    ll = probe["loglikelihood"]
+    assert ll["adapter"] == pytest.approx(ll["direct"], rel=1e-5)
+
+
+def test_kv_cached_generation_equals_recomputation_token_for_token(probe):
+    for g in probe["generation"]:
+        assert len(g["cached"]) == 40
+        assert g["cached"] == g["recomputed"]
+
+
+def test_finetuning_loss_ignores_prompt_and_pause_labels(probe):
+    f = probe["finetune_loss"]
+    assert f["prompt_label_changed"] == f["original"]
+    assert f["pause_label_changed"] == f["original"]
+    assert f["target_label_changed"] != pytest.approx(f["original"], rel=1e-6)
+    assert f["pause_position"] < min(f["target_positions"])  # the pauses sit between prompt and target
+
+
+def test_m_inf_robustness_sweep_reports_three_scores(pretrained, tmp_path):
+    finetune(pretrained, tmp_path, "nq_open")
+    reports = [evaluate(tmp_path / "checkpoints", "nq_open", f"pauses.m_inf={m}") for m in (0, M_FT // 2, M_FT)]
+    assert [r["m_inf"] for r in reports] == [0, M_FT // 2, M_FT]
+    assert all("exact_match" in r["scores"]["nq_open"] for r in reports)
+
+
+def test_unknown_task_is_refused_before_training(pretrained, tmp_path):
+    proc = finetune(pretrained, tmp_path, "trivia", check=False)
+    assert proc.returncode == 2 and "unknown task 'trivia'" in proc.stderr
+    proc = evaluate(pretrained, "squad,trivia", check=False)
+    assert proc.returncode == 2 and "unknown task 'trivia'" in proc.stderr
+
+
+def test_a_row_missing_a_field_names_file_and_row(pretrained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLES, data)
+    rows = (data / "squad" / "train.jsonl").read_text().splitlines()
+    bad = json.loads(rows[2])
+    del bad["question"]
+    rows[2] = json.dumps(bad)
+    (data / "squad" / "train.jsonl").write_text("\n".join(rows) + "\n")
+    proc = finetune(pretrained, tmp_path / "out", "squad", f"data.task_dir={data}", check=False)
+    assert proc.returncode == 2
+    assert "squad/train.jsonl: row 3 is not in squad's format" in proc.stderr and "question" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_checkpoint_whose_tokenizer_lacks_pause_is_refused(pretrained, tmp_path, corpus_texts):
+    import io
+
+    import sentencepiece as spm
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pretrained, ckpt)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus_texts), model_writer=model, vocab_size=300,
+                                   hard_vocab_limit=False, minloglevel=2)
+    (ckpt / "tokenizer.model").write_bytes(model.getvalue())
+    proc = finetune(ckpt, tmp_path / "out", "squad", check=False)
+    assert proc.returncode == 2 and "has no <pause> piece" in proc.stderr
+    proc = evaluate(ckpt, "squad", check=False)
+    assert proc.returncode != 0 and "has no <pause> piece" in proc.stderr
