@@ -134,10 +134,35 @@ def _set_rng_state(rng: dict) -> None:
     get_cuda_rng_tracker().set_states(rng["tracker"])
 
 
+def _start_writer_queue_shielded() -> None:
+    """Start dist_checkpointing's long-lived writer-results process so that it ignores SIGTERM/SIGUSR1.
+
+    Slurm signals every process of a job step (scancel, --signal): that helper process would die, and the
+    save we make *because* of the signal would then fail. Ignored signals stay ignored across the spawn
+    (a blocked mask does not: the child unblocks SIGTERM), so the process is started with both ignored and
+    the parent's handlers are put back at once. (megatron-core 0.16-0.19 create it lazily in
+    filesystem_async._get_write_results_queue.)
+    """
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        start()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     """Save everything needed to resume at `state.step`; collective (every rank calls it)."""
     from megatron.core import dist_checkpointing
 
+    _start_writer_queue_shielded()
     path = iteration_dir(root, state.step)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Optional
 
 import torch
@@ -21,6 +22,7 @@ from pause_megatron.tracking import Tracker
 from pause_megatron.train import build_train_state, fit, validate
 
 RUN_FILE = "run.json"  # the MLflow run id, so that a restarted job logs into the same run
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to resume (slurm/ requeues on it)
 
 
 def vocab_size(cfg: Config, tokenizer: PauseTokenizer) -> int:
@@ -67,6 +69,8 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
         checkpoint.load(state, t.init_from, weights_only=True)
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    nodes = [None] * torch.distributed.get_world_size()  # where the ranks run: worth a line in every log
+    torch.distributed.all_gather_object(nodes, os.environ.get("SLURMD_NODENAME") or socket.gethostname())
 
     def batches(dataset):
         return lambda start: microbatches_from(dataset, start=start, cfg=cfg, pause_id=tokenizer.pause_id,
@@ -98,18 +102,19 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
         print(f"{stage}: {cfg.model.preset} on {torch.distributed.get_world_size()} ranks (TP={cfg.parallel.tensor} "
               f"PP={cfg.parallel.pipeline} DP={dp_size}), {params / 1e6:.2f}M parameters on rank 0, "
               f"{t.steps} steps", flush=True)
+        print("ranks per node: " + ", ".join(f"{n}: {nodes.count(n)}" for n in dict.fromkeys(nodes)), flush=True)
 
     extra = {"config": to_dict(cfg), "mlflow_run_id": run_id, "stage": stage, **tokenizer.ids(),
              "tokenizer_sha256": tokenizer.checksum}
-    status = "FAILED"
+    status, code = "FAILED", 1
     try:
         result = fit(state, train_batches=batches(train_ds),
                      valid_batches=batches(valid_ds) if valid_ds is not None and len(valid_ds) else None,
                      tracker=tracker, vocab_size=vocab, checkpoint_extra=extra)
-        status = "KILLED" if result["stopped"] else "FINISHED"
+        status, code = ("KILLED", EXIT_STOPPED) if result["stopped"] else ("FINISHED", 0)
         if rank0:
             print(json.dumps({"final_step": result["step"], **result["last"]}), flush=True)
     finally:
         tracker.end(status)
         runtime.destroy()
-    return 0
+    return code

@@ -357,7 +357,7 @@ def fit(
                 metrics_file.flush()
                 if state.step % max(t.log_interval, 1) == 0 or state.step == t.steps:
                     tracker.log_metrics({k: v for k, v in last.items() if v is not None}, step=state.step)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{last['perf/tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{last['perf/tokens_per_s']:.0f}", refresh=False)
                 bar.update(1)
             stopped = stop.agreed()
             if stopped or (t.save_interval and state.step % t.save_interval == 0):

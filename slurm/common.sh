@@ -1,0 +1,59 @@
+# shellcheck shell=bash
+# Shared by the sbatch scripts in slurm/: the environment in one block, and one srun step that starts every
+# rank (one task per GPU; pause_megatron.runtime reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and takes the
+# first host of SLURM_JOB_NODELIST as the rendezvous address). Every setting can be overridden from the
+# environment of `sbatch` (sbatch exports it by default):
+#   PAUSE_HOME             the project checkout (default: the directory sbatch was run from)
+#   PAUSE_PYTHON           the Python that has pause-megatron installed (default: $PAUSE_HOME/.venv/bin/python,
+#                          else python)
+#   PAUSE_CONFIG           a recipe file (each script sets its own default)
+#   PAUSE_OVERRIDES        extra dotted overrides, e.g. "parallel.tensor=2 train.steps=1000"
+#   PAUSE_DATA             data.path (a data_prep/build_c4.py output directory)
+#   PAUSE_OUTPUT           train.output_dir (checkpoints, metrics.jsonl)
+#   PAUSE_CONTAINER_IMAGE  run inside this image with pyxis/enroot (e.g. nvcr.io/nvidia/pytorch:25.04-py3,
+#                          which brings Transformer Engine and apex); PAUSE_CONTAINER_MOUNTS for srun's mounts
+
+PAUSE_HOME=${PAUSE_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [ -z "${PAUSE_PYTHON:-}" ]; then
+  if [ -x "$PAUSE_HOME/.venv/bin/python" ]; then PAUSE_PYTHON=$PAUSE_HOME/.venv/bin/python; else PAUSE_PYTHON=python; fi
+fi
+PAUSE_OVERRIDES=${PAUSE_OVERRIDES:-}
+PAUSE_CONTAINER_IMAGE=${PAUSE_CONTAINER_IMAGE:-}
+PAUSE_CONTAINER_MOUNTS=${PAUSE_CONTAINER_MOUNTS:-$PAUSE_HOME:$PAUSE_HOME}
+
+# NCCL and CUDA: fail fast on a broken collective instead of hanging; Megatron's TP communication overlap
+# needs one hardware queue. Cluster-specific NCCL settings (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ...) belong in
+# the environment you submit from; see docs/slurm.md.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1
+
+EXIT_STOPPED=75  # pause_megatron.job.EXIT_STOPPED: saved after SIGUSR1/SIGTERM, resume by running again
+
+# run_ranks MODULE [ARGS...]: one srun step, one task per rank, all nodes of the allocation.
+run_ranks() {
+  local container=()
+  if [ -n "$PAUSE_CONTAINER_IMAGE" ]; then
+    container=(--container-image="$PAUSE_CONTAINER_IMAGE" --container-mounts="$PAUSE_CONTAINER_MOUNTS"
+               --container-workdir="$PAUSE_HOME")
+  fi
+  echo "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} ranks, $PAUSE_PYTHON -m $*"
+  (cd "$PAUSE_HOME" && srun --kill-on-bad-exit=1 "${container[@]}" "$PAUSE_PYTHON" -m "$@")
+}
+
+# train MODULE: run a training module with the recipe and overrides; requeue the job if it stopped early.
+train() {
+  local module=$1 overrides=()
+  read -r -a overrides <<< "$PAUSE_OVERRIDES"
+  if [ -n "${PAUSE_DATA:-}" ]; then overrides+=("data.path=$PAUSE_DATA"); fi
+  if [ -n "${PAUSE_OUTPUT:-}" ]; then overrides+=("train.output_dir=$PAUSE_OUTPUT"); fi
+  local rc=0
+  run_ranks "$module" --config "$PAUSE_CONFIG" "${overrides[@]}" || rc=$?
+  if [ "$rc" -eq "$EXIT_STOPPED" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "stopped before the end (checkpoint saved): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    return 0
+  fi
+  return "$rc"
+}

@@ -1,0 +1,20 @@
+#!/bin/bash
+# Pretrain the paper's 130m decoder, PausePT (10% <pause> tokens): sbatch slurm/pretrain_130m_pause.sh
+# Sizing and options: docs/slurm.md. Override anything from the environment, e.g.
+#   PAUSE_DATA=/data/c4_2048 PAUSE_OUTPUT=/ckpt/pretrain_130m_pause sbatch --nodes=4 slurm/pretrain_130m_pause.sh
+#SBATCH --job-name=pretrain_130m_pause
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+set -euo pipefail
+
+PAUSE_CONFIG=${PAUSE_CONFIG:-recipes/pretrain_130m_pause.yaml}
+# shellcheck source=slurm/common.sh
+source "${PAUSE_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+train pause_megatron.pretrain
