@@ -1,0 +1,99 @@
+"""GPU pretraining throughput: tokens/s, TFLOP/s and MFU per GPU for 130m and 1b, bf16 and fp8, one GPU.
+
+    python benchmarks/bench_gpu.py [--steps 8] [--warmup 3] [--only 130m:bf16,1b:fp8]
+
+Synthetic pause-injected token batches (throughput does not depend on the text), the real training step
+(Megatron-Core GPTModel with the Transformer Engine spec, DDP, optimizer, pipeline schedule), seq 2048.
+Ends with a markdown table. Run through benchmarks/gpu_benchmark.sh, which installs what it needs.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pause_megatron import runtime
+from pause_megatron.config import load_config
+from pause_megatron.data import collate, microbatch_indices, windows_to_samples
+from pause_megatron.pauses import inject_pauses
+from pause_megatron.train import build_train_state, model_flops_per_token, peak_tflops, train_step
+
+VOCAB, PAUSE = 32128, 32000
+MICRO = {"130m": 8, "1b": 4}  # sequences per microbatch that fit one 80 GB GPU with room to spare
+
+
+def batch(rng, n, seq):
+    rows = [inject_pauses(rng.integers(10, PAUSE, size=seq + 1), pause_id=PAUSE, seq_length=seq + 1, rng=rng)
+            for _ in range(n)]
+    return windows_to_samples(np.stack(rows))
+
+
+def measure(preset: str, precision: str, *, steps: int, warmup: int) -> dict:
+    micro = MICRO[preset]
+    overrides = [f"model.preset={preset}", "precision.dtype=bf16", f"train.micro_batch_size={micro}",
+                 f"train.global_batch_size={micro * 4}", f"train.steps={steps + warmup + 1}", "optim.warmup_steps=1"]
+    if precision == "fp8":
+        overrides += ["precision.fp8=hybrid", "precision.fp8_recipe=tensorwise"]
+    cfg = load_config(None, overrides, world_size=1)
+    runtime.init_distributed(cfg)
+    state = build_train_state(cfg, vocab_size=VOCAB, cuda=True)
+    rng = np.random.default_rng(0)
+    samples = batch(rng, cfg.train.global_batch_size, cfg.model.seq_length)
+    groups = microbatch_indices(start=0, global_batch_size=len(samples), micro_batch_size=micro, dp_rank=0, dp_size=1)
+    mbs = [collate([samples[i] for i in g], pause_id=PAUSE) for g in groups]
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step(state, mbs)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    step = float(np.median(times))
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    tflops = model_flops_per_token(cfg, vocab_size=VOCAB) * tokens / step / 1e12
+    peak = peak_tflops(cfg, cuda=True)
+    result = {"preset": preset, "precision": precision, "step_s": step, "tokens_per_s": tokens / step,
+              "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_tflops": peak,
+              "memory_gb": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name()}
+    del state
+    runtime.destroy()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--only", default="130m:bf16,130m:fp8,1b:bf16,1b:fp8")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("error: no GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for item in args.only.split(","):
+        preset, precision = item.split(":")
+        try:
+            rows.append(measure(preset, precision, steps=args.steps, warmup=args.warmup))
+        except Exception as exc:  # noqa: BLE001 — report the failure in the table, keep measuring the rest
+            rows.append({"preset": preset, "precision": precision, "error": f"{type(exc).__name__}: {exc}"})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| model | precision | tokens/s | TFLOP/s per GPU | MFU | memory GB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['preset']} | {r['precision']} | failed: {r['error'][:80]} | | | |")
+        else:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+            print(f"| {r['preset']} | {r['precision']} | {r['tokens_per_s']:,.0f} | {r['tflops_per_gpu']:.0f} | {mfu} "
+                  f"| {r['memory_gb']:.1f} |")
+    print(f"\nGPU: {torch.cuda.get_device_name()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
