@@ -241,6 +241,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
     ap.add_argument("--output", help="write the scores (and per-sample generations) to this JSON file")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pauses.m_inf=10 pauses.placement=append")
+    from pause_megatron.job import add_tracking_args, tags_from
+
+    add_tracking_args(ap)
     args = ap.parse_args(argv)
     overrides = [o for o in args.overrides if not o.startswith("tasks=")]
     tasks_arg = args.tasks or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tasks=")), None)
@@ -272,18 +275,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump({**report, "samples": samples}, f, indent=1)
-        _track(cfg, report, args.output)
+        _track(cfg, report, args.output, tags=tags_from(args), parent_run_id=args.parent_run_id)
     runtime.destroy()
     return 0
 
 
-def _track(cfg, report: dict, output: Optional[str]) -> None:
+def _track(cfg, report: dict, output: Optional[str], *, tags: dict, parent_run_id: Optional[str]) -> None:
     from pause_megatron.config import flat_dict
     from pause_megatron.tracking import Tracker
 
     tracker = Tracker(cfg.tracking, enabled=True)
     tracker.start(params={**flat_dict(cfg), "checkpoint": report["checkpoint"]},
-                  tags={"stage": "evaluate", "m_inf": str(report["m_inf"])})
+                  tags={"stage": "evaluate", "m_inf": str(report["m_inf"]), "placement": report["placement"],
+                        "tasks": ",".join(report["scores"]), **tags}, parent_run_id=parent_run_id)
     tracker.log_metrics({f"{task}/{k}": v for task, vals in report["scores"].items() for k, v in vals.items()
                          if isinstance(v, (int, float))}, step=0)
     if output:

@@ -19,7 +19,7 @@ import torch
 from pause_megatron import checkpoint, runtime
 from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import DataError, FinetuneDataset
-from pause_megatron.job import run_job
+from pause_megatron.job import add_tracking_args, run_job, tags_from
 from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples
 from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch
 
@@ -57,8 +57,8 @@ def build_datasets(cfg, tokenizer: PauseTokenizer):
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a YAML recipe file")
-    ap.add_argument("--parent-run-id", help="MLflow run to nest this one under (the recipe runner sets it)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides: task=squad pauses.m_ft=10 ...")
+    add_tracking_args(ap)
     args = ap.parse_args(argv)
     try:
         cfg = finetune_config(args.config, args.overrides)
@@ -74,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = cfg.pauses
     return run_job(cfg, tokenizer=tokenizer, train_ds=train_ds, valid_ds=eval_ds, stage="finetune",
                    tags={"task": cfg.task, "m_ft": str(p.m_ft), "placement": p.placement,
-                         "seed": str(cfg.train.seed)}, parent_run_id=args.parent_run_id)
+                         "seed": str(cfg.train.seed), **tags_from(args)}, parent_run_id=args.parent_run_id)
 
 
 if __name__ == "__main__":

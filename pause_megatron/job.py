@@ -25,6 +25,20 @@ RUN_FILE = "run.json"  # the MLflow run id, so that a restarted job logs into th
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run again to resume (slurm/ requeues on it)
 
 
+def add_tracking_args(parser) -> None:
+    """--parent-run-id and --tag: how the recipe runner nests a stage's MLflow run and labels it."""
+    parser.add_argument("--parent-run-id", help="MLflow run to nest this run under (the recipe runner sets it)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="an MLflow tag for this run (repeatable), e.g. --tag variant=PausePT_PauseFT")
+
+
+def tags_from(args) -> dict[str, str]:
+    bad = [t for t in args.tag if "=" not in t]
+    if bad:
+        raise SystemExit(f"error: --tag {bad[0]!r} is not KEY=VALUE")
+    return dict(t.split("=", 1) for t in args.tag)
+
+
 def vocab_size(cfg: Config, tokenizer: PauseTokenizer) -> int:
     return padded_vocab_size(tokenizer.vocab_size, tensor_parallel=cfg.parallel.tensor,
                              divisible_by=cfg.model.make_vocab_size_divisible_by)

@@ -16,7 +16,7 @@ import torch
 from pause_megatron import runtime
 from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import MANIFEST, DataError, build_pretrain_datasets, load_tokenizer
-from pause_megatron.job import run_job
+from pause_megatron.job import add_tracking_args, run_job, tags_from
 from pause_megatron.tokenizer import TokenizerMismatch
 
 
@@ -26,6 +26,7 @@ def parse_args(argv: Optional[list[str]] = None):
     ap.add_argument("--validate-only", action="store_true",
                     help="load the newest checkpoint of train.output_dir (any TP/PP layout), print validation losses")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2 train.steps=100")
+    add_tracking_args(ap)
     return ap.parse_args(argv)
 
 
@@ -54,8 +55,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         runtime.destroy()
         return 2
     return run_job(cfg, tokenizer=tokenizer, train_ds=train_ds, valid_ds=valid_ds, stage="pretrain",
-                   tags={"variant": cfg.data.variant, "preset": cfg.model.preset},
-                   artifacts=(os.path.join(cfg.data.path, MANIFEST),), validate_only=args.validate_only)
+                   tags={"variant": cfg.data.variant, "preset": cfg.model.preset, **tags_from(args)},
+                   artifacts=(os.path.join(cfg.data.path, MANIFEST),), validate_only=args.validate_only,
+                   parent_run_id=args.parent_run_id)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,410 @@
+"""Recipes: the paper's experiments as one chain of stages — data, pretraining, finetuning, evaluation, report.
+
+`pause-megatron recipe run recipes/paper_1b.yaml [--dry-run] [key=value ...]`
+
+A recipe names the variants (StdPT_StdFT, StdPT_PauseFT, PausePT_StdFT, PausePT_PauseFT), tasks, M_ft values,
+seeds and ablations; `plan()` expands it into stages, each a command of this project's own CLIs (data_prep,
+pretrain, finetune, evaluate) with its output directory. Running the recipe runs the stages in order, each as
+an MLflow child run of one parent run; a stage whose output holds a completion marker for the same command is
+skipped, and one that was interrupted resumes from its checkpoints. Stages run locally (torchrun) or are
+submitted to Slurm, one job per stage with dependencies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pause_megatron.config import ConfigError, TrackingConfig, load_config
+from pause_megatron.pauses import PAPER_M_FT
+from pause_megatron.tasks import TASKS
+
+VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
+STAGES = ("data", "pretrain", "finetune", "evaluate", "report")
+MARKER = "stage.json"
+ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
+H100_BF16_TFLOPS = 989.4
+
+
+@dataclass
+class DataSpec:
+    path: str = "data/c4"  # shards (data_prep output); built by the data stage when `input` is set
+    input: Optional[str] = None  # C4 json.gz dir/glob, or "sample" for the generated built-in corpus
+    sample_files: int = 2
+    sample_docs_per_file: int = 300
+    seq_length: int = 2048
+    vocab_size: int = 32000
+    workers: int = 2
+
+
+@dataclass
+class StageSpec:
+    config: Optional[str] = None  # a recipe file of pretrain/finetune (see recipes/)
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1  # Slurm executor: nodes x gpus_per_node ranks for this stage
+    time: str = "04:00:00"
+
+
+@dataclass
+class FinetuneSpec(StageSpec):
+    tasks: list[str] = field(default_factory=lambda: sorted(TASKS))
+    m_ft: list[int] = field(default_factory=lambda: list(PAPER_M_FT))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    task_dir: Optional[str] = None  # offline task data (<dir>/<task>/{train,eval}.jsonl); None: the hub
+
+
+@dataclass
+class EvaluateSpec:
+    limit: Optional[int] = None  # documents per task (None: the whole evaluation split)
+    nodes: int = 1
+    time: str = "01:00:00"
+
+
+@dataclass
+class AblationSpec:
+    m_inf: list[int] = field(default_factory=list)  # M_inf robustness: evaluate PauseFT models at these M_inf
+    m_inf_variants: list[str] = field(default_factory=lambda: ["PausePT_PauseFT", "StdPT_PauseFT"])
+    prepend: bool = False  # PausePT with prepended pauses (finetune + evaluate), against appending
+    filler: list[int] = field(default_factory=list)  # '.' x M at inference on StdPT_StdFT
+
+
+@dataclass
+class LaunchSpec:
+    executor: str = "local"  # "local" (torchrun here) or "slurm" (sbatch, one job per stage)
+    nproc: int = 1  # local: ranks per stage
+    gpus_per_node: int = 8  # slurm
+    sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--partition=gpu", "--account=x"]
+    python: Optional[str] = None  # the Python to run stages with (default: this one)
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    output_dir: str = "runs/recipe"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    data: DataSpec = field(default_factory=DataSpec)
+    pretrain: StageSpec = field(default_factory=lambda: StageSpec(config="recipes/pretrain_1b_pause.yaml"))
+    finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(config="recipes/finetune.yaml"))
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    ablations: AblationSpec = field(default_factory=AblationSpec)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class Stage:
+    """One step of the plan: a command, where it writes, what it waits for, and labels for the report."""
+
+    key: str
+    kind: str  # one of STAGES
+    argv: list[str]  # the command (module and arguments, without the launcher)
+    out: str
+    deps: list[str]
+    nodes: int = 1
+    time: str = "01:00:00"
+    tags: dict = field(default_factory=dict)
+    estimate_s: Optional[float] = None
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.argv).encode()).hexdigest()[:16]
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
+    """The recipe file with dotted overrides, checked: unknown stages, variants or tasks fail here."""
+    if not os.path.exists(path):
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        recipe: Recipe = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {exc.msg if hasattr(exc, 'msg') else exc} (key: {exc.full_key})") from None
+    for name in recipe.stages:
+        if name not in STAGES:
+            raise ConfigError(f"{path}: stages: unknown stage {name!r}; expected some of {list(STAGES)}")
+    for name in [*recipe.variants, *recipe.ablations.m_inf_variants]:
+        if name not in VARIANTS:
+            raise ConfigError(f"{path}: unknown variant {name!r}; expected some of {list(VARIANTS)}")
+    for name in recipe.finetune.tasks:
+        if name not in TASKS:
+            raise ConfigError(f"{path}: finetune.tasks: unknown task {name!r}; the paper's tasks are {sorted(TASKS)}")
+    if recipe.launch.executor not in ("local", "slurm"):
+        raise ConfigError(f"{path}: launch.executor must be 'local' or 'slurm', got {recipe.launch.executor!r}")
+    return recipe
+
+
+# ---- the plan --------------------------------------------------------------------------------------------
+
+def _tracking_overrides(r: Recipe) -> list[str]:
+    return [f"tracking.uri={r.tracking.uri}", f"tracking.experiment={r.tracking.experiment}",
+            f"tracking.enabled={str(r.tracking.enabled).lower()}"]
+
+
+def _estimate(config: Optional[str], overrides: list[str], gpus: int, *, model=None) -> Optional[float]:
+    """Seconds for a training stage at ASSUMED_MFU on H100s; also proves the stage's config resolves.
+
+    `model`: the model section to use instead of the config's (a finetune stage trains the pretrained shape).
+    """
+    import dataclasses
+
+    from pause_megatron.train import model_flops_per_token
+
+    cfg = load_config(config, overrides)
+    if model is not None:
+        cfg = dataclasses.replace(cfg, model=model)
+    tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.model.seq_length
+    flops = model_flops_per_token(cfg, vocab_size=32128) * tokens
+    return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
+
+
+def plan(r: Recipe) -> list[Stage]:
+    """Every stage of the recipe, in an order that respects dependencies."""
+    out = r.output_dir
+    gpus = lambda nodes: nodes * (r.launch.gpus_per_node if r.launch.executor == "slurm" else r.launch.nproc)  # noqa
+    common = ["--tag", f"recipe={r.name}"]
+    stages: list[Stage] = []
+    data_deps = []
+    if "data" in r.stages and r.data.input:
+        stages.append(Stage("data", "data", [], f"{out}/data", [], tags={}))
+        data_deps = ["data"]
+
+    pretrained = {}
+    for pt in sorted({v.split("_")[0] for v in r.variants} | {v.split("_")[0] for v in r.ablations.m_inf_variants
+                                                              if r.ablations.m_inf}):
+        variant = "pause" if pt == "PausePT" else "std"
+        key = f"pretrain/{variant}"
+        d = f"{out}/{key}"
+        overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
+                     *_tracking_overrides(r), *r.pretrain.overrides]
+        argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
+                *overrides, *common, "--tag", f"pretrain={pt}"]
+        est = _estimate(r.pretrain.config, overrides[:3] + r.pretrain.overrides, gpus(r.pretrain.nodes))
+        stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
+                            {"pretrain": pt}, est))
+        pretrained[pt] = f"{d}/checkpoints"
+
+    f = r.finetune
+    pretrained_model = load_config(r.pretrain.config, r.pretrain.overrides).model
+    finetunes = []  # (variant, placement, m, ablation)
+    for v in r.variants:
+        pt, ft = v.split("_")
+        if ft == "StdFT":
+            finetunes.append((v, "none", 0, "main"))
+        else:
+            finetunes += [(v, "append", m, "main") for m in f.m_ft]
+    if r.ablations.prepend:
+        finetunes += [("PausePT_PauseFT", "prepend", m, "prepend") for m in f.m_ft]
+    for v in r.ablations.m_inf_variants if r.ablations.m_inf else []:
+        finetunes += [(v, "append", m, "main") for m in f.m_ft if (v, "append", m, "main") not in finetunes]
+
+    task_dir = [f"data.task_dir={f.task_dir}"] if f.task_dir else []
+    data_dir = ["--data-dir", f.task_dir] if f.task_dir else []
+    limit = ["--limit", str(r.evaluate.limit)] if r.evaluate.limit else []
+    for v, placement, m, ablation in finetunes:
+        pt = v.split("_")[0]
+        for task in f.tasks:
+            for seed in f.seeds:
+                key = f"finetune/{pt}/{task}/{placement}{m}/seed{seed}"
+                d = f"{out}/{key}"
+                tags = {"variant": v, "task": task, "seed": str(seed), "m_ft": str(m), "placement": placement,
+                        "ablation": ablation}
+                overrides = [f"task={task}", f"train.init_from={pretrained[pt]}", f"pauses.m_ft={m}",
+                             f"pauses.placement={placement}", f"train.seed={seed}", f"train.output_dir={d}",
+                             *task_dir, *_tracking_overrides(r), *f.overrides]
+                argv = ["-m", "pause_megatron.finetune", *(["--config", f.config] if f.config else []), *overrides,
+                        *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
+                est = _estimate(f.config, [o for o in overrides if not o.startswith("train.init_from")],
+                                gpus(f.nodes), model=pretrained_model)
+                stages.append(Stage(key, "finetune", argv, d, [f"pretrain/{'pause' if pt == 'PausePT' else 'std'}"],
+                                    f.nodes, f.time, tags, est))
+                # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
+                evals = [(placement, m, ablation)]
+                if placement == "append" and v in r.ablations.m_inf_variants:
+                    evals += [("append", mi, "m_inf") for mi in r.ablations.m_inf if mi <= m and mi != m]
+                if v == "StdPT_StdFT":
+                    evals += [("filler", mi, "filler") for mi in r.ablations.filler]
+                for ev_place, m_inf, ev_ablation in evals:
+                    ekey = f"evaluate/{pt}/{task}/{placement}{m}/seed{seed}/{ev_place}{m_inf}"
+                    ed = f"{out}/{ekey}"
+                    etags = {**tags, "m_inf": str(m_inf), "placement": ev_place, "ablation": ev_ablation,
+                             "stage_key": ekey}
+                    eargv = ["-m", "pause_megatron.evaluate", "--checkpoint", f"{d}/checkpoints", "--tasks", task,
+                             *data_dir, *limit, "--output", f"{ed}/result.json", f"pauses.m_inf={m_inf}",
+                             f"pauses.placement={ev_place}", *_tracking_overrides(r), *common,
+                             *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
+                    stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags))
+    if "report" in r.stages:
+        stages.append(Stage("report", "report", [], f"{out}/report",
+                            [s.key for s in stages if s.kind == "evaluate"]))
+    selected = {"data", "pretrain", "finetune", "evaluate", "report"} & set(r.stages)
+    return [s for s in stages if s.kind in selected]
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+
+def is_done(stage: Stage) -> bool:
+    path = os.path.join(stage.out, MARKER)
+    if not os.path.exists(path):
+        return False
+    with open(path) as fh:
+        return json.load(fh).get("digest") == stage.digest
+
+
+def mark_done(stage: Stage) -> None:
+    os.makedirs(stage.out, exist_ok=True)
+    tmp = os.path.join(stage.out, f".{MARKER}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"key": stage.key, "digest": stage.digest, "argv": stage.argv}, fh)
+    os.replace(tmp, os.path.join(stage.out, MARKER))
+
+
+def _data_commands(r: Recipe, python: str) -> list[list[str]]:
+    d = r.data
+    cmds = []
+    source = d.input
+    if d.input == "sample":
+        source = f"{r.output_dir}/data/c4_json"
+        cmds.append([python, "-m", "data_prep.c4_sample", source, "--files", str(d.sample_files),
+                     "--docs-per-file", str(d.sample_docs_per_file)])
+    cmds.append([python, "-m", "data_prep.build_c4", "build", "--input", source, "--output", d.path,
+                 "--seq-length", str(d.seq_length), "--vocab-size", str(d.vocab_size), "--workers", str(d.workers)])
+    return cmds
+
+
+def _parent_run(r: Recipe) -> Optional[str]:
+    """The recipe's MLflow parent run, created once and reused when the recipe runs again."""
+    from pause_megatron.tracking import Tracker
+
+    record = os.path.join(r.output_dir, "recipe_run.json")
+    if os.path.exists(record):
+        with open(record) as fh:
+            return json.load(fh)["mlflow_run_id"]
+    tracker = Tracker(r.tracking, enabled=True)
+    run_id = tracker.start(params={"recipe": r.name, "variants": ",".join(r.variants),
+                                   "tasks": ",".join(r.finetune.tasks)}, tags={"stage": "recipe", "recipe": r.name})
+    if run_id:
+        os.makedirs(r.output_dir, exist_ok=True)
+        with open(record, "w") as fh:
+            json.dump({"mlflow_run_id": run_id}, fh)
+    return run_id
+
+
+def _local_command(stage: Stage, r: Recipe, python: str, parent: Optional[str]) -> list[str]:
+    argv = list(stage.argv) + (["--parent-run-id", parent] if parent else [])
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r.launch.nproc}", *argv]
+
+
+def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) -> int:
+    """Run (or, with Slurm, submit) every stage that is not done yet; then the report."""
+    python = r.launch.python or sys.executable
+    stages = plan(r)
+    parent = _parent_run(r) if r.tracking.enabled else None
+    if r.launch.executor == "slurm":
+        return _submit_all(r, stages, python=python, parent=parent, recipe_path=recipe_path,
+                           overrides=list(overrides), log=log)
+    for i, stage in enumerate(stages, 1):
+        if is_done(stage):
+            log(f"[{i}/{len(stages)}] skip {stage.key} (done)")
+            continue
+        log(f"[{i}/{len(stages)}] run  {stage.key}")
+        os.makedirs(stage.out, exist_ok=True)
+        if stage.kind == "data":
+            cmds = _data_commands(r, python)
+        elif stage.kind == "report":
+            from pause_megatron.report import build_report
+
+            build_report(r, parent_run_id=parent, log=log)
+            mark_done(stage)
+            continue
+        else:
+            cmds = [_local_command(stage, r, python, parent)]
+        with open(os.path.join(stage.out, "stage.log"), "a") as logfile:
+            for cmd in cmds:
+                logfile.write("+ " + shlex.join(cmd) + "\n")
+                logfile.flush()
+                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT)
+                if proc.returncode != 0:
+                    log(f"stage {stage.key} failed (exit {proc.returncode}); its log: {stage.out}/stage.log")
+                    return proc.returncode
+        mark_done(stage)
+    return 0
+
+
+def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional[str], recipe_path: str,
+                overrides: list[str], log) -> int:
+    """One sbatch job per stage that is not done, chained with afterok dependencies."""
+    jobs: dict[str, str] = {}
+    for stage in stages:
+        if is_done(stage):
+            log(f"skip {stage.key} (done)")
+            continue
+        os.makedirs(stage.out, exist_ok=True)
+        deps = [jobs[d] for d in stage.deps if d in jobs]
+        mark = shlex.join([python, "-m", "pause_megatron.recipe", "mark", recipe_path, stage.key, *overrides])
+        if stage.kind == "data":
+            body = " && ".join(shlex.join(c) for c in _data_commands(r, python))
+            nodes, ntasks = 1, 1
+        elif stage.kind == "report":
+            body = shlex.join([python, "-m", "pause_megatron.cli", "recipe", "report", recipe_path, *overrides])
+            nodes, ntasks = 1, 1
+        else:
+            argv = list(stage.argv) + (["--parent-run-id", parent] if parent else [])
+            body = "srun --kill-on-bad-exit=1 " + shlex.join([python, *argv])
+            nodes, ntasks = stage.nodes, r.launch.gpus_per_node
+        cmd = ["sbatch", "--parsable", f"--job-name={r.name}:{stage.kind}", f"--nodes={nodes}",
+               f"--ntasks-per-node={ntasks}", f"--time={stage.time}", f"--output={stage.out}/slurm-%j.out",
+               *([f"--gpus-per-node={r.launch.gpus_per_node}"] if ntasks > 1 else []), *r.launch.sbatch_args,
+               *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []), f"--wrap={body} && {mark}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log(f"sbatch failed for {stage.key}: {proc.stderr.strip()}")
+            return proc.returncode
+        jobs[stage.key] = proc.stdout.strip().split(";")[0]
+        log(f"submitted {stage.key}: job {jobs[stage.key]}")
+    return 0
+
+
+def print_plan(r: Recipe, *, log=print) -> None:
+    """--dry-run: every stage with its variant, GPUs and estimated time; nothing runs."""
+    stages = plan(r)
+    per_gpu = r.launch.gpus_per_node if r.launch.executor == "slurm" else r.launch.nproc
+    log(f"recipe {r.name}: {len(stages)} stages, executor {r.launch.executor}")
+    log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'estimate':>10s}")
+    total = 0.0
+    for s in stages:
+        g = s.nodes * per_gpu if s.kind in ("pretrain", "finetune", "evaluate") else 0
+        est = f"{s.estimate_s / 3600:8.1f} h" if s.estimate_s else "         -"
+        total += (s.estimate_s or 0.0) * max(g, 1)
+        done = " (done)" if is_done(s) else ""
+        log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est}")
+    log(f"estimated GPU-hours for the training stages: {total / 3600:,.0f} (at {ASSUMED_MFU:.0%} MFU on H100)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m pause_megatron.recipe mark RECIPE STAGE_KEY [overrides]`: a Slurm stage job's completion marker."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) < 3 or args[0] != "mark":
+        print("usage: python -m pause_megatron.recipe mark RECIPE STAGE_KEY [key=value ...]", file=sys.stderr)
+        return 2
+    r = load_recipe(args[1], args[3:])
+    stage = next((s for s in plan(r) if s.key == args[2]), None)
+    if stage is None:
+        print(f"error: no stage {args[2]!r} in {args[1]}", file=sys.stderr)
+        return 2
+    mark_done(stage)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

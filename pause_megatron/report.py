@@ -1,0 +1,214 @@
+"""The recipe's report, rebuilt from the MLflow store alone: variant x task table, ablations, plots.
+
+Every evaluation stage logs one MLflow run tagged with its recipe, variant, task, seed, M_ft, M_inf,
+placement and ablation, and the task's metrics as `<task>/<metric>`. This module reads those runs only (no
+files of the stages), so `pause-megatron recipe report` can rebuild the report anywhere the store is.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import defaultdict
+from typing import Optional
+
+from pause_megatron.tasks import TASKS
+
+PERCENT = 100.0  # scores are fractions in lm-eval; the paper prints percentages
+
+
+def evaluation_rows(tracking, recipe_name: str) -> list[dict]:
+    """One dict per evaluation run of the recipe (the newest run per stage if a stage ran twice)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.uri)
+    exp = client.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.recipe = '{recipe_name}' and "
+                                                                 "tags.stage = 'evaluate'", max_results=50000)
+    newest: dict[str, dict] = {}
+    for run in sorted(runs, key=lambda x: x.info.start_time):
+        t = run.data.tags
+        task = t.get("task")
+        metric = TASKS[task].metric if task in TASKS else None
+        value = run.data.metrics.get(f"{task}/{metric}")
+        if value is None:
+            continue
+        newest[t.get("stage_key", run.info.run_id)] = {
+            "variant": t["variant"], "task": task, "seed": int(t["seed"]), "m_ft": int(t["m_ft"]),
+            "m_inf": int(t["m_inf"]), "placement": t["placement"], "ablation": t["ablation"],
+            "metric": metric, "value": value * PERCENT}
+    return list(newest.values())
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _cell(values: list[float], note: str = "") -> str:
+    if not values:
+        return "—"
+    mean, std = _mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}{note}"
+
+
+def main_table(rows: list[dict], variants: list[str]) -> tuple[str, dict]:
+    """Markdown table (mean ± std over seeds; for PauseFT the better M_ft per task, as the paper reports)."""
+    main = [r for r in rows if r["ablation"] == "main" and r["m_inf"] == r["m_ft"]]
+    tasks = sorted({r["task"] for r in main})
+    best: dict[tuple[str, str], int] = {}
+    lines = ["| task | metric | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for task in tasks:
+        cells = []
+        for v in variants:
+            by_m = defaultdict(list)
+            for r in main:
+                if r["task"] == task and r["variant"] == v:
+                    by_m[r["m_ft"]].append(r["value"])
+            if not by_m:
+                cells.append("—")
+                continue
+            m = max(by_m, key=lambda k: statistics.fmean(by_m[k]))
+            best[(v, task)] = m
+            cells.append(_cell(by_m[m], f" (M_ft={m})" if v.endswith("PauseFT") else ""))
+        lines.append(f"| {task} | {TASKS[task].metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), best
+
+
+def m_ft_table(rows: list[dict]) -> str:
+    pause = [r for r in rows if r["ablation"] == "main" and r["placement"] == "append" and r["m_inf"] == r["m_ft"]]
+    m_values = sorted({r["m_ft"] for r in pause})
+    if len(m_values) < 2:
+        return ""
+    lines = ["| variant | task | " + " | ".join(f"M_ft={m}" for m in m_values) + " |",
+             "|---|---|" + "---|" * len(m_values)]
+    for v, task in sorted({(r["variant"], r["task"]) for r in pause}):
+        cells = [_cell([r["value"] for r in pause if (r["variant"], r["task"], r["m_ft"]) == (v, task, m)])
+                 for m in m_values]
+        lines.append(f"| {v} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def m_inf_series(rows: list[dict], best: dict) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
+    """(variant, task) -> [(M_inf, mean, std)] for the model with the better M_ft."""
+    series = {}
+    for (v, task), m in best.items():
+        pts = defaultdict(list)
+        for r in rows:
+            if (r["variant"], r["task"], r["m_ft"], r["placement"]) == (v, task, m, "append") and \
+                    r["ablation"] in ("main", "m_inf"):
+                pts[r["m_inf"]].append(r["value"])
+        if len(pts) > 1:
+            series[(v, task)] = [(mi, *_mean_std(vals)) for mi, vals in sorted(pts.items())]
+    return series
+
+
+def comparison_table(rows: list[dict], *, ablation: str, base_variant: str, label) -> str:
+    """The ablation's scores next to the same variant's main scores, per task."""
+    abl = [r for r in rows if r["ablation"] == ablation]
+    if not abl:
+        return ""
+    settings = sorted({(r["placement"], r["m_inf"], r["m_ft"]) for r in abl})
+    lines = [f"| task | {base_variant} | " + " | ".join(label(s) for s in settings) + " |",
+             "|---|---|" + "---|" * len(settings)]
+    for task in sorted({r["task"] for r in abl}):
+        base = [r["value"] for r in rows if r["ablation"] == "main" and r["variant"] == base_variant
+                and r["task"] == task and r["m_inf"] == r["m_ft"]]
+        cells = [_cell([r["value"] for r in abl if r["task"] == task and (r["placement"], r["m_inf"], r["m_ft"]) == s])
+                 for s in settings]
+        lines.append(f"| {task} | {_cell(base)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_m_inf(series: dict, path: str) -> Optional[str]:
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({task for _, task in series})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (v, t), pts in sorted(series.items()):
+            if t == task:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=v)
+        ax.set_title(task)
+        ax.set_xlabel("M_inf (pauses at inference)")
+        ax.set_ylabel(TASKS[task].metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_m_ft(rows: list[dict], path: str) -> Optional[str]:
+    pause = [r for r in rows if r["ablation"] == "main" and r["placement"] == "append" and r["m_inf"] == r["m_ft"]]
+    m_values = sorted({r["m_ft"] for r in pause})
+    if len(m_values) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["variant"], r["task"]) for r in pause})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 3.5))
+    width = 0.8 / len(m_values)
+    for i, m in enumerate(m_values):
+        means = [statistics.fmean([r["value"] for r in pause if (r["variant"], r["task"], r["m_ft"]) == (v, t, m)]
+                                  or [0.0]) for v, t in keys]
+        ax.bar([k + i * width for k in range(len(keys))], means, width, label=f"M_ft={m}")
+    ax.set_xticks([k + width * (len(m_values) - 1) / 2 for k in range(len(keys))])
+    ax.set_xticklabels([f"{t}\n{v}" for v, t in keys], fontsize=6)
+    ax.set_ylabel("score (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> str:
+    """Write <output_dir>/report/{report.md, m_inf.png, m_ft.png} from MLflow; log them on the parent run."""
+    rows = evaluation_rows(recipe.tracking, recipe.name)
+    out = os.path.join(recipe.output_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    table, best = main_table(rows, list(recipe.variants))
+    parts = [f"# {recipe.name}: results", "",
+             f"{len(rows)} evaluation runs from MLflow ({recipe.tracking.uri}, experiment "
+             f"{recipe.tracking.experiment}). Scores in %, mean ± std over seeds; for PauseFT variants the better "
+             "M_ft per task (as the paper reports).", "", "## Variant × task", "", table]
+    mft = m_ft_table(rows)
+    if mft:
+        parts += ["", "## M_ft", "", mft, "", "![M_ft](m_ft.png)"]
+    series = m_inf_series(rows, best)
+    if series:
+        parts += ["", "## M_inf robustness", "", "| variant | task | " + "M_inf: score |", "|---|---|---|"]
+        parts += [f"| {v} | {t} | " + ", ".join(f"{mi}: {mean:.1f}" for mi, mean, _ in pts) + " |"
+                  for (v, t), pts in sorted(series.items())]
+        parts += ["", "![M_inf](m_inf.png)"]
+    prepend = comparison_table(rows, ablation="prepend", base_variant="PausePT_PauseFT",
+                               label=lambda s: f"prepend M={s[2]}")
+    if prepend:
+        parts += ["", "## Appending vs prepending pauses (PausePT_PauseFT)", "", prepend]
+    filler = comparison_table(rows, ablation="filler", base_variant="StdPT_StdFT",
+                              label=lambda s: f"'.' x {s[1]}")
+    if filler:
+        parts += ["", "## Filler '.' at inference (StdPT_StdFT)", "", filler]
+    text = "\n".join(parts) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as fh:
+        fh.write(text)
+    plots = [plot_m_inf(series, os.path.join(out, "m_inf.png")), plot_m_ft(rows, os.path.join(out, "m_ft.png"))]
+    if parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=recipe.tracking.uri)
+        for path in [os.path.join(out, "report.md"), *[p for p in plots if p]]:
+            client.log_artifact(parent_run_id, path, "report")
+    log(text)
+    return text
