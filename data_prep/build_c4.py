@@ -1,0 +1,618 @@
+"""Offline C4 data prep: json.gz -> SentencePiece ids -> packed windows -> Megatron indexed shards, std and pause.
+
+    python -m data_prep.build_c4 build --input DIR_OR_GLOB --output OUT [--seq-length 2048] [--pause-ratio 0.1]
+        [--seed 1234] [--workers N] [--tokenizer M | --vocab-size V] [--strict] [--overwrite]
+    python -m data_prep.build_c4 validate OUT
+
+(`pause-build-c4` is the same command; `build` is the default subcommand.) Per input file, in one worker
+process: documents are tokenized, EOD is appended to each, and the token stream is cut into consecutive
+windows of seq_length tokens (the file's last window may be shorter). Each window becomes one document of
+OUT/std/<name>, and — through the pause rule, seeded by (seed, shard index, window index) — one document of
+OUT/pause/<name>. The output therefore depends on the seed and the inputs only, never on the worker count.
+The layout of OUT and the resume rules are in data_prep/manifest.py; docs/data.md has the full story.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import concurrent.futures
+import importlib.metadata
+import itertools
+import math
+import multiprocessing
+import os
+import queue
+import shutil
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
+from tqdm import tqdm
+
+with warnings.catch_warnings():  # megatron-core warns about Transformer Engine and apex, which data prep never uses
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+from data_prep import manifest as mf
+from data_prep.c4_input import BadInput, InputReport, check_records, hf_records, list_inputs, read_c4_file
+from data_prep.c4_input import shard_indices, shard_name
+from data_prep.validate import validate_command
+from pause_megatron.pauses import PAPER_SEQ_LENGTH, PRETRAIN_PAUSE_RATIO, inject_pauses, num_pretrain_pauses
+from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, train_tokenizer
+
+DEFAULT_SEED = 1234
+DEFAULT_TOKENIZER_SAMPLE_DOCS = 100_000  # about 220 MB of C4 text: SentencePiece's 1M-sentence default cap
+DEFAULT_HF_DOCS_PER_SHARD = 100_000  # held in memory by the reading process until a worker takes it
+ENCODE_BATCH_DOCS = 256  # documents per SentencePiece call: amortizes the call, keeps a worker's memory small
+TOKENIZER_TRAIN_THREADS = 16  # SentencePiece's model depends on its thread count: fixed, not --workers
+IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: no worker waits, and the --hf stream is not read far ahead
+PROGRESS_INTERVAL_S = 0.2
+EXIT_BAD_INPUT = 1  # bad input under --strict, or a shard that failed
+EXIT_REFUSED = 2  # nothing to do, or an existing output that this run must not touch
+
+
+class BuildRefused(RuntimeError):
+    """The run must not start: no input, colliding inputs, or an output built with another configuration."""
+
+
+def tool_version() -> str:
+    """The installed pause-megatron version, recorded in every manifest."""
+    try:
+        return importlib.metadata.version("pause-megatron")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def lossless(tokenizer: PauseTokenizer) -> PauseTokenizer:
+    """The same pieces with identity normalization: every document decodes back to itself exactly.
+
+    SentencePiece's default normalization (nmt_nfkc, extra whitespace removed) turns C4's newlines into
+    spaces and folds runs of spaces; with byte fallback on, identity normalization loses nothing.
+    """
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.model_proto)
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.precompiled_charsmap = b""
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    return PauseTokenizer(proto.SerializeToString(), source=tokenizer.source)
+
+
+def is_lossless(tokenizer: PauseTokenizer) -> bool:
+    """Whether the model keeps text as it is (identity normalization, whitespace kept)."""
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(tokenizer.model_proto)
+    spec = proto.normalizer_spec
+    return spec.name == "identity" and not spec.remove_extra_whitespaces
+
+
+def train_c4_tokenizer(documents: Iterable[str], *, vocab_size: int, seed: int) -> PauseTokenizer:
+    """A lossless SentencePiece model trained on the lines of `documents` (`<pause>`, EOD, pad included).
+
+    Lines, not documents, are SentencePiece's sentences: it skips sentences over 4192 bytes, which would
+    drop most C4 documents.
+    """
+    lines = [line for text in documents for line in text.split("\n") if line and not line.isspace()]
+    spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles its sentences
+    return lossless(train_tokenizer(lines, vocab_size=vocab_size, num_threads=TOKENIZER_TRAIN_THREADS))
+
+
+def file_sample(paths: list[str], *, num_docs: int) -> list[str]:
+    """A deterministic sample of `num_docs` documents: the first good ones of every file, equally many each."""
+    per_file = math.ceil(num_docs / len(paths))
+    sample: list[str] = []
+    for path in paths:  # bad lines are skipped here; the shard pass reports them
+        sample.extend(itertools.islice(read_c4_file(path, report=InputReport(where=path)), per_file))
+    return sample[:num_docs]
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def with_eod(docs_ids: list[list[int]], *, eod_id: int, dtype) -> np.ndarray:
+    """The documents' token ids concatenated, each document followed by EOD."""
+    eod = (eod_id,)
+    total = sum(map(len, docs_ids)) + len(docs_ids)
+    return np.fromiter(itertools.chain.from_iterable(x for ids in docs_ids for x in (ids, eod)), dtype=dtype, count=total)
+
+
+def pack_windows(chunks: Iterable[np.ndarray], *, seq_length: int) -> Iterator[np.ndarray]:
+    """Cut a token stream, given in chunks, into consecutive windows of `seq_length`; the last may be shorter."""
+    carry = np.empty(0, dtype=np.int64)
+    for chunk in chunks:
+        stream = np.concatenate([carry, chunk]) if len(carry) else chunk
+        full = len(stream) - len(stream) % seq_length
+        for start in range(0, full, seq_length):
+            yield stream[start : start + seq_length]
+        carry = stream[full:]
+    if len(carry):
+        yield carry
+
+
+def window_rng(*, seed: int, shard_index: int, window_index: int) -> np.random.Generator:
+    """The generator that places the pauses of one window: a function of the window alone, not of the worker."""
+    return np.random.default_rng([seed, shard_index, window_index])
+
+
+# ---------------------------------------------------------------------------------------------- one shard
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One output shard: from an input file (`records` None) or from a chunk of a streamed dataset."""
+
+    name: str
+    index: int  # seeds the pause positions (see c4_input.shard_indices)
+    input: str
+    input_bytes: int | None  # the input file's size when listed; a different size means a different file
+    records: tuple | None = None
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What every worker needs, sent once when the pool starts."""
+
+    out_dir: str
+    seq_length: int
+    pause_ratio: float
+    seed: int
+    strict: bool
+    tokenizer_proto: bytes
+
+
+def _shard_files(out_dir: str, name: str) -> dict[str, str]:
+    """Final path of each of a shard's four files, keyed like 'std.bin'."""
+    return {
+        f"{variant}{ext}": mf.shard_prefix(out_dir, variant, name) + ext
+        for variant in mf.VARIANTS
+        for ext in (".bin", ".idx")
+    }
+
+
+def _remove(paths: Iterable[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _token_chunks(
+    texts: Iterable[str], *, tokenizer: PauseTokenizer, dtype, counts: Counter, on_progress: Callable
+) -> Iterator[np.ndarray]:
+    """Tokenize `texts` in batches; yield each batch as one EOD-separated token array; count documents."""
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, ENCODE_BATCH_DOCS)):
+        chunk = with_eod(tokenizer.encode_batch(batch), eod_id=tokenizer.eod_id, dtype=dtype)
+        counts["documents"] += len(batch)
+        on_progress(len(batch), len(chunk))
+        yield chunk
+
+
+def build_shard(
+    task: ShardTask, *, settings: ShardSettings, tokenizer: PauseTokenizer, on_progress: Callable
+) -> dict:
+    """Write the std and pause shards of one input and its record; returns the record.
+
+    Files are written under temporary names and renamed once complete, the record last. A shard without
+    any document (an empty or unreadable input) gets a record but no files: megatron-core cannot open an
+    empty indexed dataset. Raises BadInput under strict, after removing its temporary files.
+    """
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    report = InputReport(where=task.input, strict=settings.strict)
+    if task.records is None:
+        texts = read_c4_file(task.input, report=report)
+    else:
+        texts = check_records(task.records, report=report)
+    final = _shard_files(settings.out_dir, task.name)
+    tmp = {key: path + mf.TMP_SUFFIX for key, path in final.items()}
+    counts: Counter = Counter()
+    try:
+        builders = {v: IndexedDatasetBuilder(tmp[f"{v}.bin"], dtype=dtype) for v in mf.VARIANTS}
+        chunks = _token_chunks(texts, tokenizer=tokenizer, dtype=dtype, counts=counts, on_progress=on_progress)
+        for window_index, window in enumerate(pack_windows(chunks, seq_length=settings.seq_length)):
+            rng = window_rng(seed=settings.seed, shard_index=task.index, window_index=window_index)
+            paused = inject_pauses(
+                window, pause_id=tokenizer.pause_id, seq_length=settings.seq_length, rng=rng, ratio=settings.pause_ratio
+            )
+            builders["std"].add_document(window, [len(window)])
+            builders["pause"].add_document(paused, [len(paused)])
+            counts["windows"] += 1
+            counts["tokens_std"] += len(window)
+            counts["tokens_pause"] += len(paused)
+            counts["pauses"] += int(np.count_nonzero(paused == tokenizer.pause_id))
+        for variant, builder in builders.items():
+            builder.finalize(tmp[f"{variant}.idx"])
+    except BaseException:
+        _remove(tmp.values())
+        raise
+    if counts["windows"]:
+        for key in final:
+            os.replace(tmp[key], final[key])
+    else:
+        _remove([*tmp.values(), *final.values()])
+    record = {
+        "name": task.name,
+        "shard_index": task.index,
+        "input": task.input,
+        "input_bytes": task.input_bytes,
+        "documents": counts["documents"],
+        "windows": counts["windows"],
+        "tokens_std": counts["tokens_std"],
+        "tokens_pause": counts["tokens_pause"],
+        "pauses": counts["pauses"],
+        **{variant: (f"{variant}/{task.name}" if counts["windows"] else None) for variant in mf.VARIANTS},
+        **report.as_record(),
+    }
+    mf.write_json_atomic(mf.record_path(settings.out_dir, task.name), record)
+    return record
+
+
+def is_complete(record: dict | None, *, task: ShardTask, out_dir: str, itemsize: int) -> bool:
+    """Whether a previous run finished this shard, from this very input, and its files are all there."""
+    if record is None or record["input_bytes"] != task.input_bytes or record["input"] != task.input:
+        return False
+    files = _shard_files(out_dir, task.name)
+    if record["windows"] == 0:
+        return not any(os.path.exists(p) for p in files.values())
+    return all(os.path.exists(p) for p in files.values()) and all(
+        os.path.getsize(files[f"{v}.bin"]) == record[f"tokens_{v}"] * itemsize for v in mf.VARIANTS
+    )
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+_worker: dict = {}  # per worker process: settings, tokenizer, progress queue, the parent's pid
+
+
+def _init_worker(settings: ShardSettings, progress: multiprocessing.Queue, parent_pid: int) -> None:
+    _worker.update(
+        settings=settings,
+        tokenizer=PauseTokenizer(settings.tokenizer_proto),
+        progress=progress,
+        parent_pid=parent_pid,
+    )
+
+
+def _worker_progress(docs: int, tokens: int) -> None:
+    if os.getppid() != _worker["parent_pid"]:  # the build was killed: stop instead of finishing unseen
+        raise SystemExit(f"build process {_worker['parent_pid']} is gone")
+    _worker["progress"].put((docs, tokens))
+
+
+def _build_shard_in_worker(task: ShardTask) -> dict:
+    return build_shard(task, settings=_worker["settings"], tokenizer=_worker["tokenizer"], on_progress=_worker_progress)
+
+
+def run_shards(
+    tasks: Iterable[ShardTask], *, settings: ShardSettings, workers: int, on_record: Callable[[dict], None]
+) -> list[str]:
+    """Build `tasks` on a pool of `workers` processes with a progress bar; returns the failures' messages.
+
+    After the first failure no new shard starts; the shards already running finish and are recorded.
+    """
+    context = multiprocessing.get_context("fork")  # workers inherit the imported modules: no re-import
+    progress = context.Queue()
+    failures: list[str] = []
+    tasks = iter(tasks)
+    in_flight: dict[concurrent.futures.Future, ShardTask] = {}
+    start, tokens, shards_done = time.perf_counter(), 0, 0
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(settings, progress, os.getpid())
+    ) as pool, tqdm(unit="doc", unit_scale=True, desc="build", dynamic_ncols=True) as bar:
+        while True:
+            while not failures and len(in_flight) < IN_FLIGHT_PER_WORKER * workers:
+                task = next(tasks, None)
+                if task is None:
+                    break
+                in_flight[pool.submit(_build_shard_in_worker, task)] = task
+            if not in_flight:
+                break
+            done, _ = concurrent.futures.wait(in_flight, timeout=PROGRESS_INTERVAL_S, return_when="FIRST_COMPLETED")
+            while True:
+                try:
+                    docs, n = progress.get_nowait()
+                except queue.Empty:
+                    break
+                bar.update(docs)
+                tokens += n
+            for future in done:
+                task = in_flight.pop(future)
+                try:
+                    record = future.result()
+                except Exception as e:  # noqa: BLE001 - any failure of one shard is reported, the others go on
+                    failures.append(str(e) if isinstance(e, BadInput) else f"{task.name}: {type(e).__name__}: {e}")
+                    bar.write(f"FAILED {failures[-1]}")
+                    continue
+                shards_done += 1
+                on_record(record)
+                bar.write(_shard_line(record))
+            rate = tokens / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s, {shards_done} shards done", refresh=False)
+    return failures
+
+
+def _shard_line(record: dict) -> str:
+    """One line per finished shard: counts, and what was wrong with its input."""
+    line = f"{record['name']}: {record['documents']} docs, {record['windows']} windows, {record['tokens_std']} tokens"
+    problems = [f"{n} {kind}" for kind, n in record["bad_lines"].items()]
+    if record["read_error"]:
+        error = record["read_error"]
+        problems.append(f"{error['kind']} after line {error['after_line']}")
+    if problems:
+        lines = ", ".join(str(e["line"]) for e in record["bad_line_examples"])
+        line += f" — skipped: {'; '.join(problems)}" + (f" (lines {lines})" if lines else "")
+    return line
+
+
+# ---------------------------------------------------------------------------------------------- a build
+
+
+def _file_tasks(paths: list[str]) -> list[ShardTask]:
+    """One task per input file, with its shard index."""
+    names = {path: shard_name(path) for path in paths}
+    if len(set(names.values())) < len(paths):
+        raise ValueError("two inputs have the same file name; their shards would collide")
+    indices = shard_indices(list(names.values()))
+    return [
+        ShardTask(name=names[p], index=indices[names[p]], input=p, input_bytes=os.path.getsize(p)) for p in paths
+    ]
+
+
+def _batched(items: Iterable, size: int) -> Iterator[tuple]:
+    items = iter(items)
+    while batch := tuple(itertools.islice(items, size)):
+        yield batch
+
+
+def _hf_tasks(*, path: str, config: str, split: str, docs_per_shard: int) -> Iterator[ShardTask]:
+    """One task per `docs_per_shard` records of a streamed Hugging Face dataset, named <dataset>-<config>-<split>.NNNNN."""
+    prefix = f"{path.rsplit('/', 1)[-1]}-{config}-{split}"
+    records = hf_records(path=path, config=config, split=split)
+    for index, chunk in enumerate(_batched(records, docs_per_shard)):
+        where = f"{path}:{config}:{split}[{index * docs_per_shard}:{index * docs_per_shard + len(chunk)}]"
+        yield ShardTask(name=f"{prefix}.{index:05d}", index=index, input=where, input_bytes=None, records=chunk)
+
+
+def _in_range(task: ShardTask, shard_range: tuple[int, int] | None) -> bool:
+    return shard_range is None or shard_range[0] <= task.index < shard_range[1]
+
+
+def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[str]]) -> tuple[PauseTokenizer, dict]:
+    """The run's tokenizer and how it was obtained; trains one only when there is none to reuse.
+
+    A rerun on an existing output reuses OUT/tokenizer.model, unless it asks for a tokenizer of its own.
+    """
+    if args.tokenizer:
+        tokenizer = PauseTokenizer.load(args.tokenizer)
+        if not is_lossless(tokenizer):
+            print(f"note: {args.tokenizer} normalizes text: the std shards will not reproduce documents byte for byte")
+        return tokenizer, {"given": os.path.abspath(args.tokenizer)}
+    wanted = {
+        "trained": {
+            "vocab_size": args.vocab_size or DEFAULT_VOCAB_SIZE,
+            "sample_docs": _sample_size(args),
+        }
+    }
+    if manifest is not None and not args.overwrite:
+        asked = args.vocab_size is not None or args.tokenizer_sample_docs is not None
+        if asked and manifest["tokenizer_source"] != wanted:
+            raise BuildRefused(
+                f"{args.output} holds a tokenizer from {manifest['tokenizer_source']}; this run asks for {wanted}"
+            )
+        return PauseTokenizer.load(os.path.join(args.output, mf.TOKENIZER)), manifest["tokenizer_source"]
+    print(f"training a {wanted['trained']['vocab_size']}-piece tokenizer on {wanted['trained']['sample_docs']} documents")
+    return train_c4_tokenizer(sample(), vocab_size=wanted["trained"]["vocab_size"], seed=args.seed), wanted
+
+
+def run_config(tokenizer: PauseTokenizer, *, args, tokenizer_source: dict) -> dict:
+    """The manifest's configuration part."""
+    return {
+        "tool": "data_prep.build_c4",
+        "tool_version": tool_version(),
+        "format_version": mf.FORMAT_VERSION,
+        "tokenizer_sha256": tokenizer.checksum,
+        "tokenizer_source": tokenizer_source,
+        **tokenizer.ids(),
+        "seq_length": args.seq_length,
+        "pause_ratio": args.pause_ratio,
+        "pauses_per_window": num_pretrain_pauses(seq_length=args.seq_length, ratio=args.pause_ratio),
+        "seed": args.seed,
+        "dtype": np.dtype(DType.optimal_dtype(tokenizer.vocab_size)).name,
+    }
+
+
+def _remove_outputs(out_dir: str) -> None:
+    """Remove what a build writes in OUT (and nothing else that may live there)."""
+    for folder in (*mf.VARIANTS, mf.RECORDS):
+        shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
+    _remove(os.path.join(out_dir, f) for f in (mf.MANIFEST, mf.TOKENIZER))
+
+
+def _sample_size(args) -> int:
+    return args.tokenizer_sample_docs or DEFAULT_TOKENIZER_SAMPLE_DOCS
+
+
+def _hf_sample(args) -> list[str]:
+    """The tokenizer sample of the --hf branch: the first documents of the stream."""
+    stream = hf_records(path=args.hf, config=args.hf_config, split=args.hf_split)
+    return list(itertools.islice(check_records(stream, report=InputReport(where=args.hf)), _sample_size(args)))
+
+
+def build(args) -> int:
+    """The build subcommand; returns the exit code."""
+    started = time.perf_counter()
+    if args.hf:
+        tasks: Iterable[ShardTask] = _hf_tasks(
+            path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard
+        )
+        sample = functools.partial(_hf_sample, args)
+    else:
+        try:
+            paths = list_inputs(args.input)
+            tasks = _file_tasks(paths)
+        except (FileNotFoundError, ValueError) as e:
+            raise BuildRefused(str(e)) from e
+        sample = functools.partial(file_sample, paths, num_docs=_sample_size(args))
+
+    # Everything that can refuse the run happens before anything is written.
+    manifest = mf.read_json(os.path.join(args.output, mf.MANIFEST))
+    tokenizer, source = resolve_tokenizer(args, manifest=manifest, sample=sample)
+    config = run_config(tokenizer, args=args, tokenizer_source=source)
+    # Records without a manifest are leftovers of an unknown configuration: their shards are rebuilt.
+    records = mf.read_records(args.output) if manifest is not None and not args.overwrite else {}
+    if manifest is not None and not args.overwrite:
+        differences = mf.config_differences(manifest, config)
+        if differences:
+            raise BuildRefused(
+                f"{args.output} was built with another configuration ({'; '.join(differences)}); "
+                "rerun with the same settings to resume, or pass --overwrite to rebuild it"
+            )
+    if isinstance(tasks, list):
+        for task in tasks:
+            old = records.get(task.name)
+            if old is not None and old["shard_index"] != task.index:
+                raise BuildRefused(f"{task.name} was built as shard {old['shard_index']}, now it is {task.index}")
+
+    if args.overwrite:
+        _remove_outputs(args.output)
+    for folder in ("", *mf.VARIANTS, mf.RECORDS):
+        os.makedirs(os.path.join(args.output, folder), exist_ok=True)
+    tokenizer_path = os.path.join(args.output, mf.TOKENIZER)
+    if not (os.path.exists(tokenizer_path) and PauseTokenizer.load(tokenizer_path).checksum == tokenizer.checksum):
+        tokenizer.save(tokenizer_path)
+
+    manifest_path = os.path.join(args.output, mf.MANIFEST)
+    mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=False))
+
+    itemsize = np.dtype(config["dtype"]).itemsize
+    selected = (t for t in tasks if _in_range(t, args.shard_range))
+    skipped: list[str] = []
+
+    def todo() -> Iterator[ShardTask]:
+        for task in selected:
+            if is_complete(records.get(task.name), task=task, out_dir=args.output, itemsize=itemsize):
+                skipped.append(task.name)
+            else:
+                yield task
+
+    new_records: list[dict] = []
+
+    def on_record(record: dict) -> None:
+        records[record["name"]] = record
+        new_records.append(record)
+        mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=False))
+
+    settings = ShardSettings(
+        out_dir=args.output,
+        seq_length=args.seq_length,
+        pause_ratio=args.pause_ratio,
+        seed=args.seed,
+        strict=args.strict,
+        tokenizer_proto=tokenizer.model_proto,
+    )
+    failures = run_shards(todo(), settings=settings, workers=args.workers, on_record=on_record)
+    mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=not failures))
+    _print_summary(
+        new_records, skipped=skipped, failures=failures, seconds=time.perf_counter() - started, out_dir=args.output
+    )
+    return EXIT_BAD_INPUT if failures else 0
+
+
+def _print_summary(records: list[dict], *, skipped: list[str], failures: list[str], seconds: float, out_dir: str) -> None:
+    """What this run did: shards, documents, tokens, pauses, speed, and every problem met."""
+    total = Counter()
+    for record in records:
+        total.update({k: record[k] for k in ("documents", "windows", "tokens_std", "tokens_pause", "pauses")})
+        total.update(record["bad_lines"])
+    bad = {k: v for k, v in total.items() if k not in ("documents", "windows", "tokens_std", "tokens_pause", "pauses")}
+    print(f"built {len(records)} shards ({len(skipped)} already complete, skipped) into {out_dir} in {seconds:.1f} s")
+    print(
+        f"  {total['documents']} documents, {total['windows']} windows, {total['tokens_std']} tokens (std), "
+        f"{total['tokens_pause']} tokens (pause), {total['pauses']} pauses "
+        f"({total['pauses'] / max(total['tokens_pause'], 1):.2%} of pause tokens)"
+    )
+    print(f"  {total['documents'] / seconds:.0f} docs/s, {total['tokens_std'] / seconds:.0f} tokens/s end to end")
+    print(f"  skipped bad lines: {dict(sorted(bad.items())) or 'none'}")
+    for record in records:
+        if record["bad_lines"] or record["read_error"]:
+            print("  " + _shard_line(record))
+    for failure in failures:
+        print(f"  FAILED {failure}")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _shard_range(text: str) -> tuple[int, int]:
+    start, _, stop = text.partition(":")
+    return int(start), int(stop)
+
+
+def _pause_ratio(text: str) -> float:
+    ratio = float(text)
+    num_pretrain_pauses(seq_length=PAPER_SEQ_LENGTH, ratio=ratio)  # raises on a ratio outside [0, 1)
+    return ratio
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: `build` (the default) and `validate`."""
+    top = argparse.ArgumentParser(prog="pause-build-c4", description=__doc__.split("\n\n")[0])
+    sub = top.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write the std and pause shards of C4 json.gz files")
+    source = b.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="directory of C4 *.json.gz files, a glob, or one file")
+    source.add_argument("--hf", metavar="DATASET", help="stream a Hugging Face dataset instead (allenai/c4)")
+    b.add_argument("--hf-config", default="en")
+    b.add_argument("--hf-split", default="train")
+    b.add_argument("--hf-docs-per-shard", type=int, default=DEFAULT_HF_DOCS_PER_SHARD)
+    b.add_argument("--output", required=True, help="output directory OUT")
+    b.add_argument("--seq-length", type=int, default=PAPER_SEQ_LENGTH)
+    b.add_argument("--pause-ratio", type=_pause_ratio, default=PRETRAIN_PAUSE_RATIO)
+    b.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    b.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    tok = b.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="an existing SentencePiece .model (<pause> is added if missing)")
+    tok.add_argument("--vocab-size", type=int, help=f"train a tokenizer of this size (default {DEFAULT_VOCAB_SIZE})")
+    b.add_argument(
+        "--tokenizer-sample-docs",
+        type=int,
+        help=f"documents to train the tokenizer on (default {DEFAULT_TOKENIZER_SAMPLE_DOCS})",
+    )
+    b.add_argument("--shard-range", type=_shard_range, metavar="START:STOP", help="only shard indices in [START, STOP)")
+    b.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    b.add_argument("--overwrite", action="store_true", help="rebuild an output made with another configuration")
+    v = sub.add_parser("validate", help="check OUT's shards against its manifest")
+    v.add_argument("output")
+    v.add_argument("--max-windows-per-shard", type=int, help="read only this many windows of each shard")
+    v.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m data_prep.build_c4` and `pause-build-c4`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("build", "validate", "-h", "--help"):
+        argv.insert(0, "build")
+    args = parser().parse_args(argv)
+    if args.command == "validate":
+        return validate_command(args)
+    if args.seq_length < 1 or args.workers < 1:
+        print("error: --seq-length and --workers must be positive", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        return build(args)
+    except (BuildRefused, FileNotFoundError) as e:  # FileNotFoundError: a --tokenizer that is not there
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The layout of a prepared-data directory and its manifest (what the pretraining reads).
+
+    OUT/manifest.json          configuration, tokenizer checksum and ids, one record per complete shard
+    OUT/tokenizer.model        the SentencePiece model, `<pause>` included
+    OUT/std/<name>.bin|.idx    standard variant: packed windows, one indexed-dataset document per window
+    OUT/pause/<name>.bin|.idx  pause variant: the same windows with pauses injected, cut back to seq_length
+    OUT/shards/<name>.json     a shard's record, written last: its presence marks the shard complete
+
+Every file is written under a temporary name and renamed, so a killed run leaves no half-written file
+under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+RECORDS = "shards"
+VARIANTS = ("std", "pause")
+TMP_SUFFIX = ".tmp"
+FORMAT_VERSION = 1  # bump when the bytes written for a given configuration change
+# Settings that decide the bytes of every shard: an existing output built with others is refused.
+CONFIG_KEYS = ("format_version", "tokenizer_sha256", "seq_length", "pause_ratio", "seed", "dtype")
+
+
+def shard_prefix(out_dir: str, variant: str, name: str) -> str:
+    """Path prefix of a shard, as megatron-core's IndexedDataset takes it (the .bin/.idx paths add a suffix)."""
+    return os.path.join(out_dir, variant, name)
+
+
+def record_path(out_dir: str, name: str) -> str:
+    """Path of a shard's record."""
+    return os.path.join(out_dir, RECORDS, f"{name}.json")
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to `path` through a temporary file and a rename: readers see the old or the new file."""
+    tmp = path + TMP_SUFFIX
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    """The JSON in `path`, or None when there is no such file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def read_records(out_dir: str) -> dict[str, dict]:
+    """Every complete shard's record in OUT/shards, by shard name."""
+    folder = os.path.join(out_dir, RECORDS)
+    if not os.path.isdir(folder):
+        return {}
+    records = {}
+    for entry in sorted(os.listdir(folder)):
+        if entry.endswith(".json"):
+            record = read_json(os.path.join(folder, entry))
+            records[record["name"]] = record
+    return records
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The CONFIG_KEYS on which two manifests disagree, as 'key: old -> new' lines."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in CONFIG_KEYS if old.get(k) != new.get(k)]
+
+
+def assemble_manifest(config: dict, records: dict[str, dict], *, complete: bool) -> dict:
+    """The manifest: configuration, the shard records sorted by name, totals, and whether the run is done."""
+    shards = [records[name] for name in sorted(records)]
+    totals = {
+        key: sum(r[key] for r in shards)
+        for key in ("documents", "windows", "tokens_std", "tokens_pause", "pauses")
+    }
+    return {**config, "complete": complete, "totals": totals, "shards": shards}
