@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pause_megatron.demo
+	$(PY) -m pause_megatron.cli recipe run recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
