@@ -138,7 +138,7 @@ def plot_m_inf(series: dict, path: str) -> Optional[str]:
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=v)
         ax.set_title(task)
         ax.set_xlabel("M_inf (pauses at inference)")
-        ax.set_ylabel(TASKS[task].metric)
+        ax.set_ylabel(f"{TASKS[task].metric} (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

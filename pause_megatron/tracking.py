@@ -8,8 +8,8 @@ metrics in memory (bounded) and retries at later logging calls; training goes on
 from __future__ import annotations
 
 import os
+import sys
 import time
-import warnings
 from typing import Any, Optional
 
 from pause_megatron.config import TrackingConfig
@@ -39,9 +39,9 @@ class Tracker:
             result = fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 — any tracking failure must not stop training
             self._down_since = self._down_since or time.monotonic()
-            if not self._warned:
-                warnings.warn(f"MLflow ({self.cfg.uri}): {what} failed ({type(exc).__name__}: {exc}); "
-                              "training continues, metrics are buffered and retried", stacklevel=3)
+            if not self._warned:  # printed, not warnings.warn: it must show even where warnings are filtered
+                print(f"warning: MLflow ({self.cfg.uri}): {what} failed ({type(exc).__name__}: {exc}); "
+                      "training continues, metrics are buffered and retried", file=sys.stderr, flush=True)
                 self._warned = True
             return None
         self._down_since = None
