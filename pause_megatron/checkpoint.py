@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from pause_megatron.compat import save_checkpoint
 from pause_megatron.train import TrainState
 
 LATEST = "latest"
@@ -96,8 +97,6 @@ def _set_rng_state(rng: dict) -> None:
 
 def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     """Save everything needed to resume at `state.step`; collective (every rank calls it)."""
-    from megatron.core import dist_checkpointing
-
     path = iteration_dir(root, state.step)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
@@ -111,7 +110,7 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     sharded["step"] = state.step
     sharded["consumed_samples"] = state.consumed_samples
     sharded["extra"] = extra or {}
-    dist_checkpointing.save(sharded, path)
+    save_checkpoint(sharded, path)
     torch.save(_rng_state(), _rng_path(path))
     torch.distributed.barrier()
     if rank0:  # only now is the checkpoint complete: point `latest` at it, atomically
