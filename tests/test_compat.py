@@ -22,15 +22,11 @@ INIT_SEED = "train.seed=7"  # saved weights differ from a fresh model's (seed 0)
 RTOL = 1e-5  # as in test_parallel: summation order only
 
 
-def release(text: str) -> tuple[int, int, int]:
-    return tuple(int(x) for x in text.split("+")[0].split(".")[:3])
-
-
 def test_installed_release_is_in_the_supported_range():
-    from pause_megatron.compat import SUPPORTED
+    from pause_megatron.compat import SUPPORTED, mcore_version
 
     low, high = SUPPORTED
-    assert low <= release(importlib.metadata.version("megatron-core")) < high
+    assert low <= mcore_version() < high
 
 
 def test_each_shim_takes_the_branch_of_the_release_that_changed_it():
