@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from pause_megatron.compat import save_checkpoint
 from pause_megatron.train import TrainState
 
 LATEST = "latest"
@@ -160,8 +161,6 @@ def _start_writer_queue_shielded() -> None:
 
 def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     """Save everything needed to resume at `state.step`; collective (every rank calls it)."""
-    from megatron.core import dist_checkpointing
-
     _start_writer_queue_shielded()
     path = iteration_dir(root, state.step)
     rank0 = torch.distributed.get_rank() == 0
@@ -176,7 +175,7 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     sharded["step"] = state.step
     sharded["consumed_samples"] = state.consumed_samples
     sharded["extra"] = extra or {}
-    dist_checkpointing.save(sharded, path)
+    save_checkpoint(sharded, path)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(), _rng_path(path))
     torch.distributed.barrier()

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from pause_megatron.compat import gpt_model, no_cuda_graph_modules
 from pause_megatron.config import Config, resolved_dtype
 
 
@@ -50,6 +51,7 @@ def transformer_config(cfg: Config, *, cuda: bool):
         # virtual stages the forward activation and the backward gradient (same shape) then cross.
         # Unbatched P2P keeps the two directions on separate communicators.
         batch_p2p_comm=cuda,
+        **no_cuda_graph_modules(),
     )
     if cfg.precision.fp8 is not None:
         kwargs.update(fp8=cfg.precision.fp8, fp8_recipe=cfg.precision.fp8_recipe)
@@ -80,8 +82,6 @@ def build_gpt(
     vp_stage: Optional[int] = None,
 ):
     """One GPTModel (one pipeline chunk). `vocab_size` must already be padded for TP."""
-    from megatron.core.models.gpt import GPTModel
-
     tconfig = transformer_config(cfg, cuda=cuda)
     kwargs = dict(
         config=tconfig,
@@ -96,7 +96,7 @@ def build_gpt(
     )
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
-    return GPTModel(**kwargs)
+    return gpt_model(**kwargs)
 
 
 def build_model_chunks(cfg: Config, *, vocab_size: int, cuda: bool) -> list:

@@ -1,0 +1,132 @@
+"""Where the supported megatron-core releases differ (0.16.1 on Python 3.11 ... 0.19.x on Python 3.12).
+
+One constant or function per difference; its comment names the release that changed it. Each shim tests for
+the feature itself, not the version number, so that a source checkout (NGC containers carry Megatron-LM
+from git) takes the right branch too; tests/test_compat.py checks that the branch taken agrees with the
+release named here. Call sites import from this module, and no other module looks at megatron-core's
+version. The list, with what each difference breaks without its shim: docs/compatibility.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import logging
+import os
+import re
+
+import torch
+
+SUPPORTED = ((0, 16, 1), (0, 20, 0))  # [oldest tested, first untested): pyproject.toml pins the same range
+
+
+@functools.lru_cache(maxsize=None)
+def mcore_version() -> tuple[int, int, int]:
+    """(major, minor, patch) of the installed megatron-core, pre-release suffix dropped."""
+    try:
+        text = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
+        from megatron.core import package_info
+
+        text = package_info.__version__
+    major, minor, patch = re.match(r"(\d+)\.(\d+)\.(\d+)", text).groups()
+    return int(major), int(minor), int(patch)
+
+
+class _DropNotice(logging.Filter):
+    """Drops one upstream log message (by its opening words) and lets everything else through."""
+
+    def __init__(self, opening: str):
+        super().__init__()
+        self.opening = opening
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.opening)
+
+
+def _drop_notice(logger_name: str, opening: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropNotice) and f.opening == opening for f in logger.filters):
+        logger.addFilter(_DropNotice(opening))
+
+
+# --- model -----------------------------------------------------------------------------------------------
+
+# 0.19.0: GPTModel.__init__ logs "GPTModel IS DEPRECATED ... use HybridModel" (a WARNING for every model
+# chunk built). GPTModel still builds, trains and checkpoints exactly as before and gets bug fixes, while
+# HybridModel needs Transformer Engine, which the CPU path cannot have; so we keep GPTModel and drop only
+# this notice. Before 0.19 the notice does not exist and the filter never matches.
+GPT_MODEL_DEPRECATION = "GPTModel IS DEPRECATED"
+
+
+def gpt_model(**kwargs):
+    """megatron.core.models.gpt.GPTModel(**kwargs), without 0.19's deprecation notice."""
+    from megatron.core.models.gpt import GPTModel
+
+    _drop_notice("megatron.core.models.gpt.gpt_model", GPT_MODEL_DEPRECATION)
+    return GPTModel(**kwargs)
+
+
+def no_cuda_graph_modules() -> dict:
+    """TransformerConfig keywords for "no CUDA graph capture scope", under the name this release reads.
+
+    0.18.0 renamed TransformerConfig.cuda_graph_scope to cuda_graph_modules. Both releases default it to
+    "full" and then warn, at every config, that "full scope is deprecated" (the empty list means the same).
+    We capture no CUDA graphs (cuda_graph_impl stays "none"), so we pass the empty list to silence that.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    renamed = "cuda_graph_modules" in TransformerConfig.__dataclass_fields__
+    return {"cuda_graph_modules" if renamed else "cuda_graph_scope": []}
+
+
+# --- inference -------------------------------------------------------------------------------------------
+
+
+def inference_mode():
+    """Context manager for KV-cached decoding with `GPTModel.forward(..., inference_context=...)`.
+
+    0.18.0 made inference an explicit process-wide switch (`megatron.core.inference.utils.InferenceMode`):
+    before, an eval-mode model given an inference context was in inference mode by itself; from 0.18 on it
+    runs the training path (the KV cache still fills, but the prefill returns logits for every prompt
+    position instead of the last one only, and the inference-only kernels stay off) unless the caller sets
+    the switch. Entering this context gives 0.16's behaviour on every release.
+    """
+    try:
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:  # 0.16-0.17: inference mode follows from the context argument
+        return contextlib.nullcontext()
+    return InferenceMode.active()
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+# 0.17.0: a synchronous dist_checkpointing.save runs through MCore's own asynchronous writer, which logs
+# "MCore's async save is deprecated ... use NVRx" once per process although nothing is asynchronous here
+# (0.17-0.18 when nvidia-resiliency-ext is absent, 0.19 always). Dropped; other messages pass.
+ASYNC_SAVE_DEPRECATION = "MCore's async save is deprecated"
+
+# 0.19.0 moved a checkpoint's common (non-sharded) state -- scheduler, counters, optimizer hyperparameters,
+# our `extra` -- out of `common.pt` into the torch_dist shards (a ShardedObject "common_state"). 0.16-0.18
+# cannot load such a checkpoint ("Common file .../common.pt does not exist"); 0.19 still reads `common.pt`
+# when one is present. So after a 0.19 save we also write `common.pt`, from what 0.19 just saved: a
+# checkpoint from a Python 3.12 cluster then resumes or evaluates on a Python 3.11 machine, and back.
+LEGACY_COMMON_STATE = "common.pt"
+
+
+def save_checkpoint(sharded_state_dict: dict, path: str) -> None:
+    """dist_checkpointing.save(sharded_state_dict, path), readable by every supported release; collective.
+
+    Like megatron-core's own save, it may add keys to `sharded_state_dict` (0.19 adds "common_state").
+    """
+    from megatron.core import dist_checkpointing
+
+    _drop_notice("megatron.core.dist_checkpointing.strategies.torch", ASYNC_SAVE_DEPRECATION)
+    dist_checkpointing.save(sharded_state_dict, path)
+    legacy = os.path.join(path, LEGACY_COMMON_STATE)
+    if torch.distributed.get_rank() == 0 and not os.path.exists(legacy):
+        common = dist_checkpointing.load_common_state_dict(path)
+        torch.save(common, legacy + ".tmp")
+        os.replace(legacy + ".tmp", legacy)
+    torch.distributed.barrier()

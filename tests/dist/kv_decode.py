@@ -1,0 +1,63 @@
+"""Greedy decoding of the tiny model, by full recomputation and with Megatron-Core's KV cache (one process).
+
+Writes JSON: the tokens each way, and the shape of the logits the KV-cached prefill returned. Cached
+decoding runs inside `compat.inference_mode()`, as evaluation code must (megatron-core >= 0.18).
+"""
+
+import argparse
+import json
+
+import torch
+
+from pause_megatron import runtime
+from pause_megatron.compat import inference_mode
+from pause_megatron.config import load_config
+from pause_megatron.model import build_gpt
+from pause_megatron.tokenizer import padded_vocab_size
+
+VOCAB = 100
+BATCH, PROMPT, NEW = 2, 10, 6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    cfg = load_config(None, ["model.preset=tiny"], world_size=1)
+    runtime.init_distributed(cfg)
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    model = build_gpt(cfg, vocab_size=padded_vocab_size(VOCAB), cuda=runtime.use_cuda()).eval()
+    prompt = torch.randint(4, VOCAB - 1, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+
+    def positions(start: int, length: int) -> torch.Tensor:
+        return torch.arange(start, start + length).unsqueeze(0).expand(BATCH, -1)
+
+    with torch.no_grad():
+        tokens = prompt
+        for _ in range(NEW):
+            logits = model(tokens, positions(0, tokens.shape[1]), None)
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        full = tokens[:, PROMPT:]
+
+        with inference_mode():
+            context = StaticInferenceContext(BATCH, PROMPT + NEW)
+            logits = model(prompt, positions(0, PROMPT), None, inference_context=context, runtime_gather_output=True)
+            prefill_shape = list(logits.shape)
+            context.sequence_len_offset += PROMPT
+            cached = [logits[:, -1].argmax(-1)]
+            for step in range(NEW - 1):
+                logits = model(cached[-1].unsqueeze(1), positions(PROMPT + step, 1), None,
+                               inference_context=context, runtime_gather_output=True)
+                context.sequence_len_offset += 1
+                cached.append(logits[:, -1].argmax(-1))
+        cached = torch.stack(cached, dim=1)
+
+    with open(args.out, "w") as f:
+        json.dump({"full": full.tolist(), "cached": cached.tolist(), "prefill_logits_shape": prefill_shape}, f)
+    runtime.destroy()
+
+
+if __name__ == "__main__":
+    main()
