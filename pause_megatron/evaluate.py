@@ -12,6 +12,7 @@ uses Megatron-Core's KV cache (StaticInferenceContext).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -40,6 +41,8 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
     With `use_cache`, the prompt runs once and each new token reuses the keys and values of the previous ones
     (Megatron-Core's StaticInferenceContext); without it, the whole sequence is recomputed every step.
     """
+    from pause_megatron.compat import inference_mode
+
     out: list[int] = []
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     positions = torch.arange(len(prompt), device=device).unsqueeze(0)
@@ -48,19 +51,20 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
         from megatron.core.inference.contexts import StaticInferenceContext
 
         context = StaticInferenceContext(1, len(prompt) + max_new_tokens)
-    for _ in range(max_new_tokens):
-        logits = _forward(model, ids, positions, context)
-        token = int(logits[0, -1].argmax())
-        if token in stop_ids:
-            break
-        out.append(token)
-        if use_cache:
-            context.sequence_len_offset += ids.shape[1]
-            ids = torch.tensor([[token]], device=device)
-            positions = torch.tensor([[len(prompt) + len(out) - 1]], device=device)
-        else:
-            ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-            positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+    with inference_mode() if use_cache else contextlib.nullcontext():
+        for _ in range(max_new_tokens):
+            logits = _forward(model, ids, positions, context)
+            token = int(logits[0, -1].argmax())
+            if token in stop_ids:
+                break
+            out.append(token)
+            if use_cache:
+                context.sequence_len_offset += ids.shape[1]
+                ids = torch.tensor([[token]], device=device)
+                positions = torch.tensor([[len(prompt) + len(out) - 1]], device=device)
+            else:
+                ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+                positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
     return out
 
 
