@@ -194,17 +194,27 @@ def load_split(task: Task, *, part: str, data_dir: Optional[str]):
                                  split=task.train_split if part == "train" else task.eval_split)
 
 
+class _StrictRow(dict):
+    """A data row that treats a None field as missing: `datasets` fills absent JSON keys with None."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if value is None:
+            raise KeyError(key)
+        return _StrictRow(value) if isinstance(value, dict) else value
+
+
 def load_examples(task: Task, *, part: str, data_dir: Optional[str]) -> list[tuple[str, str]]:
     """All (prompt, target) pairs of a split; a row missing a field is an error naming the file and row."""
     rows = load_split(task, part=part, data_dir=data_dir)
     pairs = []
     for i, doc in enumerate(rows):
         try:
-            pairs.extend(task.examples(doc))
+            pairs.extend(task.examples(_StrictRow(doc)))
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             where = task.local_file(data_dir, part) if data_dir else f"{task.hf_path} ({part})"
-            raise TaskDataError(f"{where}: row {i + 1} is not in {task.name}'s format "
-                                f"({type(exc).__name__}: {exc})") from None
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise TaskDataError(f"{where}: row {i + 1} is not in {task.name}'s format ({what})") from None
     if not pairs:
         raise TaskDataError(f"{task.name} ({part}): no examples")
     return pairs

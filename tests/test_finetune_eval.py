@@ -79,8 +79,8 @@ def test_m_inf_robustness_sweep_reports_three_scores(pretrained, tmp_path):
 
 
 def test_unknown_task_is_refused_before_training(pretrained, tmp_path):
-    proc = finetune(pretrained, tmp_path, "trivia", check=False)
-    assert proc.returncode == 2 and "unknown task 'trivia'" in proc.stderr
+    proc = finetune(pretrained, tmp_path, "trivia", check=False)  # under torchrun: any non-zero exit
+    assert proc.returncode != 0 and "unknown task 'trivia'" in proc.stderr
     proc = evaluate(pretrained, "squad,trivia", check=False)
     assert proc.returncode == 2 and "unknown task 'trivia'" in proc.stderr
 
@@ -94,7 +94,7 @@ def test_a_row_missing_a_field_names_file_and_row(pretrained, tmp_path):
     rows[2] = json.dumps(bad)
     (data / "squad" / "train.jsonl").write_text("\n".join(rows) + "\n")
     proc = finetune(pretrained, tmp_path / "out", "squad", f"data.task_dir={data}", check=False)
-    assert proc.returncode == 2
+    assert proc.returncode != 0
     assert "squad/train.jsonl: row 3 is not in squad's format" in proc.stderr and "question" in proc.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
 
@@ -111,6 +111,6 @@ def test_a_checkpoint_whose_tokenizer_lacks_pause_is_refused(pretrained, tmp_pat
                                    hard_vocab_limit=False, minloglevel=2)
     (ckpt / "tokenizer.model").write_bytes(model.getvalue())
     proc = finetune(ckpt, tmp_path / "out", "squad", check=False)
-    assert proc.returncode == 2 and "has no <pause> piece" in proc.stderr
+    assert proc.returncode != 0 and "has no <pause> piece" in proc.stderr
     proc = evaluate(ckpt, "squad", check=False)
     assert proc.returncode != 0 and "has no <pause> piece" in proc.stderr
