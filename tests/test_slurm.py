@@ -35,7 +35,8 @@ def cluster(tmp_path_factory):
     if os.geteuid() != 0 or shutil.which("slurmctld") is None:
         pytest.skip("needs root and Debian's slurmctld/slurmd/munge (make test installs them as root)")
     state = tmp_path_factory.mktemp("slurm")
-    subprocess.run([str(CLUSTER), "start", str(state)], check=True, capture_output=True, text=True, timeout=120)
+    started = subprocess.run([str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
     env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"))
     yield env
     subprocess.run([str(CLUSTER), "stop", str(state)], check=False, timeout=60)

@@ -11,7 +11,7 @@ conf="$dir/slurm.conf"
 export SLURM_CONF="$conf"
 
 start() {
-  mkdir -p "$dir/state" "$dir/spool/n1" "$dir/spool/n2" "$dir/munge"
+  mkdir -p "$dir/state" "$dir/spool/n1" "$dir/spool/n2"
   # Node names must resolve: they are also the rendezvous address of the jobs' first rank.
   grep -qE '^127\.0\.0\.1[[:space:]].*\bn1\b' /etc/hosts || echo "127.0.0.1 n1 n2" >> /etc/hosts
 
@@ -23,8 +23,14 @@ start() {
   fi
   mkdir -p /run/munge
   chown munge:munge /run/munge
-  runuser -u munge -- /usr/sbin/munged --pid-file="$dir/munge/munged.pid" --socket=/run/munge/munge.socket.2 \
-    --force
+  if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    echo "munged already running: using it (not stopped by this script)"
+  else
+    # The PID file lives in /run/munge: munged runs as `munge`, which cannot enter a private test folder.
+    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid --socket=/run/munge/munge.socket.2 \
+      --force
+    cp /run/munge/munged.pid "$dir/munged.pid"
+  fi
   local host
   host=$(hostname)
   cat > "$conf" <<CONF
@@ -71,7 +77,7 @@ CONF
 }
 
 stop() {
-  for pidfile in "$dir"/slurmd.n1.pid "$dir"/slurmd.n2.pid "$dir"/slurmctld.pid "$dir"/munge/munged.pid; do
+  for pidfile in "$dir"/slurmd.n1.pid "$dir"/slurmd.n2.pid "$dir"/slurmctld.pid "$dir"/munged.pid; do
     if [ -s "$pidfile" ]; then
       kill "$(cat "$pidfile")" 2>/dev/null || true
     fi
