@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
 _enabled = False
+_mode = None
 
 
 def _is_cuda(device) -> bool:
@@ -121,6 +122,22 @@ def _tensor_type_cpu(original):
     return type_
 
 
+@functools.lru_cache(maxsize=32)
+def _default_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+
+
+def _patch_causal_masks() -> None:
+    """Megatron builds its default causal mask with a literal device="cuda" (transformer/utils.py); give it
+    the CPU's, so that forward passes need no per-op rewriting (see `without_device_rewrites`)."""
+    import importlib
+
+    for name in ("megatron.core.transformer.utils", "megatron.core.fusions.fused_softmax"):
+        module = importlib.import_module(name)
+        if hasattr(module, "get_default_causal_mask"):
+            module.get_default_causal_mask = _default_causal_mask
+
+
 def enable() -> None:
     """Turn the emulation on for this process (idempotent). Must not be called when CUDA is available."""
     global _enabled
@@ -158,11 +175,32 @@ def enable() -> None:
 
     mcore_random._get_cuda_rng_state = _get_rng_state
     mcore_random._set_cuda_rng_state = _set_rng_state
+    _patch_causal_masks()
 
-    _CudaToCpu().__enter__()  # stays on for the life of the process
+    global _mode
+    _mode = _CudaToCpu()
+    _mode.__enter__()  # stays on for the life of the process
     _enabled = True
 
 
 def enabled() -> bool:
     """Whether this process runs Megatron-Core through the CPU emulation."""
     return _enabled
+
+
+@contextlib.contextmanager
+def without_device_rewrites():
+    """Suspend the per-op device rewriting inside a block that creates no CUDA tensors by name.
+
+    Every torch call pays for a Python `__torch_function__` while the rewriting is on; in a tight decoding
+    loop of a tiny model that overhead dominates. Megatron's forward passes ask `torch.cuda.current_device()`
+    (patched to the CPU) rather than naming "cuda", so they run without it. A no-op when the emulation is off.
+    """
+    if not _enabled:
+        yield
+        return
+    _mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _mode.__enter__()

@@ -41,6 +41,7 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
     With `use_cache`, the prompt runs once and each new token reuses the keys and values of the previous ones
     (Megatron-Core's StaticInferenceContext); without it, the whole sequence is recomputed every step.
     """
+    from pause_megatron import cpu_emulation
     from pause_megatron.compat import inference_mode
 
     out: list[int] = []
@@ -51,7 +52,7 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
         from megatron.core.inference.contexts import StaticInferenceContext
 
         context = StaticInferenceContext(1, len(prompt) + max_new_tokens)
-    with inference_mode() if use_cache else contextlib.nullcontext():
+    with inference_mode() if use_cache else contextlib.nullcontext(), cpu_emulation.without_device_rewrites():
         for _ in range(max_new_tokens):
             logits = _forward(model, ids, positions, context)
             token = int(logits[0, -1].argmax())
@@ -72,9 +73,12 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
 def continuation_logprob(model, context: list[int], continuation: list[int], *,
                          device: torch.device = torch.device("cpu")) -> tuple[float, bool]:
     """(sum of log p(continuation | context), whether greedy decoding would produce it) in one forward."""
+    from pause_megatron import cpu_emulation
+
     ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
     positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-    logprobs = F.log_softmax(_forward(model, ids, positions)[0], dim=-1)
+    with cpu_emulation.without_device_rewrites():
+        logprobs = F.log_softmax(_forward(model, ids, positions)[0], dim=-1)
     n = len(continuation)
     picked = logprobs[len(context) - 1 : len(context) - 1 + n]
     target = torch.tensor(continuation, device=device)
