@@ -168,7 +168,7 @@ def test_shards_of_another_tokenizer_are_refused(tiny_c4, tmp_path, corpus_texts
     from pause_megatron.tokenizer import train_tokenizer
 
     other = tmp_path / "other.model"
-    train_tokenizer(corpus_texts, vocab_size=300).save(str(other))
+    train_tokenizer(corpus_texts, vocab_size=400).save(str(other))
     proc = pretrain(tiny_c4, tmp_path / "o", f"data.tokenizer={other}", check=False)
     assert proc.returncode != 0
     assert "manifest.json: tokenizer checksum" in proc.stderr

@@ -79,8 +79,8 @@ def test_sbatch_trains_across_two_nodes_then_resumes(cluster, tiny_c4, tmp_path)
 
 
 def test_scancel_mid_run_then_resubmit_resumes(cluster, tiny_c4, tmp_path):
-    proc, log = submit(cluster, tmp_path, tiny_c4, "train.steps=400", "train.save_interval=2", wait=False,
-                       name="cancelled")
+    proc, log = submit(cluster, tmp_path, tiny_c4, "train.steps=400", "train.save_interval=2",
+                       "optim.warmup_steps=1", wait=False, name="cancelled")
     job = proc.stdout.strip().split(";")[0]
     assert proc.returncode == 0 and job, proc.stderr
     deadline = time.time() + 300
@@ -94,7 +94,8 @@ def test_scancel_mid_run_then_resubmit_resumes(cluster, tiny_c4, tmp_path):
     stopped = latest(tmp_path)
     step = int(stopped.split("_")[1])
     assert step >= 2
-    proc, log = submit(cluster, tmp_path, tiny_c4, f"train.steps={step + 2}", "train.save_interval=2", name="again")
+    proc, log = submit(cluster, tmp_path, tiny_c4, f"train.steps={step + 2}", "train.save_interval=2",
+                       "optim.warmup_steps=1", name="again")
     text = log.read_text()
     assert proc.returncode == 0, proc.stderr + text[-4000:]
     assert f"resumed from {tmp_path}/run/checkpoints/{stopped} at step {step}" in text
