@@ -23,6 +23,7 @@ TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1  # bump when the bytes written for a given configuration change
 # Settings that decide the bytes of every shard: an existing output built with others is refused.
 CONFIG_KEYS = ("format_version", "tokenizer_sha256", "seq_length", "pause_ratio", "seed", "dtype")
+COUNTS = ("documents", "windows", "tokens_std", "tokens_pause", "pauses")  # per shard, summed in "totals"
 
 
 def shard_prefix(out_dir: str, variant: str, name: str) -> str:
@@ -76,8 +77,5 @@ def config_differences(old: dict, new: dict) -> list[str]:
 def assemble_manifest(config: dict, records: dict[str, dict], *, complete: bool) -> dict:
     """The manifest: configuration, the shard records sorted by name, totals, and whether the run is done."""
     shards = [records[name] for name in sorted(records)]
-    totals = {
-        key: sum(r[key] for r in shards)
-        for key in ("documents", "windows", "tokens_std", "tokens_pause", "pauses")
-    }
+    totals = {key: sum(r[key] for r in shards) for key in COUNTS}
     return {**config, "complete": complete, "totals": totals, "shards": shards}
