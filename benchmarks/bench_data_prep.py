@@ -107,7 +107,17 @@ def bare_processes(tokenizer: PauseTokenizer, paths: list[str], *, processes: in
 def pipeline(input_dir: str, tokenizer_path: str, out_dir: str, *, workers: int) -> Measure:
     """One clean `build` run (its output goes to a null device)."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    argv = ["build", "--input", input_dir, "--output", out_dir, "--tokenizer", tokenizer_path, "--workers", str(workers)]
+    argv = [
+        "build",
+        "--input",
+        input_dir,
+        "--output",
+        out_dir,
+        "--tokenizer",
+        tokenizer_path,
+        "--workers",
+        str(workers),
+    ]
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
         wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu_s()
         code = build_c4.main(argv)
@@ -149,8 +159,12 @@ def main() -> None:
         ("bare encode_batch, 1 thread", 1): functools.partial(bare_in_process, tokenizer, paths, threads=1)
     }
     for n in range(2, args.cores + 1):
-        runs[(f"bare encode_batch, num_threads={n}", n)] = functools.partial(bare_in_process, tokenizer, paths, threads=n)
-        runs[(f"bare encode_batch, {n} processes", n)] = functools.partial(bare_processes, tokenizer, paths, processes=n)
+        runs[(f"bare encode_batch, num_threads={n}", n)] = functools.partial(
+            bare_in_process, tokenizer, paths, threads=n
+        )
+        runs[(f"bare encode_batch, {n} processes", n)] = functools.partial(
+            bare_processes, tokenizer, paths, processes=n
+        )
     for w in range(1, args.cores + 1):
         runs[(f"pipeline build --workers {w}", w)] = functools.partial(
             pipeline, input_dir, tokenizer_path, os.path.join(workdir, f"out{w}"), workers=w
@@ -160,16 +174,18 @@ def main() -> None:
     for round_ in range(args.repeats):  # rounds interleave the runs; the best of each resists a busy machine
         for key, run in runs.items():
             m = run()
-            print(f"round {round_ + 1}: {key[0]}: {m.tokens_per_s / 1e6:.2f}M tokens/s, {m.cpu_ns_per_token:.0f} CPU ns/token", flush=True)
+            rates = f"{m.tokens_per_s / 1e6:.2f}M tokens/s, {m.cpu_ns_per_token:.0f} CPU ns/token"
+            print(f"round {round_ + 1}: {key[0]}: {rates}", flush=True)
             if key not in best_wall or m.tokens_per_s > best_wall[key].tokens_per_s:
                 best_wall[key] = m
             if key not in best_cpu or m.cpu_ns_per_token < best_cpu[key].cpu_ns_per_token:
                 best_cpu[key] = m
 
+    tokens = best_wall[next(iter(runs))].tokens
     print(
-        f"\nmachine: {os.cpu_count()} cores ({args.cores} used), {platform.machine()}, Python {platform.python_version()}; "
-        f"{args.files} files x {args.docs_per_file} synthetic docs, {best_wall[next(iter(runs))].tokens / 1e6:.1f}M tokens, "
-        f"vocab {tokenizer.vocab_size}; best of {args.repeats} rounds"
+        f"\nmachine: {os.cpu_count()} cores ({args.cores} used), {platform.machine()}, "
+        f"Python {platform.python_version()}; {args.files} files x {args.docs_per_file} synthetic docs, "
+        f"{tokens / 1e6:.1f}M tokens, vocab {tokenizer.vocab_size}; best of {args.repeats} rounds"
     )
     print("| run | cores | tokens/s | MB of text/s | CPU ns/token |")
     print("|---|---|---|---|---|")

@@ -122,7 +122,9 @@ def with_eod(docs_ids: list[list[int]], *, eod_id: int, dtype) -> np.ndarray:
     """The documents' token ids concatenated, each document followed by EOD."""
     eod = (eod_id,)
     total = sum(map(len, docs_ids)) + len(docs_ids)
-    return np.fromiter(itertools.chain.from_iterable(x for ids in docs_ids for x in (ids, eod)), dtype=dtype, count=total)
+    return np.fromiter(
+        itertools.chain.from_iterable(x for ids in docs_ids for x in (ids, eod)), dtype=dtype, count=total
+    )
 
 
 def pack_windows(chunks: Iterable[np.ndarray], *, seq_length: int) -> Iterator[np.ndarray]:
@@ -196,9 +198,7 @@ def _token_chunks(
         yield chunk
 
 
-def build_shard(
-    task: ShardTask, *, settings: ShardSettings, tokenizer: PauseTokenizer, on_progress: Callable
-) -> dict:
+def build_shard(task: ShardTask, *, settings: ShardSettings, tokenizer: PauseTokenizer, on_progress: Callable) -> dict:
     """Write the std and pause shards of one input and its record; returns the record.
 
     Files are written under temporary names and renamed once complete, the record last. A shard without
@@ -374,9 +374,7 @@ def _file_tasks(paths: list[str]) -> list[ShardTask]:
     if len(set(names.values())) < len(paths):
         raise ValueError("two inputs have the same file name; their shards would collide")
     indices = shard_indices(list(names.values()))
-    return [
-        ShardTask(name=names[p], index=indices[names[p]], input=p, input_bytes=os.path.getsize(p)) for p in paths
-    ]
+    return [ShardTask(name=names[p], index=indices[names[p]], input=p, input_bytes=os.path.getsize(p)) for p in paths]
 
 
 def _batched(items: Iterable, size: int) -> Iterator[tuple]:
@@ -386,7 +384,7 @@ def _batched(items: Iterable, size: int) -> Iterator[tuple]:
 
 
 def _hf_tasks(*, path: str, config: str, split: str, docs_per_shard: int) -> Iterator[ShardTask]:
-    """One task per `docs_per_shard` records of a streamed Hugging Face dataset, named <dataset>-<config>-<split>.NNNNN."""
+    """One task per `docs_per_shard` streamed records; shard i is named <dataset>-<config>-<split>.<i:05d>."""
     prefix = f"{path.rsplit('/', 1)[-1]}-{config}-{split}"
     records = hf_records(path=path, config=config, split=split)
     for index, chunk in enumerate(_batched(records, docs_per_shard)):
@@ -421,7 +419,9 @@ def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[
                 f"{args.output} holds a tokenizer from {manifest['tokenizer_source']}; this run asks for {wanted}"
             )
         return PauseTokenizer.load(os.path.join(args.output, mf.TOKENIZER)), manifest["tokenizer_source"]
-    print(f"training a {wanted['trained']['vocab_size']}-piece tokenizer on {wanted['trained']['sample_docs']} documents")
+    print(
+        f"training a {wanted['trained']['vocab_size']}-piece tokenizer on {wanted['trained']['sample_docs']} documents"
+    )
     return train_c4_tokenizer(sample(), vocab_size=wanted["trained"]["vocab_size"], seed=args.seed), wanted
 
 
@@ -462,7 +462,9 @@ def _hf_sample(args) -> list[str]:
 def _tasks_and_sample(args) -> tuple[Iterable[ShardTask], Callable[[], list[str]]]:
     """The run's shard tasks (a list for files, a lazy stream for --hf) and how to draw the tokenizer sample."""
     if args.hf:
-        tasks = _hf_tasks(path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard)
+        tasks = _hf_tasks(
+            path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard
+        )
         return tasks, functools.partial(_hf_sample, args)
     try:
         paths = list_inputs(args.input)

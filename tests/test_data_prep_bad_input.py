@@ -34,7 +34,9 @@ def good_docs() -> list[str]:
 
 
 def c4_line(text: str) -> bytes:
-    return json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.com/"}).encode() + b"\n"
+    return (
+        json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.com/"}).encode() + b"\n"
+    )
 
 
 def write_gz(path, lines: list[bytes]) -> str:
