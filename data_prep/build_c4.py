@@ -589,14 +589,24 @@ def parser() -> argparse.ArgumentParser:
     source = b.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="directory of C4 *.json.gz files, a glob, or one file")
     source.add_argument("--hf", metavar="DATASET", help="stream a Hugging Face dataset instead (allenai/c4)")
-    b.add_argument("--hf-config", default="en")
-    b.add_argument("--hf-split", default="train")
-    b.add_argument("--hf-docs-per-shard", type=int, default=DEFAULT_HF_DOCS_PER_SHARD)
+    b.add_argument("--hf-config", default="en", help="--hf dataset configuration (default en)")
+    b.add_argument("--hf-split", default="train", help="--hf split (default train)")
+    b.add_argument(
+        "--hf-docs-per-shard",
+        type=int,
+        default=DEFAULT_HF_DOCS_PER_SHARD,
+        help=f"--hf records per output shard (default {DEFAULT_HF_DOCS_PER_SHARD})",
+    )
     b.add_argument("--output", required=True, help="output directory OUT")
-    b.add_argument("--seq-length", type=int, default=PAPER_SEQ_LENGTH)
-    b.add_argument("--pause-ratio", type=_pause_ratio, default=PRETRAIN_PAUSE_RATIO)
-    b.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    b.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    b.add_argument("--seq-length", type=int, default=PAPER_SEQ_LENGTH, help=f"window (default {PAPER_SEQ_LENGTH})")
+    b.add_argument(
+        "--pause-ratio",
+        type=_pause_ratio,
+        default=PRETRAIN_PAUSE_RATIO,
+        help=f"pauses per window as a share of seq-length (default {PRETRAIN_PAUSE_RATIO})",
+    )
+    b.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seeds the pause positions (default {DEFAULT_SEED})")
+    b.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes (default: CPUs)")
     tok = b.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="an existing SentencePiece .model (<pause> is added if missing)")
     tok.add_argument("--vocab-size", type=int, help=f"train a tokenizer of this size (default {DEFAULT_VOCAB_SIZE})")
@@ -611,7 +621,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check OUT's shards against its manifest")
     v.add_argument("output")
     v.add_argument("--max-windows-per-shard", type=int, help="read only this many windows of each shard")
-    v.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    v.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes (default: CPUs)")
     return top
 
 
