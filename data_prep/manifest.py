@@ -6,14 +6,15 @@
     OUT/pause/<name>.bin|.idx  pause variant: the same windows with pauses injected, cut back to seq_length
     OUT/shards/<name>.json     a shard's record, written last: its presence marks the shard complete
 
-Every file is written under a temporary name and renamed, so a killed run leaves no half-written file
-under a final name.
+Every file is written under a temporary name (ending in .tmp) and renamed, so a killed run leaves no
+half-written file under a final name; a .tmp file is a killed run's leftover, safe to delete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
@@ -37,8 +38,12 @@ def record_path(out_dir: str, name: str) -> str:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to `path` through a temporary file and a rename: readers see the old or the new file."""
-    tmp = path + TMP_SUFFIX
+    """Write JSON to `path` through a temporary file and a rename: readers see the old or the new file.
+
+    The temporary name is the writer's own, so that builds of other shard ranges (other nodes) writing the
+    same manifest never interleave their bytes; the last rename wins.
+    """
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -39,9 +39,12 @@ def build_argv(corpus: tuple[str, str], out: str) -> list[str]:
 
 
 def contents(folder: str) -> dict[str, bytes]:
+    """Every file's bytes, but for .tmp leftovers (a kill during a manifest write may leave one)."""
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
+            if name.endswith(mf.TMP_SUFFIX):
+                continue
             with open(os.path.join(root, name), "rb") as f:
                 files[os.path.relpath(os.path.join(root, name), folder)] = f.read()
     return files
@@ -91,6 +94,7 @@ def test_killed_build_resumes_to_byte_identical_shards(corpus, tmp_path):
     assert not os.path.exists(mf.record_path(out, "c4-train.00001-of-01024"))
     assert build_c4.main(build_argv(corpus, out)) == 0
     assert contents(out) == contents(clean)
+    assert not any(name.endswith(mf.TMP_SUFFIX) for v in mf.VARIANTS for name in os.listdir(os.path.join(out, v)))
 
 
 @pytest.mark.slow
