@@ -49,10 +49,10 @@ from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, train_t
 
 DEFAULT_SEED = 1234
 DEFAULT_TOKENIZER_SAMPLE_DOCS = 100_000  # about 200 MB of C4 text; train_tokenizer samples at most 1M of its lines
-DEFAULT_HF_DOCS_PER_SHARD = 100_000  # held in memory by the reading process until a worker takes it
+DEFAULT_HF_DOCS_PER_SHARD = 50_000  # about 150 MB of records, held in memory until a worker has written them
 ENCODE_BATCH_DOCS = 256  # documents per SentencePiece call: amortizes the call, keeps a worker's memory small
 TOKENIZER_TRAIN_THREADS = 16  # SentencePiece's model depends on its thread count: fixed, not --workers
-IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: no worker waits, and the --hf stream is not read far ahead
+QUEUED_SHARDS = 1  # submitted beyond the running ones: no worker waits, and --hf reads the stream little ahead
 PROGRESS_INTERVAL_S = 0.2
 EXIT_BAD_INPUT = 1  # bad input under --strict, or a shard that failed
 EXIT_REFUSED = 2  # nothing to do, or an existing output that this run must not touch
@@ -314,7 +314,7 @@ def run_shards(
     in_flight: dict[concurrent.futures.Future, ShardTask] = {}
 
     def submit_more(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-        while not failures and len(in_flight) < IN_FLIGHT_PER_WORKER * workers:
+        while not failures and len(in_flight) < workers + QUEUED_SHARDS:
             task = next(tasks, None)
             if task is None:
                 return

@@ -192,3 +192,15 @@ def test_strict_failure_keeps_every_shard_already_written(good_docs, tokenizer_p
     assert sorted(os.listdir(os.path.join(out, "std"))) == sorted(
         os.path.basename(p) for p in shards if p.startswith(os.path.join(out, "std"))
     )
+
+
+def test_a_repaired_input_file_is_rebuilt_on_rerun(good_docs, tokenizer_path, tmp_path):
+    """A truncated download is reported; once the whole file is there, a rerun rebuilds that shard only."""
+    path, whole = truncated_gz(tmp_path / "c4-train.00000-of-01024.json.gz", good_docs)
+    out = str(tmp_path / "out")
+    assert build(path, out, tokenizer_path) == 0
+    assert record(out, "c4-train.00000-of-01024")["documents"] == whole
+    write_gz(path, [c4_line(t) for t in good_docs * 20])
+    assert build(path, out, tokenizer_path) == 0
+    repaired = record(out, "c4-train.00000-of-01024")
+    assert repaired["documents"] == len(good_docs) * 20 and repaired["read_error"] is None
