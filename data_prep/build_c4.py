@@ -15,8 +15,8 @@ The layout of OUT and the resume rules are in data_prep/manifest.py; docs/data.m
 from __future__ import annotations
 
 import argparse
-import functools
 import concurrent.futures
+import functools
 import importlib.metadata
 import itertools
 import math
@@ -48,11 +48,11 @@ from pause_megatron.pauses import PAPER_SEQ_LENGTH, PRETRAIN_PAUSE_RATIO, inject
 from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, train_tokenizer
 
 DEFAULT_SEED = 1234
-DEFAULT_TOKENIZER_SAMPLE_DOCS = 100_000  # about 220 MB of C4 text: SentencePiece's 1M-sentence default cap
-DEFAULT_HF_DOCS_PER_SHARD = 100_000  # held in memory by the reading process until a worker takes it
+DEFAULT_TOKENIZER_SAMPLE_DOCS = 100_000  # about 200 MB of C4 text; train_tokenizer samples at most 1M of its lines
+DEFAULT_HF_DOCS_PER_SHARD = 50_000  # about 150 MB of records, held in memory until a worker has written them
 ENCODE_BATCH_DOCS = 256  # documents per SentencePiece call: amortizes the call, keeps a worker's memory small
 TOKENIZER_TRAIN_THREADS = 16  # SentencePiece's model depends on its thread count: fixed, not --workers
-IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: no worker waits, and the --hf stream is not read far ahead
+QUEUED_SHARDS = 1  # submitted beyond the running ones: no worker waits, and --hf reads the stream little ahead
 PROGRESS_INTERVAL_S = 0.2
 EXIT_BAD_INPUT = 1  # bad input under --strict, or a shard that failed
 EXIT_REFUSED = 2  # nothing to do, or an existing output that this run must not touch
@@ -122,7 +122,9 @@ def with_eod(docs_ids: list[list[int]], *, eod_id: int, dtype) -> np.ndarray:
     """The documents' token ids concatenated, each document followed by EOD."""
     eod = (eod_id,)
     total = sum(map(len, docs_ids)) + len(docs_ids)
-    return np.fromiter(itertools.chain.from_iterable(x for ids in docs_ids for x in (ids, eod)), dtype=dtype, count=total)
+    return np.fromiter(
+        itertools.chain.from_iterable(x for ids in docs_ids for x in (ids, eod)), dtype=dtype, count=total
+    )
 
 
 def pack_windows(chunks: Iterable[np.ndarray], *, seq_length: int) -> Iterator[np.ndarray]:
@@ -196,9 +198,7 @@ def _token_chunks(
         yield chunk
 
 
-def build_shard(
-    task: ShardTask, *, settings: ShardSettings, tokenizer: PauseTokenizer, on_progress: Callable
-) -> dict:
+def build_shard(task: ShardTask, *, settings: ShardSettings, tokenizer: PauseTokenizer, on_progress: Callable) -> dict:
     """Write the std and pause shards of one input and its record; returns the record.
 
     Files are written under temporary names and renamed once complete, the record last. A shard without
@@ -272,6 +272,10 @@ def is_complete(record: dict | None, *, task: ShardTask, out_dir: str, itemsize:
 _worker: dict = {}  # per worker process: settings, tokenizer, progress queue, the parent's pid
 
 
+class _BuildProcessGone(Exception):
+    """The build process died (killed): its workers stop rather than finish shards nobody will record."""
+
+
 def _init_worker(settings: ShardSettings, progress: multiprocessing.Queue, parent_pid: int) -> None:
     _worker.update(
         settings=settings,
@@ -282,13 +286,18 @@ def _init_worker(settings: ShardSettings, progress: multiprocessing.Queue, paren
 
 
 def _worker_progress(docs: int, tokens: int) -> None:
-    if os.getppid() != _worker["parent_pid"]:  # the build was killed: stop instead of finishing unseen
-        raise SystemExit(f"build process {_worker['parent_pid']} is gone")
+    if os.getppid() != _worker["parent_pid"]:
+        raise _BuildProcessGone
     _worker["progress"].put((docs, tokens))
 
 
 def _build_shard_in_worker(task: ShardTask) -> dict:
-    return build_shard(task, settings=_worker["settings"], tokenizer=_worker["tokenizer"], on_progress=_worker_progress)
+    try:
+        return build_shard(
+            task, settings=_worker["settings"], tokenizer=_worker["tokenizer"], on_progress=_worker_progress
+        )
+    except _BuildProcessGone:  # build_shard removed its temporary files; the pool's queues would keep us waiting
+        os._exit(1)
 
 
 def run_shards(
@@ -303,39 +312,43 @@ def run_shards(
     failures: list[str] = []
     tasks = iter(tasks)
     in_flight: dict[concurrent.futures.Future, ShardTask] = {}
+
+    def submit_more(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        while not failures and len(in_flight) < workers + QUEUED_SHARDS:
+            task = next(tasks, None)
+            if task is None:
+                return
+            in_flight[pool.submit(_build_shard_in_worker, task)] = task
+
     start, tokens, shards_done = time.perf_counter(), 0, 0
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(settings, progress, os.getpid())
-    ) as pool, tqdm(unit="doc", unit_scale=True, desc="build", dynamic_ncols=True) as bar:
-        while True:
-            while not failures and len(in_flight) < IN_FLIGHT_PER_WORKER * workers:
-                task = next(tasks, None)
-                if task is None:
-                    break
-                in_flight[pool.submit(_build_shard_in_worker, task)] = task
-            if not in_flight:
-                break
-            done, _ = concurrent.futures.wait(in_flight, timeout=PROGRESS_INTERVAL_S, return_when="FIRST_COMPLETED")
-            while True:
-                try:
-                    docs, n = progress.get_nowait()
-                except queue.Empty:
-                    break
-                bar.update(docs)
-                tokens += n
-            for future in done:
-                task = in_flight.pop(future)
-                try:
-                    record = future.result()
-                except Exception as e:  # noqa: BLE001 - any failure of one shard is reported, the others go on
-                    failures.append(str(e) if isinstance(e, BadInput) else f"{task.name}: {type(e).__name__}: {e}")
-                    bar.write(f"FAILED {failures[-1]}")
-                    continue
-                shards_done += 1
-                on_record(record)
-                bar.write(_shard_line(record))
-            rate = tokens / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s, {shards_done} shards done", refresh=False)
+    ) as pool:
+        submit_more(pool)  # starts the workers before the progress bar starts its thread: fork wants no threads
+        with tqdm(unit="doc", unit_scale=True, desc="build", dynamic_ncols=True) as bar:
+            while in_flight:
+                done, _ = concurrent.futures.wait(in_flight, timeout=PROGRESS_INTERVAL_S, return_when="FIRST_COMPLETED")
+                while True:
+                    try:
+                        docs, n = progress.get_nowait()
+                    except queue.Empty:
+                        break
+                    bar.update(docs)
+                    tokens += n
+                for future in done:
+                    task = in_flight.pop(future)
+                    try:
+                        record = future.result()
+                    except Exception as e:  # noqa: BLE001 - a failed shard is reported; the running ones finish
+                        failures.append(str(e) if isinstance(e, BadInput) else f"{task.name}: {type(e).__name__}: {e}")
+                        bar.write(f"FAILED {failures[-1]}")
+                        continue
+                    shards_done += 1
+                    on_record(record)
+                    bar.write(_shard_line(record))
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s, {shards_done} shards done", refresh=False)
+                submit_more(pool)
     return failures
 
 
@@ -361,9 +374,7 @@ def _file_tasks(paths: list[str]) -> list[ShardTask]:
     if len(set(names.values())) < len(paths):
         raise ValueError("two inputs have the same file name; their shards would collide")
     indices = shard_indices(list(names.values()))
-    return [
-        ShardTask(name=names[p], index=indices[names[p]], input=p, input_bytes=os.path.getsize(p)) for p in paths
-    ]
+    return [ShardTask(name=names[p], index=indices[names[p]], input=p, input_bytes=os.path.getsize(p)) for p in paths]
 
 
 def _batched(items: Iterable, size: int) -> Iterator[tuple]:
@@ -373,7 +384,7 @@ def _batched(items: Iterable, size: int) -> Iterator[tuple]:
 
 
 def _hf_tasks(*, path: str, config: str, split: str, docs_per_shard: int) -> Iterator[ShardTask]:
-    """One task per `docs_per_shard` records of a streamed Hugging Face dataset, named <dataset>-<config>-<split>.NNNNN."""
+    """One task per `docs_per_shard` streamed records; shard i is named <dataset>-<config>-<split>.<i:05d>."""
     prefix = f"{path.rsplit('/', 1)[-1]}-{config}-{split}"
     records = hf_records(path=path, config=config, split=split)
     for index, chunk in enumerate(_batched(records, docs_per_shard)):
@@ -408,7 +419,9 @@ def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[
                 f"{args.output} holds a tokenizer from {manifest['tokenizer_source']}; this run asks for {wanted}"
             )
         return PauseTokenizer.load(os.path.join(args.output, mf.TOKENIZER)), manifest["tokenizer_source"]
-    print(f"training a {wanted['trained']['vocab_size']}-piece tokenizer on {wanted['trained']['sample_docs']} documents")
+    print(
+        f"training a {wanted['trained']['vocab_size']}-piece tokenizer on {wanted['trained']['sample_docs']} documents"
+    )
     return train_c4_tokenizer(sample(), vocab_size=wanted["trained"]["vocab_size"], seed=args.seed), wanted
 
 
@@ -446,64 +459,73 @@ def _hf_sample(args) -> list[str]:
     return list(itertools.islice(check_records(stream, report=InputReport(where=args.hf)), _sample_size(args)))
 
 
-def build(args) -> int:
-    """The build subcommand; returns the exit code."""
-    started = time.perf_counter()
+def _tasks_and_sample(args) -> tuple[Iterable[ShardTask], Callable[[], list[str]]]:
+    """The run's shard tasks (a list for files, a lazy stream for --hf) and how to draw the tokenizer sample."""
     if args.hf:
-        tasks: Iterable[ShardTask] = _hf_tasks(
+        tasks = _hf_tasks(
             path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard
         )
-        sample = functools.partial(_hf_sample, args)
-    else:
-        try:
-            paths = list_inputs(args.input)
-            tasks = _file_tasks(paths)
-        except (FileNotFoundError, ValueError) as e:
-            raise BuildRefused(str(e)) from e
-        sample = functools.partial(file_sample, paths, num_docs=_sample_size(args))
+        return tasks, functools.partial(_hf_sample, args)
+    try:
+        paths = list_inputs(args.input)
+        return _file_tasks(paths), functools.partial(file_sample, paths, num_docs=_sample_size(args))
+    except (FileNotFoundError, ValueError) as e:
+        raise BuildRefused(str(e)) from e
 
-    # Everything that can refuse the run happens before anything is written.
-    manifest = mf.read_json(os.path.join(args.output, mf.MANIFEST))
-    tokenizer, source = resolve_tokenizer(args, manifest=manifest, sample=sample)
-    config = run_config(tokenizer, args=args, tokenizer_source=source)
-    # Records without a manifest are leftovers of an unknown configuration: their shards are rebuilt.
-    records = mf.read_records(args.output) if manifest is not None and not args.overwrite else {}
-    if manifest is not None and not args.overwrite:
-        differences = mf.config_differences(manifest, config)
-        if differences:
-            raise BuildRefused(
-                f"{args.output} was built with another configuration ({'; '.join(differences)}); "
-                "rerun with the same settings to resume, or pass --overwrite to rebuild it"
-            )
-    if isinstance(tasks, list):
-        for task in tasks:
-            old = records.get(task.name)
-            if old is not None and old["shard_index"] != task.index:
-                raise BuildRefused(f"{task.name} was built as shard {old['shard_index']}, now it is {task.index}")
 
+def _refuse_incompatible(args, *, manifest: dict, config: dict, records: dict, tasks: Iterable[ShardTask]) -> None:
+    """Raise BuildRefused if OUT was built with another configuration or with other shard indices."""
+    differences = mf.config_differences(manifest, config)
+    if differences:
+        raise BuildRefused(
+            f"{args.output} was built with another configuration ({'; '.join(differences)}); "
+            "rerun with the same settings to resume, or pass --overwrite to rebuild it"
+        )
+    for task in tasks if isinstance(tasks, list) else ():  # --hf shard names carry their index: nothing to check
+        old = records.get(task.name)
+        if old is not None and old["shard_index"] != task.index:
+            raise BuildRefused(f"{task.name} was built as shard {old['shard_index']}, now it is {task.index}")
+
+
+def _prepare_output(args, *, tokenizer: PauseTokenizer) -> None:
+    """Create OUT's folders (emptied first under --overwrite) and store the tokenizer unless it is there."""
     if args.overwrite:
         _remove_outputs(args.output)
     for folder in ("", *mf.VARIANTS, mf.RECORDS):
         os.makedirs(os.path.join(args.output, folder), exist_ok=True)
-    tokenizer_path = os.path.join(args.output, mf.TOKENIZER)
-    if not (os.path.exists(tokenizer_path) and PauseTokenizer.load(tokenizer_path).checksum == tokenizer.checksum):
-        tokenizer.save(tokenizer_path)
+    path = os.path.join(args.output, mf.TOKENIZER)
+    if not (os.path.exists(path) and PauseTokenizer.load(path).checksum == tokenizer.checksum):
+        tokenizer.save(path)
 
+
+def build(args) -> int:
+    """The build subcommand; returns the exit code."""
+    started = time.perf_counter()
+    tasks, sample = _tasks_and_sample(args)
+    # Everything that can refuse the run happens before anything is written.
+    manifest = mf.read_json(os.path.join(args.output, mf.MANIFEST))
+    tokenizer, source = resolve_tokenizer(args, manifest=manifest, sample=sample)
+    config = run_config(tokenizer, args=args, tokenizer_source=source)
+    records: dict[str, dict] = {}  # without a manifest, records are leftovers of an unknown configuration
+    if manifest is not None and not args.overwrite:
+        records = mf.read_records(args.output)
+        _refuse_incompatible(args, manifest=manifest, config=config, records=records, tasks=tasks)
+    _prepare_output(args, tokenizer=tokenizer)
     manifest_path = os.path.join(args.output, mf.MANIFEST)
     mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=False))
 
     itemsize = np.dtype(config["dtype"]).itemsize
-    selected = (t for t in tasks if _in_range(t, args.shard_range))
     skipped: list[str] = []
+    new_records: list[dict] = []
 
     def todo() -> Iterator[ShardTask]:
-        for task in selected:
+        for task in tasks:
+            if not _in_range(task, args.shard_range):
+                continue
             if is_complete(records.get(task.name), task=task, out_dir=args.output, itemsize=itemsize):
                 skipped.append(task.name)
             else:
                 yield task
-
-    new_records: list[dict] = []
 
     def on_record(record: dict) -> None:
         records[record["name"]] = record
@@ -520,20 +542,17 @@ def build(args) -> int:
     )
     failures = run_shards(todo(), settings=settings, workers=args.workers, on_record=on_record)
     mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=not failures))
-    _print_summary(
-        new_records, skipped=skipped, failures=failures, seconds=time.perf_counter() - started, out_dir=args.output
-    )
+    _print_summary(new_records, skipped=skipped, failures=failures, seconds=time.perf_counter() - started)
     return EXIT_BAD_INPUT if failures else 0
 
 
-def _print_summary(records: list[dict], *, skipped: list[str], failures: list[str], seconds: float, out_dir: str) -> None:
+def _print_summary(records: list[dict], *, skipped: list[str], failures: list[str], seconds: float) -> None:
     """What this run did: shards, documents, tokens, pauses, speed, and every problem met."""
-    total = Counter()
+    total = Counter({key: sum(r[key] for r in records) for key in mf.COUNTS})
+    bad = Counter()
     for record in records:
-        total.update({k: record[k] for k in ("documents", "windows", "tokens_std", "tokens_pause", "pauses")})
-        total.update(record["bad_lines"])
-    bad = {k: v for k, v in total.items() if k not in ("documents", "windows", "tokens_std", "tokens_pause", "pauses")}
-    print(f"built {len(records)} shards ({len(skipped)} already complete, skipped) into {out_dir} in {seconds:.1f} s")
+        bad.update(record["bad_lines"])
+    print(f"built {len(records)} shards ({len(skipped)} already complete, skipped) in {seconds:.1f} s")
     print(
         f"  {total['documents']} documents, {total['windows']} windows, {total['tokens_std']} tokens (std), "
         f"{total['tokens_pause']} tokens (pause), {total['pauses']} pauses "
@@ -570,14 +589,24 @@ def parser() -> argparse.ArgumentParser:
     source = b.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="directory of C4 *.json.gz files, a glob, or one file")
     source.add_argument("--hf", metavar="DATASET", help="stream a Hugging Face dataset instead (allenai/c4)")
-    b.add_argument("--hf-config", default="en")
-    b.add_argument("--hf-split", default="train")
-    b.add_argument("--hf-docs-per-shard", type=int, default=DEFAULT_HF_DOCS_PER_SHARD)
+    b.add_argument("--hf-config", default="en", help="--hf dataset configuration (default en)")
+    b.add_argument("--hf-split", default="train", help="--hf split (default train)")
+    b.add_argument(
+        "--hf-docs-per-shard",
+        type=int,
+        default=DEFAULT_HF_DOCS_PER_SHARD,
+        help=f"--hf records per output shard (default {DEFAULT_HF_DOCS_PER_SHARD})",
+    )
     b.add_argument("--output", required=True, help="output directory OUT")
-    b.add_argument("--seq-length", type=int, default=PAPER_SEQ_LENGTH)
-    b.add_argument("--pause-ratio", type=_pause_ratio, default=PRETRAIN_PAUSE_RATIO)
-    b.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    b.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    b.add_argument("--seq-length", type=int, default=PAPER_SEQ_LENGTH, help=f"window (default {PAPER_SEQ_LENGTH})")
+    b.add_argument(
+        "--pause-ratio",
+        type=_pause_ratio,
+        default=PRETRAIN_PAUSE_RATIO,
+        help=f"pauses per window as a share of seq-length (default {PRETRAIN_PAUSE_RATIO})",
+    )
+    b.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seeds the pause positions (default {DEFAULT_SEED})")
+    b.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes (default: CPUs)")
     tok = b.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="an existing SentencePiece .model (<pause> is added if missing)")
     tok.add_argument("--vocab-size", type=int, help=f"train a tokenizer of this size (default {DEFAULT_VOCAB_SIZE})")
@@ -592,7 +621,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check OUT's shards against its manifest")
     v.add_argument("output")
     v.add_argument("--max-windows-per-shard", type=int, help="read only this many windows of each shard")
-    v.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
+    v.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes (default: CPUs)")
     return top
 
 

@@ -69,14 +69,11 @@ def synthetic_documents(*, num_docs: int, seed: int) -> Iterator[dict]:
         yield {"text": text, "timestamp": timestamp, "url": f"https://www.{host}.com/{page}.html"}
 
 
-def write_c4_file(path: str, records: Iterable[dict]) -> int:
-    """Write records as a C4 json.gz file (one compact JSON object per line); returns the number written."""
-    n = 0
+def write_c4_file(path: str, records: Iterable[dict]) -> None:
+    """Write records as a C4 json.gz file, one JSON object per line."""
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def write_c4_sample(

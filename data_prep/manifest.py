@@ -6,14 +6,15 @@
     OUT/pause/<name>.bin|.idx  pause variant: the same windows with pauses injected, cut back to seq_length
     OUT/shards/<name>.json     a shard's record, written last: its presence marks the shard complete
 
-Every file is written under a temporary name and renamed, so a killed run leaves no half-written file
-under a final name.
+Every file is written under a temporary name (ending in .tmp) and renamed, so a killed run leaves no
+half-written file under a final name; a .tmp file is a killed run's leftover, safe to delete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
@@ -23,6 +24,7 @@ TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1  # bump when the bytes written for a given configuration change
 # Settings that decide the bytes of every shard: an existing output built with others is refused.
 CONFIG_KEYS = ("format_version", "tokenizer_sha256", "seq_length", "pause_ratio", "seed", "dtype")
+COUNTS = ("documents", "windows", "tokens_std", "tokens_pause", "pauses")  # per shard, summed in "totals"
 
 
 def shard_prefix(out_dir: str, variant: str, name: str) -> str:
@@ -36,8 +38,12 @@ def record_path(out_dir: str, name: str) -> str:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to `path` through a temporary file and a rename: readers see the old or the new file."""
-    tmp = path + TMP_SUFFIX
+    """Write JSON to `path` through a temporary file and a rename: readers see the old or the new file.
+
+    The temporary name is the writer's own, so that builds of other shard ranges (other nodes) writing the
+    same manifest never interleave their bytes; the last rename wins.
+    """
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}{TMP_SUFFIX}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -76,8 +82,5 @@ def config_differences(old: dict, new: dict) -> list[str]:
 def assemble_manifest(config: dict, records: dict[str, dict], *, complete: bool) -> dict:
     """The manifest: configuration, the shard records sorted by name, totals, and whether the run is done."""
     shards = [records[name] for name in sorted(records)]
-    totals = {
-        key: sum(r[key] for r in shards)
-        for key in ("documents", "windows", "tokens_std", "tokens_pause", "pauses")
-    }
+    totals = {key: sum(r[key] for r in shards) for key in COUNTS}
     return {**config, "complete": complete, "totals": totals, "shards": shards}

@@ -69,10 +69,14 @@ def chi2_sf(x: float, dof: int) -> float:
     return total
 
 
-def _check_lengths(check: ShardCheck, lengths: np.ndarray, *, variant: str, expected_last: int, seq_length: int) -> None:
+def _check_lengths(
+    check: ShardCheck, lengths: np.ndarray, *, variant: str, expected_last: int, seq_length: int
+) -> None:
     """Every window of `variant` has seq_length tokens except the last, which has `expected_last`."""
     if len(lengths) and (np.any(lengths[:-1] != seq_length) or lengths[-1] != expected_last):
-        check.error(f"{variant} window lengths are not {seq_length} (last {expected_last}): {lengths[:3]}...{lengths[-3:]}")
+        check.error(
+            f"{variant} window lengths are not {seq_length} (last {expected_last}): {lengths[:3]}...{lengths[-3:]}"
+        )
 
 
 def check_shard(out_dir: str, record: dict, config: dict, *, max_windows: int | None) -> ShardCheck:
@@ -97,11 +101,15 @@ def check_shard(out_dir: str, record: dict, config: dict, *, max_windows: int | 
             check.error(f"{variant} holds {len(dataset)} sequences, not {windows} one-window documents")
             return check
         if int(dataset.sequence_lengths.sum()) != record[f"tokens_{variant}"]:
-            check.error(f"{variant} holds {dataset.sequence_lengths.sum()} tokens, manifest says {record[f'tokens_{variant}']}")
+            check.error(
+                f"{variant} holds {dataset.sequence_lengths.sum()} tokens, manifest says {record[f'tokens_{variant}']}"
+            )
     last = int(std.sequence_lengths[-1])
     _check_lengths(check, std.sequence_lengths, variant="std", expected_last=last, seq_length=seq_length)
     expected_pause_last = min(last + config["pauses_per_window"], seq_length)
-    _check_lengths(check, pause.sequence_lengths, variant="pause", expected_last=expected_pause_last, seq_length=seq_length)
+    _check_lengths(
+        check, pause.sequence_lengths, variant="pause", expected_last=expected_pause_last, seq_length=seq_length
+    )
 
     to_read = windows if max_windows is None else min(windows, max_windows)
     for i in range(to_read):
@@ -181,7 +189,9 @@ def validate(out_dir: str, *, max_windows_per_shard: int | None = None, workers:
         if total != sum(r[key] for r in manifest["shards"]):
             errors.append(f"manifest total {key} {total} is not the sum over its shards")
     checks = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("fork")
+    ) as pool:
         futures = [
             pool.submit(check_shard, out_dir, record, manifest, max_windows=max_windows_per_shard)
             for record in manifest["shards"]

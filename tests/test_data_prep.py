@@ -158,7 +158,7 @@ def test_pause_windows_follow_the_pause_rule_with_per_window_seeds(built):
     tok = PauseTokenizer.load(os.path.join(built, mf.TOKENIZER))
     for record in manifest(built)["shards"]:
         std, pause = windows(built, "std", record["name"]), windows(built, "pause", record["name"])
-        for w, (real, paused) in enumerate(zip(std, pause)):
+        for w, (real, paused) in enumerate(zip(std, pause, strict=True)):
             rng = np.random.default_rng([SEED, record["shard_index"], w])
             replay = inject_pauses(real, pause_id=tok.pause_id, seq_length=PAPER_SEQ_LENGTH, rng=rng)
             np.testing.assert_array_equal(paused, replay)
@@ -171,7 +171,7 @@ def test_full_pause_windows_get_round_10_percent_of_2048_pauses_before_the_cut(b
     assert m == PAPER_PAUSES_PER_WINDOW
     for record in manifest(built)["shards"]:
         std, pause = windows(built, "std", record["name"]), windows(built, "pause", record["name"])
-        for w, (real, paused) in enumerate(zip(std[:-1], pause[:-1])):
+        for w, (real, paused) in enumerate(zip(std[:-1], pause[:-1], strict=True)):
             uncut = inject_pauses(
                 real,
                 pause_id=tok.pause_id,
@@ -251,7 +251,9 @@ def test_rerun_skips_complete_shards_and_redoes_partial_ones(built, corpus, toke
     # shard 1: killed after its renames, before its record; shard 2: killed while writing
     os.remove(mf.record_path(out, names[1]))
     for variant in mf.VARIANTS:
-        os.rename(mf.shard_prefix(out, variant, names[2]) + ".bin", mf.shard_prefix(out, variant, names[2]) + ".bin.tmp")
+        os.rename(
+            mf.shard_prefix(out, variant, names[2]) + ".bin", mf.shard_prefix(out, variant, names[2]) + ".bin.tmp"
+        )
         os.remove(mf.shard_prefix(out, variant, names[2]) + ".idx")
     os.remove(mf.record_path(out, names[2]))
     before = snapshot(out)
@@ -263,7 +265,9 @@ def test_rerun_skips_complete_shards_and_redoes_partial_ones(built, corpus, toke
     assert contents(out) == contents(built)
 
 
-def test_rerun_with_another_configuration_is_refused_and_changes_nothing(built, corpus, tokenizer_path, tmp_path, capsys):
+def test_rerun_with_another_configuration_is_refused_and_changes_nothing(
+    built, corpus, tokenizer_path, tmp_path, capsys
+):
     out = str(tmp_path / "out")
     shutil.copytree(built, out)
     before = snapshot(out)
@@ -330,7 +334,7 @@ def test_hf_stream_feeds_the_same_packing(monkeypatch, corpus, built, tokenizer_
     assert build_c4.main([*argv, "--tokenizer", tokenizer_path, "--seed", str(SEED)]) == 0
     got = manifest(out)["shards"]
     assert [r["name"] for r in got] == [f"c4-en-train.{i:05d}" for i in range(NUM_FILES)]
-    for record, name in zip(got, sorted(r["name"] for r in manifest(built)["shards"])):
+    for record, name in zip(got, sorted(r["name"] for r in manifest(built)["shards"]), strict=True):
         for variant in mf.VARIANTS:  # chunk i holds file i's documents and gets shard index i: same bytes
             with open(mf.shard_prefix(out, variant, record["name"]) + ".bin", "rb") as a:
                 with open(mf.shard_prefix(built, variant, name) + ".bin", "rb") as b:
@@ -339,7 +343,10 @@ def test_hf_stream_feeds_the_same_packing(monkeypatch, corpus, built, tokenizer_
 
 def test_sample_generator_writes_the_c4_layout(tmp_path):
     paths = c4_sample.write_c4_sample(str(tmp_path), num_files=2, docs_per_file=3, seed=1)
-    assert [os.path.basename(p) for p in paths] == ["c4-train.00000-of-01024.json.gz", "c4-train.00001-of-01024.json.gz"]
+    assert [os.path.basename(p) for p in paths] == [
+        "c4-train.00000-of-01024.json.gz",
+        "c4-train.00001-of-01024.json.gz",
+    ]
     with gzip.open(paths[0], "rt", encoding="utf-8") as f:
         record = json.loads(f.readline())
     assert list(record) == ["text", "timestamp", "url"]
