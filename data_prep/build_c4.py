@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from tqdm import tqdm
 
 with warnings.catch_warnings():  # megatron-core warns about Transformer Engine and apex, which data prep never uses
@@ -51,7 +49,6 @@ DEFAULT_SEED = 1234
 DEFAULT_TOKENIZER_SAMPLE_DOCS = 100_000  # about 200 MB of C4 text; train_tokenizer samples at most 1M of its lines
 DEFAULT_HF_DOCS_PER_SHARD = 50_000  # about 150 MB of records, held in memory until a worker has written them
 ENCODE_BATCH_DOCS = 256  # documents per SentencePiece call: amortizes the call, keeps a worker's memory small
-TOKENIZER_TRAIN_THREADS = 16  # SentencePiece's model depends on its thread count: fixed, not --workers
 QUEUED_SHARDS = 1  # submitted beyond the running ones: no worker waits, and --hf reads the stream little ahead
 PROGRESS_INTERVAL_S = 0.2
 EXIT_BAD_INPUT = 1  # bad input under --strict, or a shard that failed
@@ -73,28 +70,6 @@ def tool_version() -> str:
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def lossless(tokenizer: PauseTokenizer) -> PauseTokenizer:
-    """The same pieces with identity normalization: every document decodes back to itself exactly.
-
-    SentencePiece's default normalization (nmt_nfkc, extra whitespace removed) turns C4's newlines into
-    spaces and folds runs of spaces; with byte fallback on, identity normalization loses nothing.
-    """
-    proto = model_pb2.ModelProto()
-    proto.ParseFromString(tokenizer.model_proto)
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.precompiled_charsmap = b""
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    return PauseTokenizer(proto.SerializeToString(), source=tokenizer.source)
-
-
-def is_lossless(tokenizer: PauseTokenizer) -> bool:
-    """Whether the model keeps text as it is (identity normalization, whitespace kept)."""
-    proto = model_pb2.ModelProto()
-    proto.ParseFromString(tokenizer.model_proto)
-    spec = proto.normalizer_spec
-    return spec.name == "identity" and not spec.remove_extra_whitespaces
-
-
 def train_c4_tokenizer(documents: Iterable[str], *, vocab_size: int, seed: int) -> PauseTokenizer:
     """A lossless SentencePiece model trained on the lines of `documents` (`<pause>`, EOD, pad included).
 
@@ -102,8 +77,7 @@ def train_c4_tokenizer(documents: Iterable[str], *, vocab_size: int, seed: int) 
     drop most C4 documents.
     """
     lines = [line for text in documents for line in text.split("\n") if line and not line.isspace()]
-    spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles its sentences
-    return lossless(train_tokenizer(lines, vocab_size=vocab_size, num_threads=TOKENIZER_TRAIN_THREADS))
+    return train_tokenizer(lines, vocab_size=vocab_size, seed=seed)
 
 
 def file_sample(paths: list[str], *, num_docs: int) -> list[str]:
@@ -403,7 +377,7 @@ def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[
     """
     if args.tokenizer:
         tokenizer = PauseTokenizer.load(args.tokenizer)
-        if not is_lossless(tokenizer):
+        if not tokenizer.lossless:
             print(f"note: {args.tokenizer} normalizes text: the std shards will not reproduce documents byte for byte")
         return tokenizer, {"given": os.path.abspath(args.tokenizer)}
     wanted = {

@@ -70,7 +70,9 @@ def shard_prefixes(data_path: str, variant: str) -> list[str]:
 
 
 def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, where: str) -> None:
-    """The shards must have been made with this tokenizer and this sequence length."""
+    """The shards must be complete and made with this tokenizer and this sequence length."""
+    if manifest.get("complete") is False:
+        raise DataError(f"{where}: data prep has not finished every shard (complete: false); run it again to finish")
     tokenizer.check_matches(manifest, where=where)
     seq = manifest.get("seq_length")
     if seq is not None and seq != cfg.model.seq_length:

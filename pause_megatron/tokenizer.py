@@ -16,6 +16,7 @@ from typing import Iterable, Optional
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+TRAIN_THREADS = 16  # SentencePiece's trained model depends on its thread count: fixed, for reproducibility
 PAUSE_PIECE = "<pause>"
 PAD_PIECE = "<pad>"
 DEFAULT_VOCAB_SIZE = 32000  # the paper's models use a 32k SentencePiece vocabulary (T5-style)
@@ -89,6 +90,14 @@ class PauseTokenizer:
         return self.sp.get_piece_size()
 
     @property
+    def lossless(self) -> bool:
+        """Whether text decodes back exactly (identity normalization, whitespace kept)."""
+        proto = model_pb2.ModelProto()
+        proto.ParseFromString(self.model_proto)
+        spec = proto.normalizer_spec
+        return spec.name == "identity" and not spec.remove_extra_whitespaces
+
+    @property
     def checksum(self) -> str:
         """sha256 of the serialized model, `<pause>` included: what manifests and checkpoints record."""
         return hashlib.sha256(self.model_proto).hexdigest()
@@ -141,15 +150,19 @@ def train_tokenizer(
     model_type: str = "unigram",
     character_coverage: float = 0.9995,
     input_sentence_size: int = 1_000_000,
-    num_threads: int = 1,
+    seed: int = 0,
     seed_sentencepiece_size: Optional[int] = None,
 ) -> PauseTokenizer:
-    """Train a SentencePiece model on `texts`; `<pause>` is added as the last piece (vocab_size + 1 in all).
+    """Train a lossless SentencePiece model on `texts`; `<pause>` is added as the last piece.
 
-    unk=0, bos=1, eos=2 (EOD), pad=3. `texts` may be any iterable (a corpus sample).
+    unk=0, bos=1, eos=2 (EOD), pad=3. `texts` may be any iterable of sentences (SentencePiece skips ones over
+    4192 bytes: pass lines, not whole web documents). Identity normalization with whitespace kept and byte
+    fallback: every text decodes back to itself exactly (C4's newlines included). The same texts, size and
+    seed give the same model (threads are fixed at TRAIN_THREADS: the model depends on the thread count).
     """
     out = io.BytesIO()
     extra = {} if seed_sentencepiece_size is None else {"seed_sentencepiece_size": seed_sentencepiece_size}
+    spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles its sentences
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=out,
@@ -158,7 +171,9 @@ def train_tokenizer(
         character_coverage=character_coverage,
         input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True,
-        num_threads=num_threads,
+        num_threads=TRAIN_THREADS,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         unk_id=0,
         bos_id=1,
         eos_id=2,
