@@ -168,7 +168,7 @@ def _make_lm_class():
         def all_gather(self, tensor):
             parts = [torch.zeros_like(tensor) for _ in range(self._world_size)]
             torch.distributed.all_gather(parts, tensor)
-            return torch.cat(parts)
+            return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
         def gather_object(self, obj, dst=0):
             parts = [None] * self._world_size if self._rank == dst else None

@@ -71,6 +71,17 @@ def test_finetuning_loss_ignores_prompt_and_pause_labels(probe):
     assert f["pause_position"] < min(f["target_positions"])  # the pauses sit between prompt and target
 
 
+def test_data_parallel_evaluation_gives_the_single_process_scores(pretrained, tmp_path):
+    """Two ranks split lm-eval's requests (likelihood and generation) and gather them on rank 0."""
+    finetune(pretrained, tmp_path, "piqa")
+    single = evaluate(tmp_path / "checkpoints", "piqa,nq_open", limit=4)
+    proc = torchrun("-m pause_megatron.evaluate", "--checkpoint", str(tmp_path / "checkpoints"), "--tasks",
+                    "piqa,nq_open", "--data-dir", SAMPLES, "--limit", "4", "tracking.enabled=false", nproc=2)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"checkpoint"')]
+    assert len(lines) == 1  # rank 0 reports
+    assert json.loads(lines[0])["scores"] == single["scores"]
+
+
 def test_m_inf_robustness_sweep_reports_three_scores(pretrained, tmp_path):
     finetune(pretrained, tmp_path, "nq_open")
     reports = [evaluate(tmp_path / "checkpoints", "nq_open", f"pauses.m_inf={m}") for m in (0, M_FT // 2, M_FT)]

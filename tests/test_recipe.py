@@ -7,13 +7,13 @@ import pytest
 
 from helpers import ROOT, python
 
-MICRO = {  # the quickstart cut down to 2 variants x 1 task x 1 seed: 8 stages
+MICRO = {  # the quickstart cut down to 2 variants x 1 task x 1 seed, M_ft in {1, 2}: 10 stages
     "name": "micro", "variants": ["StdPT_StdFT", "PausePT_PauseFT"],
     "data": {"input": "sample", "sample_files": 1, "sample_docs_per_file": 150, "seq_length": 128,
              "vocab_size": 600},
     "pretrain": {"config": "recipes/pretrain_tiny.yaml",
                  "overrides": ["parallel.tensor=1", "train.steps=6", "train.eval_interval=0", "train.save_interval=0"]},
-    "finetune": {"config": "recipes/finetune.yaml", "tasks": ["piqa"], "m_ft": [2], "seeds": [0],
+    "finetune": {"config": "recipes/finetune.yaml", "tasks": ["piqa"], "m_ft": [1, 2], "seeds": [0],
                  "task_dir": "pause_megatron/sample_tasks",
                  "overrides": ["train.steps=2", "train.global_batch_size=2", "train.micro_batch_size=2",
                                "optim.warmup_steps=1", "train.eval_interval=0", "precision.dtype=fp32"]},
@@ -71,6 +71,7 @@ def test_interrupted_recipe_skips_finished_stages_and_ends_with_the_same_report(
     cli("run", write_recipe(whole))
     report = (whole / "out" / "report" / "report.md").read_text()
     assert "| piqa | acc |" in report and "PausePT_PauseFT" in report
+    assert "## M_ft" in report and (whole / "out" / "report" / "m_ft.png").exists()
 
     parts = tmp_path / "parts"
     parts.mkdir()
