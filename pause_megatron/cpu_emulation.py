@@ -183,11 +183,6 @@ def enable() -> None:
     _enabled = True
 
 
-def enabled() -> bool:
-    """Whether this process runs Megatron-Core through the CPU emulation."""
-    return _enabled
-
-
 @contextlib.contextmanager
 def without_device_rewrites():
     """Suspend the per-op device rewriting inside a block that creates no CUDA tensors by name.

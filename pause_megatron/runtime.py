@@ -135,10 +135,6 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
-def is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 def device() -> torch.device:
     """The device tensors go to: the local GPU, or the CPU under the emulation."""
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
