@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from pause_megatron.compat import save_checkpoint
+from pause_megatron.model import unwrap
 from pause_megatron.train import TrainState
 
 LATEST = "latest"
@@ -61,8 +62,9 @@ def resolve(path: str) -> str:
 
 
 def _bare(chunks: list) -> list:
-    """GPTModels without their DDP wrappers: checkpoint keys are the bare model's, so they load anywhere."""
-    return [getattr(c, "module", c) for c in chunks]
+    """GPTModels without their DDP / Float16Module wrappers: checkpoint keys are the bare model's (no
+    `module.` prefix), so a bf16 checkpoint loads into an fp32 model and back, and evaluation needs no DDP."""
+    return [unwrap(c) for c in chunks]
 
 
 def _model_sharded_state_dict(chunks: list) -> dict:
@@ -106,7 +108,7 @@ def _rng_path(path: str) -> str:
     return os.path.join(path, "rng", name)
 
 
-def _rng_state() -> dict:
+def _rng_state(cuda: bool) -> dict:
     import random
 
     import numpy as np
@@ -116,12 +118,12 @@ def _rng_state() -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if cuda else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
 
 
-def _set_rng_state(rng: dict) -> None:
+def _set_rng_state(rng: dict, cuda: bool) -> None:
     import random
 
     import numpy as np
@@ -130,7 +132,7 @@ def _set_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
+    if rng["cuda"] is not None and cuda:
         torch.cuda.set_rng_state(rng["cuda"])
     get_cuda_rng_tracker().set_states(rng["tracker"])
 
@@ -177,7 +179,7 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     sharded["extra"] = extra or {}
     save_checkpoint(sharded, path)
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-    torch.save(_rng_state(), _rng_path(path))
+    torch.save(_rng_state(state.cuda), _rng_path(path))
     torch.distributed.barrier()
     if rank0:  # only now is the checkpoint complete: point `latest` at it, atomically
         tmp = os.path.join(root, f".{LATEST}.tmp")
@@ -211,5 +213,5 @@ def load(state: TrainState, path: str, *, weights_only: bool = False) -> dict:
     state.consumed_samples = int(loaded["consumed_samples"])
     rng = _rng_path(path)
     if os.path.exists(rng):
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch.load(rng, weights_only=False), state.cuda)
     return loaded.get("extra", {})

@@ -52,6 +52,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128  # padded size independent of TP (see tokenizer.padded_vocab_size)
+    spec: str = "auto"  # layer spec: "te" (Transformer Engine), "local" (Megatron-Core + SDPA) or "auto" (te if present)
 
 
 @dataclass
@@ -216,9 +217,9 @@ def resolved_dtype(cfg: Config, *, cuda: bool) -> str:
 
 def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> None:
     """Raise ConfigError naming the first field that cannot work; `world_size` checks the batch split."""
-    import torch
+    from pause_megatron.kernels import use_cuda
 
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    cuda = use_cuda() if cuda is None else cuda
     m, p, pr, o, t, d, pa = cfg.model, cfg.parallel, cfg.precision, cfg.optim, cfg.train, cfg.data, cfg.pauses
 
     def need(ok: bool, message: str) -> None:
@@ -231,6 +232,9 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
          f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
     need(m.position_embedding in ("rope", "learned_absolute"),
          f"model.position_embedding must be 'rope' or 'learned_absolute', got {m.position_embedding!r}")
+    need(m.spec in ("auto", "te", "local"), f"model.spec must be 'auto', 'te' or 'local', got {m.spec!r}")
+    if m.spec == "te":
+        need(cuda and transformer_engine_available(), "model.spec=te needs Transformer Engine and a GPU")
     need(m.normalization in ("LayerNorm", "RMSNorm"),
          f"model.normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
 
@@ -258,6 +262,7 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
         need(transformer_engine_available(),
              "precision.fp8 needs Transformer Engine (pip install 'pause-megatron[gpu]' or an NGC PyTorch container)")
         need(resolved_dtype(cfg, cuda=cuda) == "bf16", "precision.fp8 needs precision.dtype bf16 (or auto on a GPU)")
+        need(m.spec != "local", "precision.fp8 needs the Transformer Engine spec, not model.spec=local")
 
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")

@@ -4,8 +4,9 @@ Megatron-Core has no CPU code path, but all of its training stack (model, DDP, o
 schedules, dist_checkpointing) runs on CPU tensors once the few CUDA-only calls it makes are redirected:
 device arguments naming CUDA become the CPU, the CUDA RNG functions use the CPU generator, and streams,
 events and synchronisation are no-ops (the CPU runs every op in order). `enable()` is called by the runtime
-only when no GPU is present (or when asked for tests); it is never on in a GPU run, and this is the only
-module of the project that knows about it.
+when no GPU is present or PAUSE_MEGATRON_CPU=1 asks for the CPU (tests do); on a machine with a GPU it then
+hides the GPU from this process (`torch.cuda.is_available()` answers False), so nothing reaches the real
+device. It is never on in a GPU run, and this is the only module of the project that knows about it.
 """
 
 from __future__ import annotations
@@ -139,16 +140,15 @@ def _patch_causal_masks() -> None:
 
 
 def enable() -> None:
-    """Turn the emulation on for this process (idempotent). Must not be called when CUDA is available."""
+    """Turn the emulation on for this process (idempotent); a GPU, if there is one, is hidden from it."""
     global _enabled
     if _enabled:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("CPU emulation of CUDA must not be enabled on a machine with a GPU")
     # Import Megatron-Core first: its import runs torch.compile decorators, which snapshot torch.cuda.
     from megatron.core.tensor_parallel import random as mcore_random
 
     cuda = torch.cuda
+    cuda.is_available = lambda: False
     cuda.current_device = lambda: _CPU
     cuda.device_count = lambda: 1
     cuda.set_device = _noop()

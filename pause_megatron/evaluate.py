@@ -192,7 +192,7 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     """(model, cfg, tokenizer) from a checkpoint of any layout, rebuilt at TP=1, PP=1 on this process."""
     from pause_megatron import checkpoint, runtime
     from pause_megatron.config import load_config
-    from pause_megatron.model import build_gpt
+    from pause_megatron.model import build_gpt, prepare_chunks
     from pause_megatron.tokenizer import padded_vocab_size
 
     extra = checkpoint.read_extra(checkpoint_path)
@@ -208,9 +208,7 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     runtime.init_distributed(cfg)
     cuda = runtime.use_cuda()
     vocab = padded_vocab_size(tokenizer.vocab_size, divisible_by=cfg.model.make_vocab_size_divisible_by)
-    model = build_gpt(cfg, vocab_size=vocab, cuda=cuda)
-    if cuda:
-        model = model.cuda()
+    model = prepare_chunks([build_gpt(cfg, vocab_size=vocab, cuda=cuda)], cuda=cuda)[0]  # Float16Module in bf16
     checkpoint.load_model([model], checkpoint_path)
     model.eval()
     return model, cfg, tokenizer

@@ -1,4 +1,7 @@
-"""Megatron-Core GPTModel from a preset: local layer spec on the CPU, Transformer Engine spec on a GPU.
+"""Megatron-Core GPTModel from a preset: Transformer Engine spec where TE and a GPU are, else the local spec.
+
+Which spec and which fused kernels are used is decided in pause_megatron.kernels; bf16 chunks are wrapped in
+Megatron's Float16Module as Megatron's own training does (`prepare_chunks`).
 
 The `<pause>` embedding is an ordinary row of the (padded) embedding table: nothing here knows about pauses.
 """
@@ -10,18 +13,24 @@ from typing import Optional
 import torch
 
 from pause_megatron.compat import gpt_model, no_cuda_graph_modules
+from pause_megatron import kernels as kernels_
 from pause_megatron.config import Config, resolved_dtype
 
 
-def transformer_config(cfg: Config, *, cuda: bool):
+def kernel_choice(cfg: Config, *, cuda: bool) -> kernels_.Kernels:
+    """This machine's kernel decisions for `cfg` (see pause_megatron.kernels)."""
+    return kernels_.choose(kernels_.Present.detect(cuda=cuda), spec=cfg.model.spec)
+
+
+def transformer_config(cfg: Config, *, cuda: bool, kernels: Optional[kernels_.Kernels] = None):
     """Map our config onto Megatron's TransformerConfig (the one dataclass every Megatron module reads)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, p = cfg.model, cfg.parallel
+    k = kernels or kernel_choice(cfg, cuda=cuda)
     dtype = resolved_dtype(cfg, cuda=cuda)
     bf16 = dtype == "bf16"
     params_dtype = torch.bfloat16 if bf16 else torch.float32
-    fused = cuda  # kernel fusions need CUDA (and apex/TE); on the CPU every fusion is off
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -40,12 +49,7 @@ def transformer_config(cfg: Config, *, cuda: bool):
         bf16=bf16,
         autocast_dtype=params_dtype,
         use_cpu_initialization=not cuda,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=fused,
-        bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,
-        persist_layer_norm=fused,
-        apply_rope_fusion=False,
+        **k.transformer_config_kwargs(),
         calculate_per_token_loss=True,  # pause targets are masked: normalise by the real token count
         # Batched isend/irecv pairs a rank's messages to the same peer by order; on gloo with PP=2 and
         # virtual stages the forward activation and the backward gradient (same shape) then cross.
@@ -58,18 +62,46 @@ def transformer_config(cfg: Config, *, cuda: bool):
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(cfg: Config, *, cuda: bool):
-    """The Transformer Engine spec when TE and a GPU are there (required for FP8), else the local spec."""
+def layer_spec(cfg: Config, kernels: kernels_.Kernels):
+    """The Transformer Engine spec, or the local spec with SDPA as its core attention (a spec submodule)."""
+    import dataclasses
+
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    from pause_megatron.config import transformer_engine_available
-
-    if cuda and transformer_engine_available():
+    if kernels.spec == "te":
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    if not kernels.sdpa_attention:
+        return spec
+    from pause_megatron.attention import SDPAttention
+
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules,
+                                                                              core_attention=SDPAttention))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+
+def prepare_chunks(chunks: list, *, cuda: bool) -> list:
+    """Chunks on the GPU and, in bf16, wrapped in Float16Module, as Megatron's training.get_model does
+    before DDP: weights (norms included) in bf16, inputs cast on the first stage, outputs back to fp32 on
+    the last. The optimizer keeps fp32 main parameters (OptimizerConfig.bf16)."""
+    from megatron.core.transformer.module import Float16Module
+
+    if cuda:
+        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    if chunks[0].config.bf16:
+        chunks = [Float16Module(c.config, c) for c in chunks]
+    return chunks
+
+
+def unwrap(module):
+    """The bare GPTModel inside DDP / Float16Module wrappers (their `module` attribute)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
 
 
 def build_gpt(
@@ -80,12 +112,16 @@ def build_gpt(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
+    kernels: Optional[kernels_.Kernels] = None,
 ):
-    """One GPTModel (one pipeline chunk). `vocab_size` must already be padded for TP."""
-    tconfig = transformer_config(cfg, cuda=cuda)
+    """One GPTModel (one pipeline chunk). `vocab_size` must already be padded for TP.
+
+    `kernels` overrides this machine's decisions (tests simulate a GPU's on the CPU)."""
+    kernels = kernels or kernel_choice(cfg, cuda=cuda)
+    tconfig = transformer_config(cfg, cuda=cuda, kernels=kernels)
     kwargs = dict(
         config=tconfig,
-        transformer_layer_spec=layer_spec(cfg, cuda=cuda),
+        transformer_layer_spec=layer_spec(cfg, kernels),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,
         pre_process=pre_process,
@@ -99,7 +135,8 @@ def build_gpt(
     return gpt_model(**kwargs)
 
 
-def build_model_chunks(cfg: Config, *, vocab_size: int, cuda: bool) -> list:
+def build_model_chunks(cfg: Config, *, vocab_size: int, cuda: bool,
+                       kernels: Optional[kernels_.Kernels] = None) -> list:
     """The model chunks this rank holds: one, or `virtual_pipeline` of them for interleaved 1F1B."""
     from megatron.core import parallel_state
 
@@ -110,6 +147,7 @@ def build_model_chunks(cfg: Config, *, vocab_size: int, cuda: bool) -> list:
                 cfg,
                 vocab_size=vocab_size,
                 cuda=cuda,
+                kernels=kernels,
                 pre_process=parallel_state.is_pipeline_first_stage(),
                 post_process=parallel_state.is_pipeline_last_stage(),
             )
@@ -121,6 +159,7 @@ def build_model_chunks(cfg: Config, *, vocab_size: int, cuda: bool) -> list:
                 cfg,
                 vocab_size=vocab_size,
                 cuda=cuda,
+                kernels=kernels,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 vp_stage=stage,

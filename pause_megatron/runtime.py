@@ -16,6 +16,7 @@ import torch
 
 from pause_megatron import cpu_emulation
 from pause_megatron.config import Config
+from pause_megatron.kernels import use_cuda  # noqa: F401  (callers ask the runtime)
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,6 @@ def _free_port() -> int:
 
 def world_size_from_env(environ: Mapping[str, str] = os.environ) -> int:
     return dist_env(environ).world_size
-
-
-def use_cuda() -> bool:
-    """GPU run unless there is no GPU or PAUSE_MEGATRON_CPU=1 asks for the CPU."""
-    return torch.cuda.is_available() and os.environ.get("PAUSE_MEGATRON_CPU", "0") != "1"
 
 
 def init_distributed(cfg: Config, *, timeout_minutes: int = 30) -> DistEnv:

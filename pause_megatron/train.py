@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from pause_megatron.config import Config
-from pause_megatron.model import build_model_chunks
+from pause_megatron.model import build_model_chunks, prepare_chunks
 
 
 @dataclass
@@ -35,17 +35,16 @@ class TrainState:
         return self.model[0].config
 
 
-def build_train_state(cfg: Config, *, vocab_size: int, cuda: bool) -> TrainState:
-    """Model chunks in Megatron DDP, the Megatron optimizer (Adam) and the LR/WD scheduler."""
+def build_train_state(cfg: Config, *, vocab_size: int, cuda: bool, kernels=None) -> TrainState:
+    """Model chunks (Float16Module in bf16) in Megatron DDP, the Megatron optimizer (Adam, fp32 main params
+    in bf16) and the LR/WD scheduler. `kernels` overrides this machine's decisions (see model.build_gpt)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    chunks = build_model_chunks(cfg, vocab_size=vocab_size, cuda=cuda)
+    chunks = prepare_chunks(build_model_chunks(cfg, vocab_size=vocab_size, cuda=cuda, kernels=kernels), cuda=cuda)
     tconfig = chunks[0].config
-    if cuda:
-        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -150,7 +149,7 @@ def _run_schedule(state: TrainState, microbatches: list[dict], *, forward_only: 
     )
 
 
-def _mean_loss(losses: list[dict], *, key: str = "lm loss") -> tuple[float, int]:
+def _mean_loss(losses: list[dict], *, cuda: bool, key: str = "lm loss") -> tuple[float, int]:
     """(loss per unmasked token, token count) over microbatches and data-parallel ranks.
 
     Only the last pipeline stage computes losses; the result is broadcast so every rank returns it.
@@ -163,7 +162,7 @@ def _mean_loss(losses: list[dict], *, key: str = "lm loss") -> tuple[float, int]
             total += item[key].detach().to("cpu", torch.float64)
     if torch.distributed.is_initialized():
         # Sum over data-parallel ranks, then share the last stage's value along the pipeline.
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         t = total.to(dev)
         torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
         torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
@@ -182,7 +181,7 @@ def train_step(state: TrainState, microbatches: list[dict]) -> dict:
     if update_successful:
         state.scheduler.step(increment=1)
     state.step += 1
-    loss, count = _mean_loss(losses)
+    loss, count = _mean_loss(losses, cuda=state.cuda)
     lr = state.optimizer.param_groups[0]["lr"]
     return {"loss": loss, "tokens": count, "grad_norm": float(grad_norm or 0.0), "lr": lr, "skipped": not update_successful}
 
@@ -197,8 +196,8 @@ def eval_step(state: TrainState, microbatches: list[dict]) -> dict:
     finally:
         for chunk in state.model:
             chunk.train()
-    loss, count = _mean_loss(losses)
-    all_loss, all_count = _mean_loss(losses, key="all-token loss")
+    loss, count = _mean_loss(losses, cuda=state.cuda)
+    all_loss, all_count = _mean_loss(losses, cuda=state.cuda, key="all-token loss")
     return {"loss": loss, "tokens": count, "all_token_loss": all_loss, "all_tokens": all_count}
 
 
@@ -254,9 +253,10 @@ class GracefulStop:
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self):
+    def __init__(self, *, cuda: bool):
         import signal
 
+        self.cuda = cuda  # NCCL reduces CUDA tensors only
         self.requested = False
         self.signal_name: Optional[str] = None
         for name in self.SIGNALS:
@@ -271,7 +271,7 @@ class GracefulStop:
     def agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.requested else 0.0])
         if torch.distributed.is_initialized():
-            if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
+            if self.cuda:
                 flag = flag.cuda()
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)
@@ -322,7 +322,7 @@ def fit(
     ckpt_root = os.path.join(t.output_dir, "checkpoints")
     flops_per_step = model_flops_per_token(cfg, vocab_size=vocab_size) * t.global_batch_size * cfg.model.seq_length
     peak = peak_tflops(cfg, cuda=state.cuda)
-    stop = GracefulStop()
+    stop = GracefulStop(cuda=state.cuda)
     metrics_file = open(os.path.join(t.output_dir, "metrics.jsonl"), "a") if rank0 else None
     import sys
 

@@ -1,0 +1,114 @@
+"""Which fused kernels and which layer spec a run uses, decided in one place from what is actually present.
+
+Each decision reads what is importable (apex, Transformer Engine, Megatron's compiled kernels) and whether
+the run is on CUDA, never "CUDA is there" alone: a plain `pip install` on a GPU has neither apex nor TE nor
+the compiled softmax, and each of those fusions then fails before the first step. `python -m
+pause_megatron.kernels` prints every decision with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+
+def use_cuda() -> bool:
+    """A GPU run unless there is no GPU or PAUSE_MEGATRON_CPU=1 asks for the CPU (emulation)."""
+    import torch
+
+    return os.environ.get("PAUSE_MEGATRON_CPU", "0") != "1" and torch.cuda.is_available()
+
+
+def importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that is missing or broken
+        return False
+
+
+@dataclass(frozen=True)
+class Present:
+    """What is installed, found once per process; tests pass their own to simulate another machine."""
+
+    cuda: bool
+    apex: bool  # apex's fused LayerNorm (FusedLayerNorm, persistent kernel) and FusedAdam
+    transformer_engine: bool
+    softmax_kernel: bool  # Megatron's compiled scaled_masked_softmax_cuda
+    grad_accum_kernel: bool  # fused_weight_gradient_mlp_cuda (apex) for the local spec's linears
+
+    @classmethod
+    def detect(cls, *, cuda: bool) -> "Present":
+        return cls(cuda=cuda, apex=importable("apex.contrib.layer_norm"), transformer_engine=importable(
+            "transformer_engine.pytorch"), softmax_kernel=importable("scaled_masked_softmax_cuda"),
+                   grad_accum_kernel=importable("fused_weight_gradient_mlp_cuda"))
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The decisions, each with its reason (`reasons[name]`)."""
+
+    spec: str  # "te" or "local"
+    persist_layer_norm: bool
+    masked_softmax_fusion: bool
+    gradient_accumulation_fusion: bool
+    bias_activation_fusion: bool
+    bias_dropout_fusion: bool
+    apply_rope_fusion: bool
+    sdpa_attention: bool  # the local spec's core attention on F.scaled_dot_product_attention
+    reasons: dict = field(default_factory=dict, compare=False)
+
+    def transformer_config_kwargs(self) -> dict:
+        return {k: getattr(self, k) for k in ("persist_layer_norm", "masked_softmax_fusion",
+                                              "gradient_accumulation_fusion", "bias_activation_fusion",
+                                              "bias_dropout_fusion", "apply_rope_fusion")}
+
+
+def choose(present: Present, *, spec: str = "auto") -> Kernels:
+    """Decide every kernel for `present` and the requested `model.spec` ("auto", "te" or "local")."""
+    c, why = present.cuda, {}
+    if spec == "te":
+        if not (c and present.transformer_engine):
+            raise ValueError("model.spec=te needs Transformer Engine and a GPU")
+        te, why["spec"] = True, "asked for (model.spec=te)"
+    elif spec == "local":
+        te, why["spec"] = False, "asked for (model.spec=local)"
+    else:
+        te = c and present.transformer_engine
+        why["spec"] = "auto: Transformer Engine on a GPU" if te else (
+            "auto: no Transformer Engine" if c else "auto: no GPU")
+    # Megatron's local spec builds apex's FusedLayerNorm when apex is importable, else torch's LayerNorm,
+    # which refuses persist_layer_norm; TE's norms ignore it.
+    persist = c and not te and present.apex
+    why["persist_layer_norm"] = "apex FusedLayerNorm on a GPU" if persist else "needs apex (local spec, GPU)"
+    # Only Megatron's DotProductAttention reads it, and it then imports the compiled kernel.
+    softmax = c and not te and present.softmax_kernel
+    why["masked_softmax_fusion"] = ("scaled_masked_softmax_cuda present" if softmax
+                                    else "needs Megatron's compiled scaled_masked_softmax_cuda (local spec)")
+    grad_accum = c and (te or present.grad_accum_kernel)
+    why["gradient_accumulation_fusion"] = ("TE linears" if c and te else "fused_weight_gradient_mlp_cuda present"
+                                           if grad_accum else "needs TE or apex's fused_weight_gradient_mlp_cuda")
+    # Pure PyTorch (Megatron's jit_fuser = torch.compile): fine on CUDA, a slow C++ compile on the CPU.
+    bias_fusions = c
+    why["bias_activation_fusion"] = why["bias_dropout_fusion"] = (
+        "torch.compile'd bias+GeLU / bias+dropout+add" if c else "off on the CPU (compile time, no gain)")
+    rope = c and te
+    why["apply_rope_fusion"] = "TE's fused RoPE" if rope else "needs Transformer Engine"
+    sdpa = not te
+    why["sdpa_attention"] = ("local spec: F.scaled_dot_product_attention (flash / memory-efficient kernels)"
+                             if sdpa else "TE's own fused attention")
+    return Kernels(spec="te" if te else "local", persist_layer_norm=persist, masked_softmax_fusion=softmax,
+                   gradient_accumulation_fusion=grad_accum, bias_activation_fusion=bias_fusions,
+                   bias_dropout_fusion=bias_fusions, apply_rope_fusion=rope, sdpa_attention=sdpa, reasons=why)
+
+
+def describe(k: Kernels) -> str:
+    """One line per decision: name, on/off, reason."""
+    return "\n".join(f"{name:30s} {str(getattr(k, name)):5s} {reason}" for name, reason in k.reasons.items())
+
+
+if __name__ == "__main__":
+    cuda = use_cuda()
+    present = Present.detect(cuda=cuda)
+    print(present)
+    print(describe(choose(present)))
