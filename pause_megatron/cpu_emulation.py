@@ -25,7 +25,7 @@ _mode = None
 def _is_cuda(device) -> bool:
     if device is None:
         return False
-    if isinstance(device, int):  # a bare ordinal means a CUDA device to torch
+    if isinstance(device, int) and not isinstance(device, bool):  # a bare ordinal means a CUDA device (not non_blocking)
         return True
     if isinstance(device, str):
         return device.startswith("cuda")
