@@ -37,16 +37,16 @@ def main() -> None:
         return torch.arange(start, start + length).unsqueeze(0).expand(BATCH, -1)
 
     def cached_decode(shift: int):
-        """Greedy tokens and per-step last logits with the KV cache; `shift` moves the cached tokens' positions."""
+        """Greedy tokens and per-step last logits with the KV cache; `shift` moves where the new tokens go."""
         with inference_mode():
             context = StaticInferenceContext(BATCH, PROMPT + NEW)
             logits = model(prompt, positions(0, PROMPT), None, inference_context=context, runtime_gather_output=True)
             shape = list(logits.shape)
-            context.sequence_len_offset += PROMPT
+            context.sequence_len_offset += PROMPT + shift
             steps = [logits[:, -1]]
             tokens = [logits[:, -1].argmax(-1)]
             for step in range(NEW - 1):
-                logits = model(tokens[-1].unsqueeze(1), positions(PROMPT + step + shift, 1), None,
+                logits = model(tokens[-1].unsqueeze(1), positions(PROMPT + step, 1), None,
                                inference_context=context, runtime_gather_output=True)
                 context.sequence_len_offset += 1
                 steps.append(logits[:, -1])
@@ -61,7 +61,8 @@ def main() -> None:
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         full, full_logits = tokens[:, PROMPT:], torch.stack(full_logits, dim=1)
         cached, cached_logits, prefill_shape = cached_decode(0)
-        _, shifted_logits, _ = cached_decode(1)  # an off-by-one RoPE position: what the comparison must see
+        # Off by one: each new token gets the RoPE position (and cache slot) of the token before it.
+        _, shifted_logits, _ = cached_decode(-1)
 
     def max_diff(a, b):
         return float((a.float() - b.float()).abs().max())
