@@ -11,6 +11,7 @@ import argparse
 import json
 
 import numpy as np
+import torch
 
 from pause_megatron import runtime
 from pause_megatron.config import load_config
@@ -37,7 +38,8 @@ def main() -> None:
     windows = rng.integers(4, PAUSE_ID, size=(2, seq + 1))
     windows[0, COUNTED_IN_A + 1:] = PAUSE_ID  # A: only its first 4 targets are not pauses
     a, b = windows_to_samples(windows)
-    start = [{k: v.detach().clone() for k, v in chunk.state_dict().items()} for chunk in state.model]
+    start = [{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in chunk.state_dict().items()}
+             for chunk in state.model]
 
     out = {}
     for name, microbatches in (("two_microbatches", [[a], [b]]), ("one_microbatch", [[a, b]])):
