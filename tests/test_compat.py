@@ -20,7 +20,7 @@ TRAIN = ["train.steps=2", "optim.warmup_steps=1", "optim.lr=1e-3", "train.global
          "train.micro_batch_size=2"]
 INIT_SEED = "train.seed=7"  # saved weights differ from a fresh model's (seed 0), so a load that did nothing shows
 RTOL = 1e-5  # as in test_parallel: summation order only
-LOGIT_ATOL = 1e-4  # cached vs recomputed decoding, see test_cached_decoding_returns_last_logits_and_matches_recomputation
+LOGIT_ATOL = 1e-4  # cached vs recomputed decoding: see test_cached_decoding_returns_last_logits_and_matches...()
 
 
 def test_installed_release_is_in_the_supported_range():

@@ -1,7 +1,8 @@
 """Checks of the evaluation adapter and the finetuning loss on one checkpoint (run by the tests).
 
 Prints one JSON object: the adapter's log-likelihood and a direct forward pass with the pauses in place,
-KV-cached and recomputed greedy generations with the largest difference of their per-step logits, and finetuning losses with a prompt label / a target label changed.
+KV-cached and recomputed greedy generations with the largest difference of their per-step logits, and
+finetuning losses with a prompt label / a target label changed.
 """
 
 import argparse
