@@ -101,7 +101,6 @@ def _make_lm_class():
             self.max_length, self._device = max_length, device
             self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             self._world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            self.samples: list[dict] = []  # (prompt, output) of generation requests, for the artifact
 
         def with_pauses(self, ids: list[int]) -> list[int]:
             return place_pauses(ids, m=self.m_inf, pause_id=self.tok.pause_id, placement=self.placement,
@@ -161,7 +160,6 @@ def _make_lm_class():
                     if stop and stop in text:
                         text = text[: text.index(stop)]
                 outputs.append(text)
-                self.samples.append({"context": context, "output": text})
             return outputs
 
         # Data-parallel evaluation: lm-eval splits requests by rank and gathers through these.
@@ -199,7 +197,9 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     base = dict(extra.get("config") or {})
     base["parallel"] = {"tensor": 1, "pipeline": 1, "virtual_pipeline": None, "sequence_parallel": False}
     base.pop("task", None)
-    cfg = load_config(None, list(overrides), base=base, world_size=runtime.world_size_from_env())
+    # No world_size: the training batch split (global batch vs micro batch x data parallel) does not apply to
+    # inference, where lm-eval splits the requests over any number of ranks.
+    cfg = load_config(None, list(overrides), base=base)
     tokenizer = PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path))
     p = cfg.pauses
     if p.placement in ("append", "prepend") and (p.m_inf if p.m_inf is not None else p.m_ft) > 0:
@@ -216,7 +216,11 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
 
 def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optional[str], limit: Optional[int] = None,
                    m_inf: Optional[int] = None) -> tuple[dict, list[dict]]:
-    """Run lm-eval on `tasks` with M_inf pauses; returns ({task: {metric: value}}, generation samples)."""
+    """Run lm-eval on `tasks` with M_inf pauses; returns ({task: {metric: value}}, {task: per-request records}).
+
+    Both only on rank 0, gathered from every rank. A record is the document id, the request arguments and the
+    model's responses (log-likelihood and greedy flag, or the generated text).
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -230,13 +234,16 @@ def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optiona
                  max_length=cfg.model.seq_length, device=device())
     configs = [lm_eval_config(get_task(t), data_dir=data_dir) for t in tasks]
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(), limit=limit,
-                                  num_fewshot=0, log_samples=False, bootstrap_iters=0)
-    scores = {}
+                                  num_fewshot=0, log_samples=True, bootstrap_iters=0)
+    scores, records = {}, {}
     if out is not None:  # only rank 0 gets results
         for t in tasks:
             raw = out["results"][f"pause_{t}"]
             scores[t] = {k.split(",")[0]: v for k, v in raw.items() if "," in k and not k.split(",")[0].endswith("stderr")}
-    return scores, lm.samples
+            records[t] = [{"doc_id": s["doc_id"], "arguments": [list(a) for a in s["arguments"]],
+                           "resps": [list(r[0]) if isinstance(r[0], tuple) else r[0] for r in s["resps"]]}
+                          for s in out["samples"][f"pause_{t}"]]
+    return scores, records
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -245,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tasks", help="comma-separated task names (also accepted as tasks=a,b)")
     ap.add_argument("--data-dir", help="offline task data: <dir>/<task>/eval.jsonl")
     ap.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
-    ap.add_argument("--output", help="write the scores (and per-sample generations) to this JSON file")
+    ap.add_argument("--output", help="write the scores (and every request's arguments and responses) to this JSON file")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pauses.m_inf=10 pauses.placement=append")
     from pause_megatron.job import add_tracking_args, tags_from
 

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.slow
 
 SAMPLES = str(ROOT / "pause_megatron" / "sample_tasks")
 M_FT = 4
+LOGIT_ATOL = 1e-4  # cached vs recomputed decoding (see the KV-cache test)
 PAPER_METRIC = {"gsm8k": "exact_match", "squad": "exact_match", "coqa": "f1", "commonsense_qa": "exact_match",
                 "piqa": "acc", "hellaswag": "acc", "lambada": "exact_match", "webqs": "exact_match",
                 "nq_open": "exact_match"}
@@ -58,9 +59,17 @@ def test_adapter_likelihood_equals_a_direct_forward_pass_with_pauses(probe):
 
 
 def test_kv_cached_generation_equals_recomputation_token_for_token(probe):
+    """Same tokens, and at every step the same logits up to float32 summation order.
+
+    The tokens alone cannot catch a cached token at the wrong RoPE position: the tiny model's greedy output
+    depends almost only on the last token. The logits do; the tolerance: cached and recomputed decoding do the
+    same float32 arithmetic in differently shaped matmuls, which moves logits of scale ~1 by ~1e-6, while a
+    position off by one moves them by >1e-2 (docs/testing.md).
+    """
     for g in probe["generation"]:
         assert len(g["cached"]) == 40
         assert g["cached"] == g["recomputed"]
+        assert g["max_logit_diff"] < LOGIT_ATOL, g["max_logit_diff"]
 
 
 def test_finetuning_loss_ignores_prompt_and_pause_labels(probe):
@@ -71,22 +80,55 @@ def test_finetuning_loss_ignores_prompt_and_pause_labels(probe):
     assert f["pause_position"] < min(f["target_positions"])  # the pauses sit between prompt and target
 
 
-def test_data_parallel_evaluation_gives_the_single_process_scores(pretrained, tmp_path):
-    """Two ranks split lm-eval's requests (likelihood and generation) and gather them on rank 0."""
-    finetune(pretrained, tmp_path, "piqa")
-    single = evaluate(tmp_path / "checkpoints", "piqa,nq_open", limit=4)
-    proc = torchrun("-m pause_megatron.evaluate", "--checkpoint", str(tmp_path / "checkpoints"), "--tasks",
-                    "piqa,nq_open", "--data-dir", SAMPLES, "--limit", "4", "tracking.enabled=false", nproc=2)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"checkpoint"')]
-    assert len(lines) == 1  # rank 0 reports
-    assert json.loads(lines[0])["scores"] == single["scores"]
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
+    """A piqa finetuning checkpoint (global batch 4, micro batch 2)."""
+    out = tmp_path_factory.mktemp("ft_piqa")
+    finetune(pretrained, out, "piqa")
+    return out / "checkpoints"
 
 
-def test_m_inf_robustness_sweep_reports_three_scores(pretrained, tmp_path):
-    finetune(pretrained, tmp_path, "nq_open")
-    reports = [evaluate(tmp_path / "checkpoints", "nq_open", f"pauses.m_inf={m}") for m in (0, M_FT // 2, M_FT)]
-    assert [r["m_inf"] for r in reports] == [0, M_FT // 2, M_FT]
-    assert all("exact_match" in r["scores"]["nq_open"] for r in reports)
+def test_data_parallel_evaluation_gives_the_single_process_results_per_request(finetuned, tmp_path):
+    """Three ranks split lm-eval's requests (likelihood and generation) and gather them on rank 0.
+
+    Compared per request (log-likelihoods and generated texts), not by score: the scores of the tiny model are
+    saturated, so rank 1 returning rank 0's results or evaluating without pauses would not move them. Three
+    ranks also split the 4 documents unevenly, and the checkpoint's global batch 4 / micro batch 2 would not
+    divide over them: evaluation must not inherit that training check. Planted defects: docs/testing.md.
+    """
+    tasks = ["--tasks", "piqa,nq_open", "--data-dir", SAMPLES, "--limit", "4", "tracking.enabled=false"]
+    python("-m", "pause_megatron.evaluate", "--checkpoint", str(finetuned), *tasks, "--output",
+           str(tmp_path / "single.json"))
+    proc = torchrun("-m pause_megatron.evaluate", "--checkpoint", str(finetuned), *tasks, "--output",
+                    str(tmp_path / "dp.json"), nproc=3)
+    assert len([line for line in proc.stdout.splitlines() if line.startswith('{"checkpoint"')]) == 1  # rank 0
+    single, dp = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("single", "dp"))
+    assert dp["scores"] == single["scores"]
+    for task in ("piqa", "nq_open"):
+        want = {r["doc_id"]: r for r in single["samples"][task]}
+        got = {r["doc_id"]: r for r in dp["samples"][task]}
+        assert len(dp["samples"][task]) == len(want) == 4 and got.keys() == want.keys()
+        for doc_id, w in want.items():
+            assert got[doc_id]["arguments"] == w["arguments"]
+            if task == "piqa":  # [log-likelihood, is greedy] per choice
+                for g_resp, w_resp in zip(got[doc_id]["resps"], w["resps"], strict=True):
+                    assert g_resp[0] == pytest.approx(w_resp[0], rel=1e-6) and g_resp[1] == w_resp[1]
+            else:
+                assert got[doc_id]["resps"] == w["resps"]  # the generated texts
+
+
+def eval_prompts(checkpoint, *overrides):
+    proc = python(str(ROOT / "tests" / "dist" / "eval_prompts.py"), "--checkpoint", str(checkpoint), "--tasks",
+                  "nq_open", "--data-dir", SAMPLES, "--limit", "2", "tracking.enabled=false", *overrides)
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("PROMPTS ")][-1][8:])
+
+
+def test_m_inf_robustness_sweep_puts_m_inf_pauses_in_the_prompts_the_model_receives(finetuned):
+    """Counted at the model's input, so evaluating with M_ft whatever pauses.m_inf says fails (docs/testing.md)."""
+    for m in (0, M_FT // 2, M_FT + 3):
+        got = eval_prompts(finetuned, f"pauses.m_inf={m}")
+        assert got["m_inf"] == m and "exact_match" in got["scores"]["nq_open"]
+        assert got["trailing_pauses"] == [m, m]  # two nq_open documents, one greedy generation each
 
 
 def test_unknown_task_is_refused_before_training(pretrained, tmp_path):

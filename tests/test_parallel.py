@@ -71,3 +71,19 @@ def test_different_data_gives_a_different_curve(tmp_path, init_ckpt, baseline):
     """Guards the comparison itself: a changed seed must not pass as equal."""
     other = run_layout(tmp_path, init_ckpt, 1, "train.seed=99")
     assert other[0]["loss"] != pytest.approx(baseline[0]["loss"], rel=RTOL)
+
+
+def test_loss_is_normalised_per_token_across_microbatches(tmp_path):
+    """A step over microbatches of 4 and 128 counted targets has the gradient of one microbatch holding both.
+
+    Guards Megatron's calculate_per_token_loss (model.py): with per-microbatch normalisation the 4 targets of
+    the mostly-pause sample weigh as much as the 128 of the other, and the gradient norms differ by far more
+    than the summation-order tolerance. Planted defect and failure: docs/testing.md.
+    """
+    out = tmp_path / "norm.json"
+    torchrun(ROOT / "tests" / "dist" / "loss_normalisation.py", "--out", str(out))
+    got = read_json(out)
+    two, one = got["two_microbatches"], got["one_microbatch"]
+    assert two["tokens"] == one["tokens"] == 4 + 128
+    assert two["loss"] == pytest.approx(one["loss"], rel=RTOL)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=10 * RTOL)

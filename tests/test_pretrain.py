@@ -90,7 +90,10 @@ def _wait_for_checkpoint(out, step, proc, timeout=300):
 
 
 def test_sigkill_of_a_rank_then_restart_equals_an_uninterrupted_run(tiny_c4, tmp_path):
-    args = ["train.steps=12", "train.save_interval=4", "parallel.pipeline=2"]
+    """Dropout is on so that training draws random numbers: resuming without the saved RNG states changes the
+    loss from step 5 on (planted in docs/testing.md), while a correct resume stays bit for bit."""
+    args = ["train.steps=12", "train.save_interval=4", "parallel.pipeline=2", "model.hidden_dropout=0.1",
+            "model.attention_dropout=0.1"]
     pretrain(tiny_c4, tmp_path / "whole", *args, nproc=2)
     proc = _start(tiny_c4, tmp_path / "killed", *args, nproc=2)
     _wait_for_checkpoint(tmp_path / "killed", 4, proc)
@@ -100,7 +103,7 @@ def test_sigkill_of_a_rank_then_restart_equals_an_uninterrupted_run(tiny_c4, tmp
     assert "resumed from" in resumed.stdout
     whole, killed = metrics(tmp_path / "whole"), metrics(tmp_path / "killed")
     for step in range(5, 13):
-        assert killed[step]["train/loss"] == whole[step]["train/loss"]  # bit for bit
+        assert killed[step]["train/loss"] == whole[step]["train/loss"], f"step {step}"  # bit for bit
 
 
 def test_sigusr1_saves_and_the_rerun_resumes(tiny_c4, tmp_path):
@@ -123,7 +126,15 @@ def test_sigusr1_saves_and_the_rerun_resumes(tiny_c4, tmp_path):
 
 
 def test_checkpoint_saved_at_tp2_gives_the_same_loss_at_tp1(tiny_c4, tmp_path):
-    pretrain(tiny_c4, tmp_path, "train.steps=4", "parallel.tensor=2", nproc=2)
+    """The reloaded model (TP=2 and TP=1) gives the validation loss the trained TP=2 model had in memory.
+
+    Comparing TP=2 with TP=1 alone cannot catch a load that loads no weights: on the CPU a fresh model is the
+    same at any TP (the whole weight comes from one seed, then is split). So the loss must also differ from a
+    fresh model's: step 1 runs at learning rate 0 (linear warmup from 0), so its validation loss is the
+    fresh model's. Planted defect and failure: docs/testing.md.
+    """
+    pretrain(tiny_c4, tmp_path, "train.steps=4", "train.eval_interval=1", "parallel.tensor=2", nproc=2)
+    trained = metrics(tmp_path)
     losses = []
     for nproc, tp in ((2, 2), (1, 1)):
         proc = torchrun("-m pause_megatron.pretrain", "--validate-only", f"data.path={tiny_c4}",
@@ -131,6 +142,9 @@ def test_checkpoint_saved_at_tp2_gives_the_same_loss_at_tp1(tiny_c4, tmp_path):
         losses.append(json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"step"')][-1]))
     assert losses[0]["step"] == losses[1]["step"] == 4
     assert losses[1]["val/loss"] == pytest.approx(losses[0]["val/loss"], rel=RTOL)
+    assert losses[1]["val/loss"] == pytest.approx(trained[4]["val/loss"], rel=RTOL)
+    fresh = trained[1]["val/loss"]
+    assert losses[1]["val/loss"] != pytest.approx(fresh, rel=1e-3), "the checkpoint's weights were not loaded"
 
 
 def test_mlflow_run_has_params_metrics_and_artifacts(tiny_c4, tmp_path):

@@ -1,7 +1,8 @@
 """Checks of the evaluation adapter and the finetuning loss on one checkpoint (run by the tests).
 
 Prints one JSON object: the adapter's log-likelihood and a direct forward pass with the pauses in place,
-KV-cached and recomputed greedy generations, and finetuning losses with a prompt label / a target label changed.
+KV-cached and recomputed greedy generations with the largest difference of their per-step logits, and
+finetuning losses with a prompt label / a target label changed.
 """
 
 import argparse
@@ -17,6 +18,18 @@ from pause_megatron.tasks import get_task, load_split
 from pause_megatron.train import build_train_state, eval_step
 
 M = 4  # pauses for these checks
+
+
+class Recorder:
+    """The model as greedy_generate calls it, keeping the last position's logits of every call."""
+
+    def __init__(self, model):
+        self.model, self.last_logits = model, []
+
+    def __call__(self, **kwargs):
+        logits = self.model(**kwargs)
+        self.last_logits.append(logits[0, -1].detach().float().clone())
+        return logits
 
 
 def main():
@@ -43,12 +56,19 @@ def main():
     direct = sum(float(logp[start - 1 + i, t]) for i, t in enumerate(cont_ids))
     out["loglikelihood"] = {"adapter": adapter_ll, "direct": direct}
 
-    # 2. Greedy generation with and without the KV cache.
+    # 2. Greedy generation with and without the KV cache: the tokens, and the logits each step decided on.
     prompts = [tok.encode("Q: what is the capital of peru?\nA:") + [tok.pause_id] * M, tok.encode("The river"),
                [tok.eod_id]]
-    out["generation"] = [
-        {"cached": greedy_generate(model, p, max_new_tokens=40),
-         "recomputed": greedy_generate(model, p, max_new_tokens=40, use_cache=False)} for p in prompts]
+    out["generation"] = []
+    for p in prompts:
+        cached, recomputed = Recorder(model), Recorder(model)
+        g = {"cached": greedy_generate(cached, p, max_new_tokens=40),
+             "recomputed": greedy_generate(recomputed, p, max_new_tokens=40, use_cache=False)}
+        steps = min(len(cached.last_logits), len(recomputed.last_logits))
+        diff = torch.stack(cached.last_logits[:steps]) - torch.stack(recomputed.last_logits[:steps])
+        g["max_logit_diff"] = float(diff.abs().max())
+        g["logit_scale"] = float(torch.stack(recomputed.last_logits).std())
+        out["generation"].append(g)
 
     # 3. The finetuning loss (the real train-step loss function) ignores prompt and pause labels.
     task = get_task("squad")

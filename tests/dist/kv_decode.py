@@ -1,6 +1,8 @@
 """Greedy decoding of the tiny model, by full recomputation and with Megatron-Core's KV cache (one process).
 
-Writes JSON: the tokens each way, and the shape of the logits the KV-cached prefill returned. Cached
+Writes JSON: the tokens each way, the largest difference of their per-step logits (also for a cached run
+whose new tokens sit one position too far, the defect the comparison must see), and the shape of the logits
+the KV-cached prefill returned. Cached
 decoding runs inside `compat.inference_mode()`, as evaluation code must (megatron-core >= 0.18).
 """
 
@@ -34,28 +36,42 @@ def main() -> None:
     def positions(start: int, length: int) -> torch.Tensor:
         return torch.arange(start, start + length).unsqueeze(0).expand(BATCH, -1)
 
-    with torch.no_grad():
-        tokens = prompt
-        for _ in range(NEW):
-            logits = model(tokens, positions(0, tokens.shape[1]), None)
-            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        full = tokens[:, PROMPT:]
-
+    def cached_decode(shift: int):
+        """Greedy tokens and per-step last logits with the KV cache; `shift` moves where the new tokens go."""
         with inference_mode():
             context = StaticInferenceContext(BATCH, PROMPT + NEW)
             logits = model(prompt, positions(0, PROMPT), None, inference_context=context, runtime_gather_output=True)
-            prefill_shape = list(logits.shape)
-            context.sequence_len_offset += PROMPT
-            cached = [logits[:, -1].argmax(-1)]
+            shape = list(logits.shape)
+            context.sequence_len_offset += PROMPT + shift
+            steps = [logits[:, -1]]
+            tokens = [logits[:, -1].argmax(-1)]
             for step in range(NEW - 1):
-                logits = model(cached[-1].unsqueeze(1), positions(PROMPT + step, 1), None,
+                logits = model(tokens[-1].unsqueeze(1), positions(PROMPT + step, 1), None,
                                inference_context=context, runtime_gather_output=True)
                 context.sequence_len_offset += 1
-                cached.append(logits[:, -1].argmax(-1))
-        cached = torch.stack(cached, dim=1)
+                steps.append(logits[:, -1])
+                tokens.append(logits[:, -1].argmax(-1))
+        return torch.stack(tokens, dim=1), torch.stack(steps, dim=1), shape
+
+    with torch.no_grad():
+        tokens, full_logits = prompt, []
+        for _ in range(NEW):
+            logits = model(tokens, positions(0, tokens.shape[1]), None)
+            full_logits.append(logits[:, -1])
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        full, full_logits = tokens[:, PROMPT:], torch.stack(full_logits, dim=1)
+        cached, cached_logits, prefill_shape = cached_decode(0)
+        # Off by one: each new token gets the RoPE position (and cache slot) of the token before it.
+        _, shifted_logits, _ = cached_decode(-1)
+
+    def max_diff(a, b):
+        return float((a.float() - b.float()).abs().max())
 
     with open(args.out, "w") as f:
-        json.dump({"full": full.tolist(), "cached": cached.tolist(), "prefill_logits_shape": prefill_shape}, f)
+        json.dump({"full": full.tolist(), "cached": cached.tolist(), "prefill_logits_shape": prefill_shape,
+                   "max_logit_diff": max_diff(cached_logits, full_logits),
+                   "shifted_max_logit_diff": max_diff(shifted_logits, full_logits),
+                   "logit_scale": float(full_logits.float().std())}, f)
     runtime.destroy()
 
 
