@@ -205,7 +205,7 @@ def test_the_stdpt_pretraining_run_is_not_named_after_the_pause_config(tmp_path)
     r = _recipe(tmp_path, variants=["StdPT_StdFT"], pretrain={"config": "recipes/pretrain_1b_pause.yaml"})
     (std,) = [s for s in plan(r) if s.key == "pretrain/std"]
     argv = std.argv[std.argv.index("--config") + 2:std.argv.index("--tag")]
-    cfg = load_config("recipes/pretrain_1b_pause.yaml", argv, hardware=False)
+    cfg = load_config("recipes/pretrain_1b_pause.yaml", argv)
     assert cfg.data.variant == "std" and "pause" not in cfg.tracking.run_name
 
 
