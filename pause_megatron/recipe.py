@@ -162,10 +162,14 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
 
 # ---- the plan --------------------------------------------------------------------------------------------
 
-def _tracking_overrides(r: Recipe, key: str) -> list[str]:
-    """The recipe's store, and the stage key as the MLflow run name (a config file's run_name fits one variant)."""
+def _tracking_overrides(r: Recipe) -> list[str]:
     return [f"tracking.uri={r.tracking.uri}", f"tracking.experiment={r.tracking.experiment}",
-            f"tracking.enabled={str(r.tracking.enabled).lower()}", f"tracking.run_name={key}"]
+            f"tracking.enabled={str(r.tracking.enabled).lower()}"]
+
+
+def _run_name(key: str) -> str:
+    """Every stage's MLflow run is named after its key (last: a config file's run_name fits one variant only)."""
+    return f"tracking.run_name={key}"
 
 
 def _resolve(config: Optional[str], overrides: list[str], gpus: int, *, model: Optional[dict] = None):
@@ -222,7 +226,7 @@ def full_plan(r: Recipe) -> list[Stage]:
         key = f"pretrain/{variant}"
         d = f"{out}/{key}"
         overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
-                     *r.pretrain.overrides, *_tracking_overrides(r, key)]
+                     *_tracking_overrides(r), *r.pretrain.overrides, _run_name(key)]
         argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
                 *overrides, *common, "--tag", f"pretrain={pt}"]
         cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
@@ -257,7 +261,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                         "ablation": ablation}
                 overrides = [f"task={task}", f"train.init_from={pretrained[pt]}", f"pauses.m_ft={m}",
                              f"pauses.placement={placement}", f"train.seed={seed}", f"train.output_dir={d}",
-                             *task_dir, *f.overrides, *_tracking_overrides(r, key)]
+                             *task_dir, *_tracking_overrides(r), *f.overrides, _run_name(key)]
                 argv = ["-m", "pause_megatron.finetune", *(["--config", f.config] if f.config else []), *overrides,
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
@@ -276,7 +280,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                              "stage_key": ekey}
                     eargv = ["-m", "pause_megatron.evaluate", "--checkpoint", f"{d}/checkpoints", "--tasks", task,
                              *data_dir, *limit, "--output", f"{ed}/{RESULT}", f"pauses.m_inf={m_inf}",
-                             f"pauses.placement={ev_place}", *_tracking_overrides(r, ekey), *common,
+                             f"pauses.placement={ev_place}", *_tracking_overrides(r), _run_name(ekey), *common,
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags))
     stages.append(Stage("report", "report", [], f"{out}/report", [s.key for s in stages if s.kind == "evaluate"],
@@ -294,9 +298,9 @@ def plan(r: Recipe) -> list[Stage]:
     return [s for s in full_plan(r) if s.kind in r.stages]
 
 
-def missing_dependencies(r: Recipe) -> list[str]:
-    """One line per unfinished stage that a selected stage needs but `stages` leaves out."""
-    everything = full_plan(r)
+def missing_dependencies(r: Recipe, everything: list[Stage]) -> list[str]:
+    """One line per unfinished stage that a selected stage needs but `stages` leaves out (`everything`: the
+    full plan)."""
     by_key = {s.key: s for s in everything}
     selected = {s.key for s in everything if s.kind in r.stages}
     lines, seen = [], set()
@@ -388,8 +392,9 @@ def _local_command(stage: Stage, r: Recipe, python: str, parent: Optional[str]) 
 def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) -> int:
     """Run (or, with Slurm, submit) every stage that is not done yet; then the report."""
     python = r.launch.python or sys.executable
-    stages = plan(r)
-    missing = missing_dependencies(r)
+    everything = full_plan(r)
+    stages = [s for s in everything if s.kind in r.stages]
+    missing = missing_dependencies(r, everything)
     if missing:
         for line in missing:
             log(f"error: {line}")

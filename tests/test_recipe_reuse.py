@@ -225,7 +225,8 @@ def test_prepend_ablation_without_a_pausept_variant_is_a_clear_error(tmp_path):
 
 
 SLURM_8 = {"launch": {"executor": "slurm", "gpus_per_node": 8},  # and a finetune batch that 8 ranks can split
-           "finetune": {**MICRO["finetune"], "overrides": [*MICRO["finetune"]["overrides"], "train.global_batch_size=16"]}}
+           "finetune": {**MICRO["finetune"],
+                        "overrides": [*MICRO["finetune"]["overrides"], "train.global_batch_size=16"]}}
 
 
 def test_plan_checks_the_batch_split_for_the_stage_world_size(tmp_path):
