@@ -87,16 +87,13 @@ def resume_refusal(saved: dict, new: dict, *, step: int) -> list[str]:
     """Why a run with config `new` must not continue a checkpoint at `step` made with `saved` (empty: it may)."""
     old_flat, new_flat = _flat(saved), _flat(new)
     reasons = []
-    for key in sorted(set(old_flat) | set(new_flat)):
-        before, after = old_flat.get(key), new_flat.get(key)
-        if before == after or key.startswith(RESUMABLE_PREFIXES):
-            continue
-        if key == "train.steps" and after >= step:
-            continue
-        if key in RESUMABLE_KEYS and key != "train.steps":
-            continue
-        why = f" (the checkpoint is at step {step})" if key == "train.steps" else ""
-        reasons.append(f"{key}: {before!r} -> {after!r}{why}")
+    for key in sorted(set(old_flat) & set(new_flat)):  # a field added or removed since the save: nothing to compare
+        before, after = old_flat[key], new_flat[key]
+        if key == "train.steps":
+            if after < step:
+                reasons.append(f"train.steps: {before!r} -> {after!r} (the checkpoint is at step {step})")
+        elif before != after and key not in RESUMABLE_KEYS and not key.startswith(RESUMABLE_PREFIXES):
+            reasons.append(f"{key}: {before!r} -> {after!r}")
     return reasons
 
 
@@ -115,7 +112,6 @@ def check_resume(cfg: Config, tokenizer: PauseTokenizer, resume_from: str) -> No
             f"{resume_from} was made with another configuration: " + "; ".join(reasons) + ". Only more steps (and "
             "logging, saving and parallel layout settings) may change on resume: use a new train.output_dir, or "
             "the checkpoint's settings")
-
 
 
 def _read_run_id(output_dir: str) -> Optional[str]:
