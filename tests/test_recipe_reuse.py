@@ -88,14 +88,12 @@ def test_a_changed_stage_keeps_its_old_output_aside_and_starts_afresh(tmp_path):
 
 
 def test_a_stage_subset_refuses_dependencies_that_have_not_finished(tmp_path):
-    from pause_megatron.recipe import run
+    from pause_megatron.recipe import load_recipe, run
 
     for stages, named in ((["evaluate"], "needs stage finetune/PausePT/piqa/append1/seed0"),
                           (["finetune", "evaluate"], "needs stage pretrain/pause")):
         lines = []
         path = write_recipe(tmp_path, stages=stages, tracking={"enabled": False})
-        from pause_megatron.recipe import load_recipe
-
         assert run(load_recipe(path), recipe_path=path, log=lines.append) == 2
         assert any(named in line for line in lines), lines
         assert not (tmp_path / "out").exists()  # nothing ran
