@@ -492,8 +492,11 @@ def build(args) -> int:
     skipped: list[str] = []
     new_records: list[dict] = []
 
+    every: list[str] = []  # every input's shard name, in range or not
+
     def todo() -> Iterator[ShardTask]:
         for task in tasks:
+            every.append(task.name)
             if not _in_range(task, args.shard_range):
                 continue
             if is_complete(records.get(task.name), task=task, out_dir=args.output, itemsize=itemsize):
@@ -515,7 +518,9 @@ def build(args) -> int:
         tokenizer_proto=tokenizer.model_proto,
     )
     failures = run_shards(todo(), settings=settings, workers=args.workers, on_record=on_record)
-    mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=not failures))
+    # Complete only when every input has a record: a --shard-range run that leaves others to other tasks is not.
+    complete = not failures and all(name in records for name in every)
+    mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=complete))
     _print_summary(new_records, skipped=skipped, failures=failures, seconds=time.perf_counter() - started)
     return EXIT_BAD_INPUT if failures else 0
 

@@ -162,9 +162,15 @@ def _start_writer_queue_shielded() -> None:
 
 
 def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
-    """Save everything needed to resume at `state.step`; collective (every rank calls it)."""
-    _start_writer_queue_shielded()
+    """Save everything needed to resume at `state.step`; collective (every rank calls it).
+
+    A step that `latest` already names is complete: it is kept as it is, never deleted and written again
+    (a crash mid-rewrite would leave `latest` naming nothing).
+    """
     path = iteration_dir(root, state.step)
+    if latest_checkpoint(root) == path:
+        return path
+    _start_writer_queue_shielded()
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         if os.path.exists(path):  # a partial save of this step from a crashed run: redo it

@@ -15,14 +15,14 @@ from typing import Optional
 def recipe_main(argv: list[str]) -> int:
     from pause_megatron.config import ConfigError
     from pause_megatron.recipe import load_recipe, print_plan, run
-    from pause_megatron.report import build_report
+    from pause_megatron.report import ReportError, build_report
 
     ap = argparse.ArgumentParser(prog="pause-megatron recipe")
     ap.add_argument("action", choices=["run", "report"])
     ap.add_argument("recipe")
     ap.add_argument("--dry-run", action="store_true", help="print the plan (stages, GPUs, estimated time) only")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come after --dry-run
     try:  # the whole plan resolves (every stage's config, task and variant) before anything runs
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
@@ -35,7 +35,11 @@ def recipe_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.action == "report":
-        build_report(recipe)
+        try:
+            build_report(recipe)
+        except ReportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     return run(recipe, recipe_path=args.recipe, overrides=args.overrides)
 

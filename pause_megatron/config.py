@@ -151,8 +151,12 @@ class Config:
 
 
 def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_size: Optional[int] = None,
-                base: Optional[dict] = None) -> Config:
-    """Defaults < `base` (e.g. a checkpoint's config) < model preset < YAML file < overrides, validated."""
+                base: Optional[dict] = None, hardware: bool = True) -> Config:
+    """Defaults < `base` (e.g. a checkpoint's config) < model preset < YAML file < overrides, validated.
+
+    hardware=False: skip the checks of this machine (GPU, Transformer Engine), as a plan made on a login node
+    for a GPU cluster must; the job checks them when it starts.
+    """
     try:
         merged = OmegaConf.structured(Config)
         layers = [OmegaConf.create(base)] if base else []
@@ -176,7 +180,7 @@ def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_
     except OmegaConfBaseException as exc:
         where = f" in {path}" if path else ""
         raise ConfigError(f"config{where}: {exc.msg if hasattr(exc, 'msg') else exc} (key: {exc.full_key})") from None
-    validate(cfg, world_size=world_size)
+    validate(cfg, world_size=world_size, cuda=None if hardware else True, hardware=hardware)
     return cfg
 
 
@@ -215,8 +219,12 @@ def resolved_dtype(cfg: Config, *, cuda: bool) -> str:
     return cfg.precision.dtype
 
 
-def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bool] = None) -> None:
-    """Raise ConfigError naming the first field that cannot work; `world_size` checks the batch split."""
+def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bool] = None,
+             hardware: bool = True) -> None:
+    """Raise ConfigError naming the first field that cannot work; `world_size` checks the batch split.
+
+    hardware=False: no check of what this machine has (pass cuda=True to validate for a GPU cluster).
+    """
     from pause_megatron.kernels import use_cuda
 
     cuda = use_cuda() if cuda is None else cuda
@@ -234,7 +242,8 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
          f"model.position_embedding must be 'rope' or 'learned_absolute', got {m.position_embedding!r}")
     need(m.spec in ("auto", "te", "local"), f"model.spec must be 'auto', 'te' or 'local', got {m.spec!r}")
     if m.spec == "te":
-        need(cuda and transformer_engine_available(), "model.spec=te needs Transformer Engine and a GPU")
+        need(cuda and (not hardware or transformer_engine_available()),
+             "model.spec=te needs Transformer Engine and a GPU")
     need(m.normalization in ("LayerNorm", "RMSNorm"),
          f"model.normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
 
@@ -259,7 +268,7 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
          f"precision.fp8_recipe must be delayed, tensorwise, mxfp8 or blockwise, got {pr.fp8_recipe!r}")
     if pr.fp8 is not None:
         need(cuda, "precision.fp8 needs a GPU: FP8 runs through Transformer Engine on CUDA only")
-        need(transformer_engine_available(),
+        need(not hardware or transformer_engine_available(),
              "precision.fp8 needs Transformer Engine (pip install 'pause-megatron[gpu]' or an NGC PyTorch container)")
         need(resolved_dtype(cfg, cuda=cuda) == "bf16", "precision.fp8 needs precision.dtype bf16 (or auto on a GPU)")
         need(m.spec != "local", "precision.fp8 needs the Transformer Engine spec, not model.spec=local")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from pause_megatron import checkpoint, runtime
 from pause_megatron.config import Config, flat_dict, to_dict
 from pause_megatron.data import microbatches_from
-from pause_megatron.tokenizer import PauseTokenizer, padded_vocab_size
+from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch, padded_vocab_size
 from pause_megatron.tracking import Tracker
 from pause_megatron.train import build_train_state, fit, validate
 
@@ -45,13 +46,72 @@ def vocab_size(cfg: Config, tokenizer: PauseTokenizer) -> int:
 
 
 def prepare_output_dir(cfg: Config, tokenizer: PauseTokenizer) -> str:
-    """Create train.output_dir/checkpoints with the tokenizer in it (checkpoints are self-contained)."""
+    """Create train.output_dir/checkpoints with the tokenizer in it (checkpoints are self-contained).
+
+    A tokenizer already there is the one the checkpoints were made with: it is never rewritten (the caller
+    has checked that it matches).
+    """
     root = os.path.join(cfg.train.output_dir, "checkpoints")
+    path = os.path.join(root, checkpoint.TOKENIZER_FILE)
     if torch.distributed.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
-        tokenizer.save(os.path.join(root, checkpoint.TOKENIZER_FILE))
+        if not os.path.exists(path):
+            tokenizer.save(path)
     torch.distributed.barrier()
     return root
+
+
+class ResumeRefused(ValueError):
+    """The checkpoint in train.output_dir cannot be continued with this config."""
+
+
+# What may differ between a checkpoint's config and the run that resumes it. train.steps: more (or fewer, but
+# not below the checkpoint's step); the remaining steps follow the cosine schedule for the new total. The
+# rest changes where and how often things are logged or saved, or the parallel layout (checkpoints reshard).
+RESUMABLE_PREFIXES = ("tracking.", "parallel.")
+RESUMABLE_KEYS = {"train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps",
+                  "train.save_interval", "train.output_dir", "train.init_from", "optim.distributed"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_refusal(saved: dict, new: dict, *, step: int) -> list[str]:
+    """Why a run with config `new` must not continue a checkpoint at `step` made with `saved` (empty: it may)."""
+    old_flat, new_flat = _flat(saved), _flat(new)
+    reasons = []
+    for key in sorted(set(old_flat) & set(new_flat)):  # a field added or removed since the save: nothing to compare
+        before, after = old_flat[key], new_flat[key]
+        if key == "train.steps":
+            if after < step:
+                reasons.append(f"train.steps: {before!r} -> {after!r} (the checkpoint is at step {step})")
+        elif before != after and key not in RESUMABLE_KEYS and not key.startswith(RESUMABLE_PREFIXES):
+            reasons.append(f"{key}: {before!r} -> {after!r}")
+    return reasons
+
+
+def check_resume(cfg: Config, tokenizer: PauseTokenizer, resume_from: str) -> None:
+    """Raise ResumeRefused naming every unsafe difference between the checkpoint and this run, or
+    TokenizerMismatch when this run's tokenizer is not the checkpoint's."""
+    extra = checkpoint.read_extra(resume_from)
+    tokenizer.check_matches(extra, where=resume_from)
+    saved = extra.get("config")
+    if saved is None:
+        return
+    step = int(os.path.basename(resume_from).split("_")[-1])
+    reasons = resume_refusal(saved, to_dict(cfg), step=step)
+    if reasons:
+        raise ResumeRefused(
+            f"{resume_from} was made with another configuration: " + "; ".join(reasons) + ". Only more steps (and "
+            "logging, saving and parallel layout settings) may change on resume: use a new train.output_dir, or "
+            "the checkpoint's settings")
 
 
 def _read_run_id(output_dir: str) -> Optional[str]:
@@ -71,11 +131,22 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
     t = cfg.train
     rank0 = torch.distributed.get_rank() == 0
     vocab = vocab_size(cfg, tokenizer)
+    resume_from = checkpoint.latest_checkpoint(os.path.join(t.output_dir, "checkpoints"))
+    if resume_from:
+        try:  # before anything is written: a refused run leaves the output directory as it was
+            check_resume(cfg, tokenizer, resume_from)
+        except (ResumeRefused, TokenizerMismatch) as exc:
+            if rank0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            runtime.destroy()
+            return 2
     ckpt_root = prepare_output_dir(cfg, tokenizer)
     state = build_train_state(cfg, vocab_size=vocab, cuda=runtime.use_cuda())
-    resume_from = checkpoint.latest_checkpoint(ckpt_root)
     if resume_from:
         checkpoint.load(state, resume_from)
+        # The schedule runs to this run's train.steps (the checkpoint holds the total it was saved with).
+        state.scheduler.lr_decay_steps = t.steps
+        state.scheduler.wd_incr_steps = t.steps
         if rank0:
             print(f"resumed from {resume_from} at step {state.step}", flush=True)
     elif t.init_from:

@@ -5,13 +5,21 @@
 A recipe names the variants (StdPT_StdFT, StdPT_PauseFT, PausePT_StdFT, PausePT_PauseFT), tasks, M_ft values,
 seeds and ablations; `plan()` expands it into stages, each a command of this project's own CLIs (data_prep,
 pretrain, finetune, evaluate) with its output directory. Running the recipe runs the stages in order, each as
-an MLflow child run of one parent run; a stage whose output holds a completion marker for the same command is
-skipped, and one that was interrupted resumes from its checkpoints. Stages run locally (torchrun) or are
-submitted to Slurm, one job per stage with dependencies.
+an MLflow child run of one parent run. Stages run locally (torchrun) or are submitted to Slurm, one job per
+stage with dependencies.
+
+Reuse. A stage's identity is a hash of what decides its result: its command, its resolved config (the YAML
+file's contents and the overrides, as `load_config` merges them; for the data stage its settings and input
+files; for the report, the recipe's labels) and the identities of the stages it depends on. A stage whose
+marker (`stage.json` in its output directory) records the same identity as finished is skipped; one that was
+interrupted (same identity, not finished) resumes from its checkpoints; one whose identity changed starts
+afresh, and its old output directory is kept as `<out>.replaced-<old identity>`. A subset of stages
+(`stages=[...]`) runs only when every stage it depends on, and does not run itself, has finished.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,13 +32,14 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pause_megatron.config import ConfigError, TrackingConfig, load_config
+from pause_megatron.config import ConfigError, TrackingConfig, load_config, to_dict
 from pause_megatron.pauses import PAPER_M_FT
 from pause_megatron.tasks import TASKS
 
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
 STAGES = ("data", "pretrain", "finetune", "evaluate", "report")
 MARKER = "stage.json"
+RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when MLflow has none)
 ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
 H100_BF16_TFLOPS = 989.4
 
@@ -114,10 +123,14 @@ class Stage:
     time: str = "01:00:00"
     tags: dict = field(default_factory=dict)
     estimate_s: Optional[float] = None
+    inputs: dict = field(default_factory=dict)  # besides argv, what decides the result (resolved config, ...)
+    identity: str = ""  # set by plan(): inputs, argv and the dependencies' identities, hashed
 
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.argv).encode()).hexdigest()[:16]
+
+def _identity(stage: Stage, deps: list[Stage]) -> str:
+    payload = {"kind": stage.kind, "argv": stage.argv, "inputs": stage.inputs,
+               "deps": {d.key: d.identity for d in deps}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
@@ -139,6 +152,9 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     for name in recipe.finetune.tasks:
         if name not in TASKS:
             raise ConfigError(f"{path}: finetune.tasks: unknown task {name!r}; the paper's tasks are {sorted(TASKS)}")
+    if recipe.ablations.prepend and "PausePT_PauseFT" not in recipe.variants:
+        raise ConfigError(f"{path}: ablations.prepend compares prepended with appended pauses of PausePT_PauseFT; "
+                          f"add PausePT_PauseFT to variants (now {recipe.variants})")
     if recipe.launch.executor not in ("local", "slurm"):
         raise ConfigError(f"{path}: launch.executor must be 'local' or 'slurm', got {recipe.launch.executor!r}")
     return recipe
@@ -151,32 +167,56 @@ def _tracking_overrides(r: Recipe) -> list[str]:
             f"tracking.enabled={str(r.tracking.enabled).lower()}"]
 
 
-def _estimate(config: Optional[str], overrides: list[str], gpus: int, *, model=None) -> Optional[float]:
-    """Seconds for a training stage at ASSUMED_MFU on H100s; also proves the stage's config resolves.
+def _run_name(key: str) -> str:
+    """Every stage's MLflow run is named after its key (last: a config file's run_name fits one variant only)."""
+    return f"tracking.run_name={key}"
 
-    `model`: the model section to use instead of the config's (a finetune stage trains the pretrained shape).
+
+def _resolve(config: Optional[str], overrides: list[str], gpus: int, *, model: Optional[dict] = None):
+    """The stage's config as its job will see it, validated for its world size (nodes x ranks per node).
+
+    No hardware checks: a plan made on a CPU login node for a GPU cluster must pass (the job checks its
+    hardware when it starts). `model`: the pretrained shape a finetune stage trains.
     """
-    import dataclasses
+    where = config or "(defaults)"
+    try:
+        return load_config(config, overrides, world_size=gpus, base={"model": model} if model else None,
+                           hardware=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} with {gpus} ranks: {exc}") from None
 
+
+def _estimate(cfg, gpus: int) -> float:
+    """Seconds for a training stage at ASSUMED_MFU on H100s."""
     from pause_megatron.train import model_flops_per_token
 
-    cfg = load_config(config, overrides)
-    if model is not None:
-        cfg = dataclasses.replace(cfg, model=model)
     tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.model.seq_length
     flops = model_flops_per_token(cfg, vocab_size=32128) * tokens
     return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
 
 
-def plan(r: Recipe) -> list[Stage]:
-    """Every stage of the recipe, in an order that respects dependencies."""
+def _data_inputs(d: DataSpec) -> dict:
+    """What decides the data stage's output: its settings and (for real C4 files) the input files' names and sizes."""
+    inputs = {k: v for k, v in dataclasses.asdict(d).items() if k != "workers"}
+    if d.input and d.input != "sample":
+        from data_prep.c4_input import list_inputs
+
+        try:
+            inputs["files"] = [(os.path.basename(p), os.path.getsize(p)) for p in list_inputs(d.input)]
+        except FileNotFoundError as exc:
+            raise ConfigError(f"data.input: {exc}") from None
+    return inputs
+
+
+def full_plan(r: Recipe) -> list[Stage]:
+    """Every stage of the recipe, whatever `stages` selects, in an order that respects dependencies."""
     out = r.output_dir
     gpus = lambda nodes: nodes * (r.launch.gpus_per_node if r.launch.executor == "slurm" else r.launch.nproc)  # noqa
     common = ["--tag", f"recipe={r.name}"]
     stages: list[Stage] = []
     data_deps = []
-    if "data" in r.stages and r.data.input:
-        stages.append(Stage("data", "data", [], f"{out}/data", [], tags={}))
+    if r.data.input:
+        stages.append(Stage("data", "data", [], f"{out}/data", [], inputs=_data_inputs(r.data)))
         data_deps = ["data"]
 
     pretrained = {}
@@ -186,16 +226,16 @@ def plan(r: Recipe) -> list[Stage]:
         key = f"pretrain/{variant}"
         d = f"{out}/{key}"
         overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
-                     *_tracking_overrides(r), *r.pretrain.overrides]
+                     *_tracking_overrides(r), *r.pretrain.overrides, _run_name(key)]
         argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
                 *overrides, *common, "--tag", f"pretrain={pt}"]
-        est = _estimate(r.pretrain.config, overrides[:3] + r.pretrain.overrides, gpus(r.pretrain.nodes))
+        cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            {"pretrain": pt}, est))
+                            {"pretrain": pt}, _estimate(cfg, gpus(r.pretrain.nodes)), {"config": to_dict(cfg)}))
         pretrained[pt] = f"{d}/checkpoints"
 
     f = r.finetune
-    pretrained_model = load_config(r.pretrain.config, r.pretrain.overrides).model
+    pretrained_model = dataclasses.asdict(load_config(r.pretrain.config, r.pretrain.overrides, hardware=False).model)
     finetunes = []  # (variant, placement, m, ablation)
     for v in r.variants:
         pt, ft = v.split("_")
@@ -221,13 +261,12 @@ def plan(r: Recipe) -> list[Stage]:
                         "ablation": ablation}
                 overrides = [f"task={task}", f"train.init_from={pretrained[pt]}", f"pauses.m_ft={m}",
                              f"pauses.placement={placement}", f"train.seed={seed}", f"train.output_dir={d}",
-                             *task_dir, *_tracking_overrides(r), *f.overrides]
+                             *task_dir, *_tracking_overrides(r), *f.overrides, _run_name(key)]
                 argv = ["-m", "pause_megatron.finetune", *(["--config", f.config] if f.config else []), *overrides,
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
-                est = _estimate(f.config, [o for o in overrides if not o.startswith("train.init_from")],
-                                gpus(f.nodes), model=pretrained_model)
+                cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [f"pretrain/{'pause' if pt == 'PausePT' else 'std'}"],
-                                    f.nodes, f.time, tags, est))
+                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)), {"config": to_dict(cfg)}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
                 if placement == "append" and v in r.ablations.m_inf_variants:
@@ -240,33 +279,78 @@ def plan(r: Recipe) -> list[Stage]:
                     etags = {**tags, "m_inf": str(m_inf), "placement": ev_place, "ablation": ev_ablation,
                              "stage_key": ekey}
                     eargv = ["-m", "pause_megatron.evaluate", "--checkpoint", f"{d}/checkpoints", "--tasks", task,
-                             *data_dir, *limit, "--output", f"{ed}/result.json", f"pauses.m_inf={m_inf}",
-                             f"pauses.placement={ev_place}", *_tracking_overrides(r), *common,
+                             *data_dir, *limit, "--output", f"{ed}/{RESULT}", f"pauses.m_inf={m_inf}",
+                             f"pauses.placement={ev_place}", *_tracking_overrides(r), _run_name(ekey), *common,
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags))
-    if "report" in r.stages:
-        stages.append(Stage("report", "report", [], f"{out}/report",
-                            [s.key for s in stages if s.kind == "evaluate"]))
-    selected = {"data", "pretrain", "finetune", "evaluate", "report"} & set(r.stages)
-    return [s for s in stages if s.kind in selected]
+    stages.append(Stage("report", "report", [], f"{out}/report", [s.key for s in stages if s.kind == "evaluate"],
+                        inputs={"name": r.name, "variants": r.variants, "tracking": [r.tracking.uri,
+                                                                                     r.tracking.experiment]}))
+    by_key = {}
+    for s in stages:  # dependencies come first, so theirs are known
+        s.identity = _identity(s, [by_key[d] for d in s.deps])
+        by_key[s.key] = s
+    return stages
+
+
+def plan(r: Recipe) -> list[Stage]:
+    """The stages that `stages` selects, in an order that respects dependencies."""
+    return [s for s in full_plan(r) if s.kind in r.stages]
+
+
+def missing_dependencies(r: Recipe, everything: list[Stage]) -> list[str]:
+    """One line per unfinished stage that a selected stage needs but `stages` leaves out (`everything`: the
+    full plan)."""
+    by_key = {s.key: s for s in everything}
+    selected = {s.key for s in everything if s.kind in r.stages}
+    lines, seen = [], set()
+    for s in everything:
+        for d in s.deps if s.key in selected else ():
+            if d not in selected and d not in seen and not is_done(by_key[d]):
+                seen.add(d)
+                changed = os.path.exists(os.path.join(by_key[d].out, MARKER))
+                lines.append(f"{s.key} needs stage {d}, which has not finished"
+                             + (" with this configuration" if changed else "") + f" (add {by_key[d].kind!r} to stages)")
+    return lines
 
 
 # ---- running ---------------------------------------------------------------------------------------------
 
-def is_done(stage: Stage) -> bool:
-    path = os.path.join(stage.out, MARKER)
+def read_marker(out: str) -> Optional[dict]:
+    path = os.path.join(out, MARKER)
     if not os.path.exists(path):
-        return False
+        return None
     with open(path) as fh:
-        return json.load(fh).get("digest") == stage.digest
+        return json.load(fh)
+
+
+def is_done(stage: Stage) -> bool:
+    marker = read_marker(stage.out)
+    return bool(marker and marker.get("done") and marker.get("identity") == stage.identity)
+
+
+def write_marker(out: str, key: str, identity: str, *, done: bool) -> None:
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f".{MARKER}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"key": key, "identity": identity, "done": done}, fh)
+    os.replace(tmp, os.path.join(out, MARKER))
 
 
 def mark_done(stage: Stage) -> None:
-    os.makedirs(stage.out, exist_ok=True)
-    tmp = os.path.join(stage.out, f".{MARKER}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"key": stage.key, "digest": stage.digest, "argv": stage.argv}, fh)
-    os.replace(tmp, os.path.join(stage.out, MARKER))
+    write_marker(stage.out, stage.key, stage.identity, done=True)
+
+
+def claim(stage: Stage, *, log=print) -> None:
+    """Before a stage runs: keep the output of another identity aside (never reuse, never delete it), then
+    record this identity as started, so that an interrupted run of the same stage resumes."""
+    marker = read_marker(stage.out)
+    if marker is not None and marker.get("identity") != stage.identity:
+        old = marker.get("identity") or marker.get("digest") or "unknown"
+        aside = f"{stage.out}.replaced-{old}"
+        os.replace(stage.out, aside)
+        log(f"  {stage.key} changed since its last run: its old output is kept in {aside}")
+    write_marker(stage.out, stage.key, stage.identity, done=False)
 
 
 def _data_commands(r: Recipe, python: str) -> list[list[str]]:
@@ -308,7 +392,13 @@ def _local_command(stage: Stage, r: Recipe, python: str, parent: Optional[str]) 
 def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) -> int:
     """Run (or, with Slurm, submit) every stage that is not done yet; then the report."""
     python = r.launch.python or sys.executable
-    stages = plan(r)
+    everything = full_plan(r)
+    stages = [s for s in everything if s.kind in r.stages]
+    missing = missing_dependencies(r, everything)
+    if missing:
+        for line in missing:
+            log(f"error: {line}")
+        return 2
     parent = _parent_run(r) if r.tracking.enabled else None
     if r.launch.executor == "slurm":
         return _submit_all(r, stages, python=python, parent=parent, recipe_path=recipe_path,
@@ -318,13 +408,17 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             log(f"[{i}/{len(stages)}] skip {stage.key} (done)")
             continue
         log(f"[{i}/{len(stages)}] run  {stage.key}")
-        os.makedirs(stage.out, exist_ok=True)
+        claim(stage, log=log)
         if stage.kind == "data":
             cmds = _data_commands(r, python)
         elif stage.kind == "report":
-            from pause_megatron.report import build_report
+            from pause_megatron.report import ReportError, build_report
 
-            build_report(r, parent_run_id=parent, log=log)
+            try:
+                build_report(r, parent_run_id=parent, log=log)
+            except ReportError as exc:
+                log(f"stage report failed: {exc}")
+                return 1
             mark_done(stage)
             continue
         else:
@@ -343,15 +437,19 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
 
 def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional[str], recipe_path: str,
                 overrides: list[str], log) -> int:
-    """One sbatch job per stage that is not done, chained with afterok dependencies."""
+    """One sbatch job per stage that is not done, chained with afterok dependencies.
+
+    Each job ends by marking its stage done with the identity planned here, at submission: the recipe file
+    may have changed by the time the job ends.
+    """
     jobs: dict[str, str] = {}
     for stage in stages:
         if is_done(stage):
             log(f"skip {stage.key} (done)")
             continue
-        os.makedirs(stage.out, exist_ok=True)
+        claim(stage, log=log)
         deps = [jobs[d] for d in stage.deps if d in jobs]
-        mark = shlex.join([python, "-m", "pause_megatron.recipe", "mark", recipe_path, stage.key, *overrides])
+        mark = shlex.join([python, "-m", "pause_megatron.recipe", "mark", stage.out, stage.key, stage.identity])
         if stage.kind == "data":
             body = " && ".join(shlex.join(c) for c in _data_commands(r, python))
             nodes, ntasks = 1, 1
@@ -392,17 +490,12 @@ def print_plan(r: Recipe, *, log=print) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m pause_megatron.recipe mark RECIPE STAGE_KEY [overrides]`: a Slurm stage job's completion marker."""
+    """`python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY`: a Slurm stage job's completion marker."""
     args = argv if argv is not None else sys.argv[1:]
-    if len(args) < 3 or args[0] != "mark":
-        print("usage: python -m pause_megatron.recipe mark RECIPE STAGE_KEY [key=value ...]", file=sys.stderr)
+    if len(args) != 4 or args[0] != "mark":
+        print("usage: python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY", file=sys.stderr)
         return 2
-    r = load_recipe(args[1], args[3:])
-    stage = next((s for s in plan(r) if s.key == args[2]), None)
-    if stage is None:
-        print(f"error: no stage {args[2]!r} in {args[1]}", file=sys.stderr)
-        return 2
-    mark_done(stage)
+    write_marker(args[1], args[2], args[3], done=True)
     return 0
 
 

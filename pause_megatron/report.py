@@ -1,8 +1,10 @@
 """The recipe's report, rebuilt from the MLflow store alone: variant x task table, ablations, plots.
 
 Every evaluation stage logs one MLflow run tagged with its recipe, variant, task, seed, M_ft, M_inf,
-placement and ablation, and the task's metrics as `<task>/<metric>`. This module reads those runs only (no
-files of the stages), so `pause-megatron recipe report` can rebuild the report anywhere the store is.
+placement and ablation, and the task's metrics as `<task>/<metric>`. The report reads those runs, so
+`pause-megatron recipe report` can rebuild it anywhere the store is. It covers exactly the evaluations the
+recipe plans: one whose score MLflow lacks (its logging failed) is read from the stage's result.json, and if
+that is missing too the report fails, naming the stages, rather than average over fewer seeds unnoticed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pause_megatron.tasks import TASKS
 PERCENT = 100.0  # scores are fractions in lm-eval; the paper prints percentages
 
 
-def evaluation_rows(tracking, recipe_name: str) -> list[dict]:
+def evaluation_rows(tracking, recipe_name: str, *, with_keys: bool = False) -> list[dict]:
     """One dict per evaluation run of the recipe (the newest run per stage if a stage ran twice)."""
     from mlflow.tracking import MlflowClient
 
@@ -38,8 +40,52 @@ def evaluation_rows(tracking, recipe_name: str) -> list[dict]:
         newest[t.get("stage_key", run.info.run_id)] = {
             "variant": t["variant"], "task": task, "seed": int(t["seed"]), "m_ft": int(t["m_ft"]),
             "m_inf": int(t["m_inf"]), "placement": t["placement"], "ablation": t["ablation"],
-            "metric": metric, "value": value * PERCENT}
+            "metric": metric, "value": value * PERCENT,
+            **({"stage_key": t.get("stage_key", run.info.run_id)} if with_keys else {})}
     return list(newest.values())
+
+
+class ReportError(RuntimeError):
+    """Planned evaluations have no score, in MLflow or in their stage's result file."""
+
+
+def row_from_result(tags: dict, path: str) -> Optional[dict]:
+    """An evaluation row from a stage's result.json (its labels from the plan), or None if it has no score."""
+    import json
+
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        scores = json.load(fh).get("scores", {})
+    task = tags["task"]
+    metric = TASKS[task].metric
+    value = scores.get(task, {}).get(metric)
+    if value is None:
+        return None
+    return {"variant": tags["variant"], "task": task, "seed": int(tags["seed"]), "m_ft": int(tags["m_ft"]),
+            "m_inf": int(tags["m_inf"]), "placement": tags["placement"], "ablation": tags["ablation"],
+            "metric": metric, "value": value * PERCENT}
+
+
+def planned_rows(tracking, recipe_name: str, stages: list) -> list[dict]:
+    """The rows of the planned evaluate stages: from MLflow, else from result.json; ReportError if neither."""
+    from pause_megatron.recipe import RESULT
+
+    by_key = {}
+    for row in evaluation_rows(tracking, recipe_name, with_keys=True):
+        by_key[row.pop("stage_key")] = row
+    rows, missing = [], []
+    for stage in stages:
+        row = by_key.get(stage.key) or row_from_result(stage.tags, os.path.join(stage.out, RESULT))
+        if row is None:
+            missing.append(stage.key)
+        else:
+            rows.append(row)
+    if missing:
+        raise ReportError(f"{len(missing)} planned evaluation(s) have no score in MLflow ({tracking.uri}) nor a "
+                          f"{RESULT} in their output: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10
+                                                                                     else "") + "; rerun them")
+    return rows
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -50,7 +96,7 @@ def _cell(values: list[float], note: str = "") -> str:
     if not values:
         return "—"
     mean, std = _mean_std(values)
-    return f"{mean:.1f} ± {std:.1f}{note}"
+    return f"{mean:.1f} ± {std:.1f} (n={len(values)}){note}"
 
 
 def main_table(rows: list[dict], variants: list[str]) -> tuple[str, dict]:
@@ -121,6 +167,20 @@ def comparison_table(rows: list[dict], *, ablation: str, base_variant: str, labe
     return "\n".join(lines)
 
 
+def prepend_table(rows: list[dict]) -> str:
+    """PausePT_PauseFT with prepended pauses against appended ones at the same M_ft (like with like)."""
+    pre = [r for r in rows if r["ablation"] == "prepend"]
+    if not pre:
+        return ""
+    app = [r for r in rows if r["ablation"] == "main" and r["variant"] == "PausePT_PauseFT"
+           and r["placement"] == "append" and r["m_inf"] == r["m_ft"]]
+    lines = ["| task | M_ft | appending | prepending |", "|---|---|---|---|"]
+    for task, m in sorted({(r["task"], r["m_ft"]) for r in pre}):
+        cells = [_cell([r["value"] for r in group if (r["task"], r["m_ft"]) == (task, m)]) for group in (app, pre)]
+        lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_m_inf(series: dict, path: str) -> Optional[str]:
     if not series:
         return None
@@ -174,15 +234,21 @@ def plot_m_ft(rows: list[dict], path: str) -> Optional[str]:
 
 
 def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> str:
-    """Write <output_dir>/report/{report.md, m_inf.png, m_ft.png} from MLflow; log them on the parent run."""
-    rows = evaluation_rows(recipe.tracking, recipe.name)
+    """Write <output_dir>/report/{report.md, m_inf.png, m_ft.png} from MLflow; log them on the parent run.
+
+    Raises ReportError when a planned evaluation has no score (see the module's docstring).
+    """
+    from pause_megatron.recipe import full_plan
+
+    rows = planned_rows(recipe.tracking, recipe.name, [s for s in full_plan(recipe) if s.kind == "evaluate"])
     out = os.path.join(recipe.output_dir, "report")
     os.makedirs(out, exist_ok=True)
     table, best = main_table(rows, list(recipe.variants))
     parts = [f"# {recipe.name}: results", "",
              f"{len(rows)} evaluation runs from MLflow ({recipe.tracking.uri}, experiment "
-             f"{recipe.tracking.experiment}). Scores in %, mean ± std over seeds; for PauseFT variants the better "
-             "M_ft per task (as the paper reports).", "", "## Variant × task", "", table]
+             f"{recipe.tracking.experiment}). Scores in %, mean ± std over n seeds; for PauseFT variants the better "
+             "M_ft per task, chosen on the reported evaluation split itself (as the paper reports; not a "
+             "held-out choice).", "", "## Variant × task", "", table]
     mft = m_ft_table(rows)
     if mft:
         parts += ["", "## M_ft", "", mft, "", "![M_ft](m_ft.png)"]
@@ -192,8 +258,7 @@ def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> s
         parts += [f"| {v} | {t} | " + ", ".join(f"{mi}: {mean:.1f}" for mi, mean, _ in pts) + " |"
                   for (v, t), pts in sorted(series.items())]
         parts += ["", "![M_inf](m_inf.png)"]
-    prepend = comparison_table(rows, ablation="prepend", base_variant="PausePT_PauseFT",
-                               label=lambda s: f"prepend M={s[2]}")
+    prepend = prepend_table(rows)
     if prepend:
         parts += ["", "## Appending vs prepending pauses (PausePT_PauseFT)", "", prepend]
     filler = comparison_table(rows, ablation="filler", base_variant="StdPT_StdFT",

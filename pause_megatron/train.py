@@ -330,7 +330,9 @@ def fit(
     bar = tqdm(total=t.steps, initial=state.step, disable=not rank0, unit="step", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30.0)
     last: dict = {}
-    saved_at = -1
+    # Resumed at a step that `latest` already holds (a finished run started again): nothing to save.
+    saved_at = state.step if checkpoint.latest_checkpoint(ckpt_root) == checkpoint.iteration_dir(
+        ckpt_root, state.step) else -1
     stopped = False
     try:
         while state.step < t.steps:

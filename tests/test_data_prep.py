@@ -320,6 +320,9 @@ def test_shard_range_builds_only_the_selected_shards(corpus, tokenizer_path, tmp
     out = str(tmp_path / "out")
     assert run_build(corpus, out, tokenizer_path, "--shard-range", "1:2") == 0
     assert [r["shard_index"] for r in manifest(out)["shards"]] == [1]
+    assert manifest(out)["complete"] is False  # the other inputs have no shard yet
+    assert run_build(corpus, out, tokenizer_path) == 0  # the rest: now every input has its record
+    assert manifest(out)["complete"] is True and len(manifest(out)["shards"]) == NUM_FILES
 
 
 def test_hf_stream_feeds_the_same_packing(monkeypatch, corpus, built, tokenizer_path, tmp_path):

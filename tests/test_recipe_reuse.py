@@ -1,0 +1,245 @@
+"""Recipes reuse only what is still valid (issue 18): stage identities, Slurm markers, dependency checks, the
+report's comparisons, and plan-time validation for the stage's own world size without this machine's hardware.
+
+Planning, marking and the report run in this process (no Megatron code runs: only configs are resolved and a
+real SQLite MLflow store is read); the fake `sbatch` records the job scripts that the Slurm executor submits.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from helpers import ROOT, python
+from test_recipe import MICRO, write_recipe
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name their config files relative to the repository
+
+
+def _recipe(tmp_path, **changes):
+    from pause_megatron.recipe import load_recipe
+
+    return load_recipe(write_recipe(tmp_path, **changes))
+
+
+def _with(section: str, **values) -> dict:
+    return {section: {**MICRO[section], **values}}
+
+
+def _undone_after(tmp_path, changes: dict, *, config_edit=None) -> list[str]:
+    """Mark every stage of the micro recipe done, change it, and return the stages that are no longer done."""
+    from pause_megatron.recipe import is_done, mark_done, plan
+
+    ft_yaml = tmp_path / "finetune.yaml"
+    shutil.copy(ROOT / "recipes" / "finetune.yaml", ft_yaml)
+    base = _with("finetune", config=str(ft_yaml))
+    for stage in plan(_recipe(tmp_path, **base)):
+        mark_done(stage)
+    if config_edit:
+        ft_yaml.write_text(ft_yaml.read_text().replace(*config_edit))
+    merged = {**base, **changes}
+    if "finetune" in changes:
+        merged["finetune"] = {**base["finetune"], **changes["finetune"]}
+    return [s.key for s in plan(_recipe(tmp_path, **merged)) if not is_done(s)]
+
+
+def test_a_changed_finetune_yaml_reruns_exactly_its_finetunes_evaluations_and_report(tmp_path):
+    undone = _undone_after(tmp_path, {}, config_edit=("weight_decay: 0.0", "weight_decay: 0.01"))
+    assert undone and all(k.startswith(("finetune/", "evaluate/")) or k == "report" for k in undone)
+    assert "report" in undone and any(k.startswith("finetune/") for k in undone)
+    assert "data" not in undone and not any(k.startswith("pretrain/") for k in undone)
+
+
+def test_a_changed_pretraining_reruns_everything_downstream(tmp_path):
+    pre = {**MICRO["pretrain"], "overrides": [*MICRO["pretrain"]["overrides"], "optim.lr=5e-3"]}
+    undone = _undone_after(tmp_path, {"pretrain": pre})
+    assert "data" not in undone
+    assert {"pretrain/pause", "pretrain/std", "report"} <= set(undone)
+    assert all(k in undone for k in ("finetune/PausePT/piqa/append1/seed0", "evaluate/StdPT/piqa/none0/seed0/none0"))
+
+
+def test_changed_data_settings_rerun_data_and_everything_after(tmp_path):
+    from pause_megatron.recipe import plan
+
+    undone = _undone_after(tmp_path, {"data": {**MICRO["data"], "vocab_size": 700}})
+    assert len(undone) == len(plan(_recipe(tmp_path))) and undone[0] == "data"
+
+
+def test_an_ablation_recipe_on_the_same_output_reruns_the_report_and_reuses_the_rest(tmp_path):
+    undone = _undone_after(tmp_path, {"ablations": {"filler": [3]}})
+    assert "report" in undone and "evaluate/StdPT/piqa/none0/seed0/filler3" in undone
+    assert not any(k.startswith(("finetune/", "pretrain/", "data")) for k in undone)
+
+
+def test_a_changed_stage_keeps_its_old_output_aside_and_starts_afresh(tmp_path):
+    from pause_megatron.recipe import claim, plan, read_marker, write_marker
+
+    stage = next(s for s in plan(_recipe(tmp_path)) if s.key == "pretrain/pause")
+    write_marker(stage.out, stage.key, "0ldidentity", done=True)
+    (tmp_path / "out" / "pretrain" / "pause" / "weights").write_text("old")
+    claim(stage, log=lambda *_: None)
+    assert (tmp_path / "out" / "pretrain" / "pause.replaced-0ldidentity" / "weights").read_text() == "old"
+    assert read_marker(stage.out) == {"key": stage.key, "identity": stage.identity, "done": False}
+
+
+def test_a_stage_subset_refuses_dependencies_that_have_not_finished(tmp_path):
+    from pause_megatron.recipe import load_recipe, run
+
+    for stages, named in ((["evaluate"], "needs stage finetune/PausePT/piqa/append1/seed0"),
+                          (["finetune", "evaluate"], "needs stage pretrain/pause")):
+        lines = []
+        path = write_recipe(tmp_path, stages=stages, tracking={"enabled": False})
+        assert run(load_recipe(path), recipe_path=path, log=lines.append) == 2
+        assert any(named in line for line in lines), lines
+        assert not (tmp_path / "out").exists()  # nothing ran
+
+
+FAKE_SBATCH = """#!/bin/sh
+# Records its arguments (one per line, NUL-separated jobs) and answers a job id, as `sbatch --parsable` does.
+n=$(ls "$SBATCH_LOG" 2>/dev/null | wc -l)
+mkdir -p "$SBATCH_LOG"
+for a in "$@"; do printf '%s\\n' "$a"; done > "$SBATCH_LOG/job$n"
+echo "$((1000 + n))"
+"""
+
+
+def test_slurm_mark_job_writes_the_identity_known_at_submission(tmp_path, monkeypatch):
+    from pause_megatron.recipe import is_done, load_recipe, plan, run
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_LOG", str(tmp_path / "jobs"))
+    slurm = {"executor": "slurm", "gpus_per_node": 1}
+    path = write_recipe(tmp_path, launch=slurm, tracking={"enabled": False})
+    submitted = plan(load_recipe(path))
+    assert run(load_recipe(path), recipe_path=path, log=lambda *_: None) == 0
+
+    # The recipe is edited while the jobs wait in the queue; then the pretraining job ends and marks its stage.
+    edited = {**MICRO["pretrain"], "overrides": [*MICRO["pretrain"]["overrides"], "optim.lr=5e-3"]}
+    write_recipe(tmp_path, launch=slurm, tracking={"enabled": False}, pretrain=edited)
+    jobs = [(tmp_path / "jobs" / f"job{i}").read_text().splitlines() for i in range(len(submitted))]
+    wrap = next(a for job in jobs for a in job if a.startswith("--wrap=") and "pause_megatron.pretrain" in a
+                and "data.variant=pause" in a)
+    mark = wrap.split(" && ")[-1]
+    proc = subprocess.run(mark, shell=True, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    ran = next(s for s in submitted if s.key == "pretrain/pause")
+    assert is_done(ran)  # what ran is marked: the identity planned at submission
+    now = next(s for s in plan(load_recipe(path)) if s.key == "pretrain/pause")
+    assert not is_done(now)  # the edited stage never ran
+
+
+# ---- the report --------------------------------------------------------------------------------------------
+
+SCORES = {("append", 10): 0.50, ("append", 50): 0.30, ("prepend", 10): 0.45, ("prepend", 50): 0.25}
+
+
+def _prepend_recipe(tmp_path):
+    return _recipe(tmp_path, variants=["PausePT_PauseFT"], ablations={"prepend": True},
+                   finetune={**MICRO["finetune"], "m_ft": [10, 50]})
+
+
+def _log_evaluations(r, stages, skip=()):
+    """One MLflow run per evaluate stage, tagged as pause_megatron.evaluate tags it, in a real SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=r.tracking.uri)
+    exp = client.create_experiment(r.tracking.experiment)
+    for s in stages:
+        if s.key in skip:
+            continue
+        run = client.create_run(exp, tags={"recipe": r.name, "stage": "evaluate", **s.tags})
+        client.log_metric(run.info.run_id, "piqa/acc", SCORES[(s.tags["placement"], int(s.tags["m_ft"]))])
+        client.set_terminated(run.info.run_id)
+
+
+def test_report_compares_prepending_with_appending_at_the_same_m_ft(tmp_path):
+    from pause_megatron.recipe import plan
+    from pause_megatron.report import build_report
+
+    r = _prepend_recipe(tmp_path)
+    _log_evaluations(r, [s for s in plan(r) if s.kind == "evaluate"])
+    text = build_report(r, log=lambda *_: None)
+    section = text.split("## Appending vs prepending")[1]
+    row = {int(line.split("|")[2]): line for line in section.splitlines() if line.startswith("| piqa |")}
+    assert "50.0 ± 0.0 (n=1)" in row[10].split("|")[3] and "45.0 ± 0.0 (n=1)" in row[10].split("|")[4]
+    assert "30.0 ± 0.0 (n=1)" in row[50].split("|")[3] and "25.0 ± 0.0 (n=1)" in row[50].split("|")[4]
+    assert "50.0 ± 0.0 (n=1) (M_ft=10)" in text  # the main table: the better M_ft, with its n
+    assert "chosen on the reported evaluation split" in text
+
+
+def test_report_fails_on_a_missing_score_unless_the_stage_result_file_has_it(tmp_path):
+    from pause_megatron.recipe import RESULT, plan
+    from pause_megatron.report import ReportError, build_report
+
+    r = _prepend_recipe(tmp_path)
+    stages = [s for s in plan(r) if s.kind == "evaluate"]
+    lost = next(s for s in stages if s.tags["placement"] == "prepend" and s.tags["m_ft"] == "10")
+    _log_evaluations(r, stages, skip={lost.key})
+    with pytest.raises(ReportError, match=lost.key):
+        build_report(r, log=lambda *_: None)
+    os.makedirs(lost.out)
+    with open(os.path.join(lost.out, RESULT), "w") as fh:
+        json.dump({"scores": {"piqa": {"acc": 0.45}}}, fh)
+    text = build_report(r, log=lambda *_: None)
+    assert "| piqa | 10 | 50.0 ± 0.0 (n=1) | 45.0 ± 0.0 (n=1) |" in text
+
+
+# ---- planning and the command line ----------------------------------------------------------------------
+
+def test_the_stdpt_pretraining_run_is_not_named_after_the_pause_config(tmp_path):
+    from pause_megatron.config import load_config
+    from pause_megatron.recipe import plan
+
+    r = _recipe(tmp_path, variants=["StdPT_StdFT"], pretrain={"config": "recipes/pretrain_1b_pause.yaml"})
+    (std,) = [s for s in plan(r) if s.key == "pretrain/std"]
+    argv = std.argv[std.argv.index("--config") + 2:std.argv.index("--tag")]
+    cfg = load_config("recipes/pretrain_1b_pause.yaml", argv)
+    assert cfg.data.variant == "std" and "pause" not in cfg.tracking.run_name
+
+
+def cli(*args):
+    return python("-m", "pause_megatron.cli", "recipe", *args, check=False, timeout=300)
+
+
+def test_dry_run_takes_overrides_after_the_flag(tmp_path):
+    proc = cli("run", write_recipe(tmp_path), "--dry-run", "name=renamed")
+    assert proc.returncode == 0, proc.stderr
+    assert "recipe renamed:" in proc.stdout
+
+
+def test_prepend_ablation_without_a_pausept_variant_is_a_clear_error(tmp_path):
+    proc = cli("run", write_recipe(tmp_path, variants=["StdPT_StdFT"], ablations={"prepend": True}), "--dry-run")
+    assert proc.returncode == 2 and "ablations.prepend" in proc.stderr and "Traceback" not in proc.stderr
+
+
+SLURM_8 = {"launch": {"executor": "slurm", "gpus_per_node": 8},  # and a finetune batch that 8 ranks can split
+           "finetune": {**MICRO["finetune"],
+                        "overrides": [*MICRO["finetune"]["overrides"], "train.global_batch_size=16"]}}
+
+
+def test_plan_checks_the_batch_split_for_the_stage_world_size(tmp_path):
+    # global 16 / micro 4 fits 1 rank, not the 8 ranks (DP 8) that a node of the cluster gives the stage
+    pre = {**MICRO["pretrain"], "overrides": ["parallel.tensor=1", "train.steps=6", "train.global_batch_size=16",
+                                             "train.micro_batch_size=4"]}
+    proc = cli("run", write_recipe(tmp_path, **SLURM_8, pretrain=pre), "--dry-run")
+    assert proc.returncode == 2 and "global_batch_size=16" in proc.stderr and "8 ranks" in proc.stderr
+
+
+def test_an_fp8_plan_is_submittable_from_a_cpu_machine(tmp_path):
+    pre = {**MICRO["pretrain"], "overrides": ["parallel.tensor=1", "train.steps=6", "train.global_batch_size=64",
+                                             "train.micro_batch_size=8", "precision.dtype=bf16",
+                                             "precision.fp8=hybrid"]}
+    proc = cli("run", write_recipe(tmp_path, **SLURM_8, pretrain=pre), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "pretrain/pause" in proc.stdout
+
