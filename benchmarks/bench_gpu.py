@@ -19,7 +19,8 @@ from pause_megatron import runtime
 from pause_megatron.config import load_config
 from pause_megatron.data import collate, microbatch_indices, windows_to_samples
 from pause_megatron.pauses import inject_pauses
-from pause_megatron.train import build_train_state, model_flops_per_token, peak_tflops, train_step
+from pause_megatron.perf import model_flops_per_token, peak_tflops
+from pause_megatron.train import build_train_state, train_step
 
 VOCAB, PAUSE = 32128, 32000
 MICRO = {"130m": 8, "1b": 4}  # sequences per microbatch that fit one 80 GB GPU with room to spare
@@ -55,7 +56,7 @@ def measure(preset: str, precision: str, *, steps: int, warmup: int) -> dict:
     step = float(np.median(times))
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     tflops = model_flops_per_token(cfg, vocab_size=VOCAB) * tokens / step / 1e12
-    peak = peak_tflops(cfg, cuda=True)
+    peak = peak_tflops(cuda=True)
     result = {"preset": preset, "precision": precision, "step_s": step, "tokens_per_s": tokens / step,
               "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None, "peak_tflops": peak,
               "memory_gb": torch.cuda.max_memory_allocated() / 2**30, "gpu": torch.cuda.get_device_name()}

@@ -158,7 +158,7 @@ def _estimate(config: Optional[str], overrides: list[str], gpus: int, *, model=N
     """
     import dataclasses
 
-    from pause_megatron.train import model_flops_per_token
+    from pause_megatron.perf import model_flops_per_token
 
     cfg = load_config(config, overrides)
     if model is not None:
