@@ -316,8 +316,11 @@ def _check_launch(cfg: Config, *, world_size: Optional[int], cuda: bool, need) -
                  f" per step that is a multiple of parallel.pipeline={p.pipeline}, got {count} (global batch /"
                  f" (micro batch {t.micro_batch_size} x data-parallel {dp}))")
     need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
-    need(not p.sequence_parallel or cuda,
-         "parallel.sequence_parallel needs a GPU: Megatron's sequence-parallel collectives run on CUDA only")
+    # model.layer_spec: without TE (the CPU, or a GPU without it) the local spec's torch LayerNorm asserts
+    # "sequence parallel not supported by torch LayerNorm" while the model is built.
+    need(not p.sequence_parallel or (cuda and transformer_engine_available()),
+         "parallel.sequence_parallel needs the Transformer Engine layer spec (a GPU with Transformer Engine): the"
+         " local spec's torch LayerNorm does not support sequence parallelism")
 
     parts = d.split.split(",")
     try:

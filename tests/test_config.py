@@ -102,11 +102,18 @@ def test_interleaved_pipeline_needs_a_multiple_of_pp_microbatches():
     load_config(None, [*vpp, "train.global_batch_size=3", "parallel.virtual_pipeline=null"], world_size=2)
 
 
-def test_sequence_parallel_needs_a_gpu_and_tensor_parallelism():
+def test_sequence_parallel_needs_the_transformer_engine_spec_and_tensor_parallelism(monkeypatch):
+    """Megatron's local spec (CPU, or a GPU without TE) asserts at build time that torch LayerNorm has no SP."""
+    from pause_megatron import config
+
     cfg = load_config(None, ["parallel.tensor=2"])
     cfg.parallel.sequence_parallel = True
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs a GPU"):
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs the Transformer Engine layer spec"):
         validate(cfg, cuda=False)
+    monkeypatch.setattr(config, "transformer_engine_available", lambda: False)
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs the Transformer Engine layer spec"):
+        validate(cfg, cuda=True)
+    monkeypatch.setattr(config, "transformer_engine_available", lambda: True)
     validate(cfg, cuda=True)
     cfg.parallel.tensor = 1
     with pytest.raises(ConfigError, match="parallel.sequence_parallel needs parallel.tensor > 1"):
