@@ -22,7 +22,8 @@ from pause_megatron import runtime
 from pause_megatron.config import load_config
 from pause_megatron.data import collate, microbatch_indices, windows_to_samples
 from pause_megatron.pauses import inject_pauses
-from pause_megatron.train import build_train_state, memory_gb, model_flops_per_token, peak_tflops, train_step
+from pause_megatron.perf import memory_gb, model_flops_per_token, peak_tflops
+from pause_megatron.train import build_train_state, train_step
 
 import peer_model
 
@@ -70,7 +71,7 @@ def measure(preset: str, precision: str, *, steps: int, warmup: int, cuda: bool)
     mbs = [collate([samples[i] for i in g], pause_id=PAUSE) for g in groups]
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     flops = model_flops_per_token(cfg, vocab_size=VOCAB) * tokens
-    peak = peak_tflops(cfg, cuda=cuda)
+    peak = peak_tflops(cuda=cuda)
     result = {"preset": preset, "precision": precision, "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
 
     _reset_memory(cuda)

@@ -1,11 +1,19 @@
-"""Step-time cost of the pause machinery on CPU: PausePT batches against the same run with ratio 0 (StdPT).
+"""Step-time cost of the pause machinery on CPU: the real pause path against the same batches without it.
 
-    python benchmarks/bench_pause_overhead.py [--steps 30] [--data DIR]
+    python benchmarks/bench_pause_overhead.py [--steps 40] [--warmup 5] [--data DIR]
 
-Both variants come from the same data prep (DIR, built here from a generated C4 sample if not given), so
-they differ only by the pauses. One process, one model: steps alternate between the two variants so that
-machine noise hits both alike; the first steps are warm-up. The pause machinery at training time is the loss
-mask (pause targets ignored) and the all-token loss that validation reports; the FLOPs are the same.
+Both arms train one model on the same PausePT samples (DIR, built here from a generated C4 sample if not
+given), so they run the same FLOPs on the same tokens; they differ only by what the pause rule adds at
+training time:
+  pause     data.collate (loss mask x pause_loss_mask, plus the all-token mask) and train._loss_func (the
+            masked sum and count, plus the all-token sum that validation reports);
+  baseline  the GPTDataset samples stacked as they are (no pause mask, no all-token mask) and a loss that is
+            only the masked sum and count (what a plain Megatron GPT step computes).
+Each step is timed from fetching its samples to the end of the optimizer step. The arms alternate in ABBA
+order so that machine noise (other processes, thermal drift) hits both alike; the first steps are warm-up.
+Prints, for wall-clock and for this process's CPU time, the median step time of each arm, their ratio and
+the median (and quartiles) of the per-pair ratios; and the machine with its load average. On a shared machine
+the wall-clock figures are noisy (other processes take the cores); the CPU-time figures much less so.
 """
 
 import argparse
@@ -16,15 +24,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
-from pause_megatron import runtime
+from pause_megatron import runtime, train
 from pause_megatron.config import load_config
-from pause_megatron.data import build_pretrain_datasets, load_tokenizer, microbatches_from
+from pause_megatron.data import build_pretrain_datasets, load_tokenizer, microbatch_indices, microbatches_from
 from pause_megatron.job import vocab_size
 from pause_megatron.train import build_train_state, train_step
+
+GLOBAL_BATCH, MICRO_BATCH = 32, 8
 
 
 def build_data(root: str) -> str:
@@ -37,34 +48,97 @@ def build_data(root: str) -> str:
     return out
 
 
+def plain_microbatches(dataset, *, start: int) -> list[dict]:
+    """The baseline's batches: GPTDataset's samples stacked, with its own loss mask only."""
+    out = []
+    for idx in microbatch_indices(start=start, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH,
+                                  dp_rank=0, dp_size=1):
+        samples = [dataset[i] for i in idx]
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch["tokens"], batch["labels"] = batch["tokens"].long(), batch["labels"].long()
+        out.append(batch)
+    return out
+
+
+def plain_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().view(-1)
+    loss_mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def plain_forward_step(data_iterator, model, *, device: torch.device):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], attention_mask=None,
+                   labels=batch["labels"])
+    return output, partial(plain_loss, batch["loss_mask"])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--data")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     data = args.data or build_data(tmp)
     total = args.steps + args.warmup
-    common = ["model.preset=tiny", f"data.path={data}", "train.micro_batch_size=8", "train.global_batch_size=32",
-              f"train.steps={total + 1}", "optim.warmup_steps=1", f"train.output_dir={tmp}/out"]
-    cfg = {v: load_config(None, [*common, f"data.variant={v}"]) for v in ("pause", "std")}
-    runtime.init_distributed(cfg["pause"])
-    tok = load_tokenizer(cfg["pause"])
-    state = build_train_state(cfg["pause"], vocab_size=vocab_size(cfg["pause"], tok), cuda=False)
-    data_sets = {v: build_pretrain_datasets(c, tok, train_samples=total * 32, valid_samples=0,
-                                            cache_dir=f"{tmp}/cache_{v}")[0] for v, c in cfg.items()}
-    times = {"pause": [], "std": []}
-    for i in range(total):
-        for v in ("pause", "std") if i % 2 == 0 else ("std", "pause"):
-            start = time.perf_counter()
-            mbs = microbatches_from(data_sets[v], start=i * 32, cfg=cfg[v], pause_id=tok.pause_id, dp_rank=0, dp_size=1)
+    cfg = load_config(None, ["model.preset=tiny", f"data.path={data}", f"train.micro_batch_size={MICRO_BATCH}",
+                             f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={2 * total + 1}",
+                             "optim.warmup_steps=1", f"train.output_dir={tmp}/out", "data.variant=pause"])
+    runtime.init_distributed(cfg)
+    tok = load_tokenizer(cfg)
+    state = build_train_state(cfg, vocab_size=vocab_size(cfg, tok), cuda=False)
+    dataset = build_pretrain_datasets(cfg, tok, train_samples=total * GLOBAL_BATCH, valid_samples=0,
+                                      cache_dir=f"{tmp}/cache")[0]
+    pause_forward_step = train._forward_step
+
+    def step(arm: str, start: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if arm == "pause":
+            mbs = microbatches_from(dataset, start=start, cfg=cfg, pause_id=tok.pause_id, dp_rank=0, dp_size=1)
+            train._forward_step = pause_forward_step
+        else:
+            mbs = plain_microbatches(dataset, start=start)
+            train._forward_step = plain_forward_step  # what _run_schedule hands to Megatron's schedule
+        try:
             train_step(state, mbs)
-            if i >= args.warmup:
-                times[v].append(time.perf_counter() - start)
-    med = {v: float(np.median(t)) for v, t in times.items()}
-    print(json.dumps({"steps_each": args.steps, "median_step_s": med, "pause_over_std": med["pause"] / med["std"],
-                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}, indent=1))
+        finally:
+            train._forward_step = pause_forward_step
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    load_before = os.getloadavg()
+    wall = {"pause": [], "baseline": []}
+    cpu = {"pause": [], "baseline": []}  # this process's CPU time: what other processes' load disturbs least
+    for i in range(total):
+        order = ("pause", "baseline") if i % 2 == 0 else ("baseline", "pause")
+        got = {arm: step(arm, i * GLOBAL_BATCH) for arm in order}  # same samples for both arms
+        if i >= args.warmup:
+            for arm, (w, c) in got.items():
+                wall[arm].append(w)
+                cpu[arm].append(c)
+
+    def summary(times: dict) -> dict:
+        med = {arm: float(np.median(t)) for arm, t in times.items()}
+        pairs = np.array(times["pause"]) / np.array(times["baseline"])
+        return {"median_step_s": med, "pause_over_baseline": med["pause"] / med["baseline"],
+                "median_pair_ratio": float(np.median(pairs)),
+                "pair_ratio_iqr": [float(np.percentile(pairs, 25)), float(np.percentile(pairs, 75))]}
+
+    print(json.dumps({"steps_each": args.steps, "wall": summary(wall), "cpu": summary(cpu), "machine": machine(),
+                      "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]}, indent=1))
     runtime.destroy()
 
 

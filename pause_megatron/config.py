@@ -257,10 +257,6 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
     need(m.num_layers % chunks == 0,
          f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}"
          + (f" x parallel.virtual_pipeline={p.virtual_pipeline}" if p.virtual_pipeline else ""))
-    if p.virtual_pipeline is not None:
-        need(p.virtual_pipeline >= 1, f"parallel.virtual_pipeline must be >= 1, got {p.virtual_pipeline}")
-        need(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
-    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
 
     need(pr.dtype in ("auto", "fp32", "bf16"), f"precision.dtype must be 'auto', 'fp32' or 'bf16', got {pr.dtype!r}")
     need(pr.fp8 in (None, "e4m3", "hybrid"), f"precision.fp8 must be null, 'e4m3' or 'hybrid', got {pr.fp8!r}")
@@ -303,3 +299,50 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
         from pause_megatron.tasks import TASKS
 
         need(cfg.task in TASKS, f"task: unknown task {cfg.task!r}; the paper's tasks are {sorted(TASKS)}")
+    _check_launch(cfg, world_size=world_size, cuda=cuda, need=need)
+
+
+def _check_launch(cfg: Config, *, world_size: Optional[int], cuda: bool, need) -> None:
+    """What Megatron or the data pipeline would refuse only after the process group has started, checked now.
+
+    One check per field; the rules are megatron-core's (0.16.1 and 0.19 alike, cited where they live).
+    """
+    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+    for name in ("hidden_dropout", "attention_dropout"):
+        need(0.0 <= getattr(m, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(m, name)}")
+    need(m.make_vocab_size_divisible_by >= 1,
+         f"model.make_vocab_size_divisible_by must be >= 1, got {m.make_vocab_size_divisible_by}")
+
+    if p.virtual_pipeline is not None:
+        # One chunk per stage is plain 1F1B, but Megatron takes any non-None size as "interleaved" and then
+        # expects a list of chunks; 2+ chunks with no pipeline would run them on the no-pipelining schedule.
+        need(p.virtual_pipeline >= 2,
+             f"parallel.virtual_pipeline must be >= 2 (or null for plain 1F1B), got {p.virtual_pipeline}")
+        need(p.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
+        if world_size is not None and world_size % (p.tensor * p.pipeline) == 0:
+            # schedules.forward_backward_pipelining_with_interleaving: microbatches come in groups of
+            # microbatch_group_size_per_vp_stage (default: PP); the count must be >= PP and leave no partial
+            # group smaller than PP, i.e. with the default a multiple of PP.
+            dp = world_size // (p.tensor * p.pipeline)
+            count = t.global_batch_size // max(t.micro_batch_size * dp, 1)
+            need(count % p.pipeline == 0,
+                 f"train.global_batch_size={t.global_batch_size}: interleaved pipelining needs a number of microbatches"
+                 f" per step that is a multiple of parallel.pipeline={p.pipeline}, got {count} (global batch /"
+                 f" (micro batch {t.micro_batch_size} x data-parallel {dp}))")
+    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+    # model.layer_spec: without TE (the CPU, or a GPU without it) the local spec's torch LayerNorm asserts
+    # "sequence parallel not supported by torch LayerNorm" while the model is built.
+    need(not p.sequence_parallel or (cuda and transformer_engine_available()),
+         "parallel.sequence_parallel needs the Transformer Engine layer spec (a GPU with Transformer Engine): the"
+         " local spec's torch LayerNorm does not support sequence parallelism")
+
+    parts = d.split.split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        weights = []
+    need(1 <= len(weights) <= 3 and all(w >= 0 for w in weights) and weights[0] > 0,
+         f"data.split must be 1 to 3 comma-separated non-negative weights (train, validation, test) with a positive"
+         f" train weight, e.g. '98,2,0'; got {d.split!r}")
+    need(t.eval_interval == 0 or t.eval_steps >= 1,
+         f"train.eval_steps must be >= 1 when train.eval_interval={t.eval_interval} (0 turns validation off)")

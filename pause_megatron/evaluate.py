@@ -33,7 +33,7 @@ def _forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None) ->
     return model(input_ids=ids, position_ids=positions, attention_mask=None, **kwargs).float()
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not no_grad: skips autograd's version counters and view tracking, ~10% per cached step
 def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: tuple[int, ...] = (),
                     use_cache: bool = True, device: torch.device = torch.device("cpu")) -> list[int]:
     """Greedy continuation of `prompt` (at most `max_new_tokens`, ending early at a stop id, not returned).

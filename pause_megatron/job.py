@@ -201,5 +201,8 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
             print(json.dumps({"final_step": result["step"], **result["last"]}), flush=True)
     finally:
         tracker.end(status)
+        if rank0 and tracker.run_id != run_id:  # a slow server made the run after start(): resume into it next time
+            with open(os.path.join(t.output_dir, RUN_FILE), "w") as f:
+                json.dump({"mlflow_run_id": tracker.run_id, "tracking_uri": cfg.tracking.uri}, f)
         runtime.destroy()
     return code

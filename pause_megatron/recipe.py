@@ -188,7 +188,7 @@ def _resolve(config: Optional[str], overrides: list[str], gpus: int, *, model: O
 
 def _estimate(cfg, gpus: int) -> float:
     """Seconds for a training stage at ASSUMED_MFU on H100s."""
-    from pause_megatron.train import model_flops_per_token
+    from pause_megatron.perf import model_flops_per_token
 
     tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.model.seq_length
     flops = model_flops_per_token(cfg, vocab_size=32128) * tokens

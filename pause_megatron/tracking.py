@@ -1,21 +1,28 @@
-"""MLflow on rank 0, and never the reason a training job dies.
+"""MLflow on rank 0, and never the reason a training job dies or waits.
 
 A thin adapter over the MLflow client: one run per job (resumed by id after a restart), params as dotted keys,
-metrics by step, artifacts. If the tracking server cannot be reached, the tracker warns once, keeps the
-metrics in memory (bounded) and retries at later logging calls; training goes on either way.
+metrics by step, artifacts. Every MLflow call runs on one background thread: the training thread only queues
+work, so a slow or hung server never sits on a training step. When the server cannot be reached (or does not
+answer), the tracker warns once, keeps metrics in memory (bounded) and retries RETRY_SECONDS after each
+failure, run creation included; what was queued arrives once the server answers again.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pause_megatron.config import TrackingConfig
 
 MAX_BUFFERED = 100_000  # metric points kept while the server is unreachable (~a few MB)
-RETRY_SECONDS = 60.0  # how often to try an unreachable server again
+RETRY_SECONDS = 30.0  # wait after each failed call before trying the server again
+START_WAIT_SECONDS = 5.0  # how long start() waits for a remote server to create the run
+END_WAIT_SECONDS = 60.0  # how long end() waits for queued work to reach the server before giving up
+HTTP_TIMEOUT_SECONDS = "10"  # per request; a hung server costs the background thread this much per try
 
 
 class Tracker:
@@ -26,93 +33,158 @@ class Tracker:
         self.enabled = enabled and cfg.enabled
         self.run_id: Optional[str] = None
         self._client = None
-        self._buffer: list[tuple[str, float, int, int]] = []
-        self._down_since: Optional[float] = None
+        self._cond = threading.Condition()
+        self._points: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        self._ops: collections.deque[tuple[str, Callable]] = collections.deque()  # (what, call(client, run_id))
+        self._create: Optional[Callable] = None  # creates (or resumes) the run; cleared once it succeeded
+        self._retry_at = 0.0  # monotonic time before which the server is not tried again
+        self._ending = False
+        self._failures = 0
+        self._first_try_done = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         self._warned = False
         if self.enabled:
-            # Fail fast instead of retrying for minutes against a dead server.
+            # Fail fast instead of retrying for minutes against a dead server: retries are ours, off the step.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_SECONDS)
 
-    def _call(self, what: str, fn, *args, **kwargs) -> Any:
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 — any tracking failure must not stop training
-            self._down_since = self._down_since or time.monotonic()
-            if not self._warned:  # printed, not warnings.warn: it must show even where warnings are filtered
-                print(f"warning: MLflow ({self.cfg.uri}): {what} failed ({type(exc).__name__}: {exc}); "
-                      "training continues, metrics are buffered and retried", file=sys.stderr, flush=True)
-                self._warned = True
-            return None
-        self._down_since = None
-        return result
+    # ---- called from the training thread: queue and return ------------------------------------------------
 
     def start(self, *, params: dict[str, Any], tags: dict[str, str], resume_run_id: Optional[str] = None,
               parent_run_id: Optional[str] = None) -> Optional[str]:
-        """Create (or resume) the run; returns its id, or None when tracking is off or unreachable."""
+        """Create (or resume) the run; returns its id, or None when tracking is off or the run is not made yet.
+
+        A local store (sqlite, file) is waited for; a remote server at most START_WAIT_SECONDS, after which the
+        run is created in the background (retried until it succeeds) and `run_id` is set then.
+        """
         if not self.enabled:
             return None
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.cfg.uri)
         if resume_run_id:
             self.run_id = resume_run_id
-            self._call("resume run", self._client.update_run, resume_run_id, status="RUNNING")
-            return self.run_id
-        exp = self._call("get experiment", self._client.get_experiment_by_name, self.cfg.experiment)
-        exp_id = exp.experiment_id if exp else self._call("create experiment", self._client.create_experiment,
-                                                           self.cfg.experiment)
-        if exp_id is None:
-            return None
-        all_tags = dict(tags)
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self._call("create run", self._client.create_run, exp_id, tags=all_tags, run_name=self.cfg.run_name)
-        if run is None:
-            return None
-        self.run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        # MLflow caps a param value at 6000 characters; ours are short scalars.
+            self._ops.append(("resume run", lambda c, run: c.update_run(run, status="RUNNING")))
+        else:
+            all_tags = dict(tags)
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            self._create = lambda c: self._create_run(c, all_tags)
+        # MLflow caps a param value at 6000 characters and a log_batch call at 100 params; ours are short scalars.
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            self._call("log params", self._client.log_batch, self.run_id, params=items[i : i + 100])
+        for i in range(0, len(items), 100):
+            chunk = items[i : i + 100]
+            self._ops.append(("log params", lambda c, run, chunk=chunk: c.log_batch(run, params=chunk)))
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        remote = self.cfg.uri.startswith(("http://", "https://", "databricks"))
+        self._first_try_done.wait(START_WAIT_SECONDS if remote else None)
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
-        if not self.enabled:
+        if not self.enabled or self._thread is None:
             return
         now = int(time.time() * 1000)
-        self._buffer.extend((k, float(v), now, step) for k, v in metrics.items() if v is not None)
-        del self._buffer[:-MAX_BUFFERED]
-        if self._down_since is not None and time.monotonic() - self._down_since < RETRY_SECONDS:
-            return
-        self.flush()
-
-    def flush(self) -> None:
-        if not self.enabled or not self._buffer or self.run_id is None or self._client is None:
-            return
-        from mlflow.entities import Metric
-
-        pending = self._buffer
-        for i in range(0, len(pending), 1000):  # log_batch takes at most 1000 metrics per call
-            chunk = [Metric(k, v, ts, st) for k, v, ts, st in pending[i : i + 1000]]
-            if self._call("log metrics", self._client.log_batch, self.run_id, metrics=chunk) is None and \
-                    self._down_since is not None:
-                self._buffer = pending[i:]
-                return
-        self._buffer = []
+        with self._cond:
+            self._points.extend((k, float(v), now, step) for k, v in metrics.items() if v is not None)
+            del self._points[:-MAX_BUFFERED]
+            self._cond.notify()
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
-        if self.enabled and self.run_id and self._client and os.path.exists(path):
-            self._call("log artifact", self._client.log_artifact, self.run_id, path, artifact_path)
+        if self.enabled and self._thread is not None and os.path.exists(path):
+            self._queue("log artifact", lambda c, run: c.log_artifact(run, path, artifact_path))
 
     def set_tag(self, key: str, value: str) -> None:
-        if self.enabled and self.run_id and self._client:
-            self._call("set tag", self._client.set_tag, self.run_id, key, value)
+        if self.enabled and self._thread is not None:
+            self._queue("set tag", lambda c, run: c.set_tag(run, key, value))
+
+    def flush(self, timeout: float = END_WAIT_SECONDS) -> bool:
+        """Try the server now and wait until everything queued has reached it; False at the first failure or
+        after `timeout` s (a hung server costs one HTTP timeout here, not one per queued call)."""
+        if not self.enabled or self._thread is None:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            failures = self._failures
+            self._retry_at = 0.0  # try now rather than at the end of a back-off
+            self._cond.notify()
+            while self._pending():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._failures > failures or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
 
     def end(self, status: str = "FINISHED") -> None:
-        """FINISHED, FAILED or KILLED (a preempted run that will resume)."""
-        if self.enabled and self.run_id and self._client:
-            self.flush()
-            self._call("end run", self._client.set_terminated, self.run_id, status)
+        """FINISHED, FAILED or KILLED (a preempted run that will resume); waits at most END_WAIT_SECONDS."""
+        if not self.enabled or self._thread is None:
+            return
+        self._queue("end run", lambda c, run: c.set_terminated(run, status))
+        sent = self.flush()
+        with self._cond:
+            self._ending = True
+            self._cond.notify()
+        if not sent:
+            print(f"warning: MLflow ({self.cfg.uri}): unreachable at the end of the run; what was not sent yet "
+                  "(metrics, end status) is lost", file=sys.stderr, flush=True)
+
+    # ---- the background thread --------------------------------------------------------------------------
+
+    def _queue(self, what: str, call: Callable) -> None:
+        with self._cond:
+            self._ops.append((what, call))
+            self._cond.notify()
+
+    def _pending(self) -> bool:
+        return bool(self._create or self._points or self._ops)
+
+    def _create_run(self, client, tags: dict[str, str]) -> str:
+        exp = client.get_experiment_by_name(self.cfg.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.experiment)
+        return client.create_run(exp_id, tags=tags, run_name=self.cfg.run_name).info.run_id
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        with self._cond:
+            self._retry_at = time.monotonic() + RETRY_SECONDS  # refreshed on every failure
+            self._failures += 1
+        if not self._warned:  # printed, not warnings.warn: it must show even where warnings are filtered
+            print(f"warning: MLflow ({self.cfg.uri}): {what} failed ({type(exc).__name__}: {exc}); "
+                  "training continues, metrics are buffered and retried", file=sys.stderr, flush=True)
+            self._warned = True
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ending and (not self._pending() or time.monotonic() < self._retry_at):
+                    wait = self._retry_at - time.monotonic() if self._pending() else None
+                    self._cond.wait(wait)
+                if self._ending:
+                    return
+            self._send_once()
+            self._first_try_done.set()
+            with self._cond:
+                self._cond.notify_all()  # wake flush()
+
+    def _send_once(self) -> None:
+        """One pass: create the run if needed, then queued calls in order, then metric points."""
+        from mlflow.entities import Metric
+
+        client = self._client
+        try:
+            if self._create is not None:
+                self.run_id = self._create(client)
+                self._create = None
+            while self._ops:
+                what, call = self._ops[0]
+                call(client, self.run_id)
+                self._ops.popleft()
+            with self._cond:
+                points = self._points[:1000]  # log_batch takes at most 1000 metrics per call
+            while points:
+                client.log_batch(self.run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in points])
+                with self._cond:
+                    del self._points[: len(points)]
+                    points = self._points[:1000]
+        except Exception as exc:  # noqa: BLE001 — any tracking failure must not stop training
+            self._failed("create run" if self._create is not None else "logging", exc)

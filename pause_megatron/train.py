@@ -16,6 +16,7 @@ import torch
 
 from pause_megatron.config import Config
 from pause_megatron.model import build_model_chunks, prepare_chunks
+from pause_megatron.perf import memory_gb, model_flops_per_token, peak_tflops  # MFU convention: see perf.py
 
 
 @dataclass
@@ -204,47 +205,6 @@ def eval_step(state: TrainState, microbatches: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # The loop: the same for pretraining and finetuning; only where the batches come from differs.
 
-PEAK_TFLOPS_BF16 = {  # dense bf16 peak per GPU, from the vendors' data sheets
-    "H100": 989.4,
-    "H200": 989.4,
-    "GH200": 989.4,
-    "A100": 312.0,
-    "L40S": 362.1,
-}
-
-
-def model_flops_per_token(cfg: Config, *, vocab_size: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward), counted from the config.
-
-    Forward per token: per layer 2*(3h*h) QKV + 2*h*h output projection + 2*2*h*ffn MLP + 2*2*s*h attention
-    scores and values (Megatron's convention: the causal half is not discounted); plus 2*h*V for the logits.
-    """
-    m = cfg.model
-    h, s, f = m.hidden_size, m.seq_length, m.ffn_hidden_size
-    per_layer = 8 * h * h + 4 * h * f + 4 * s * h
-    return 3.0 * (m.num_layers * per_layer + 2 * h * vocab_size)
-
-
-def peak_tflops(cfg: Config, *, cuda: bool) -> Optional[float]:
-    """Peak dense TFLOP/s of this GPU for the run's precision (FP8 doubles it); None on a CPU or unknown GPU."""
-    if not cuda:
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS_BF16.items():
-        if key in name:
-            return value * (2.0 if cfg.precision.fp8 else 1.0)
-    return None
-
-
-def memory_gb(cuda: bool) -> float:
-    """Peak GPU memory allocated by this rank, or this process's resident memory on a CPU."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
-
-
 class GracefulStop:
     """SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) ask for save-and-exit.
 
@@ -321,7 +281,7 @@ def fit(
     world = torch.distributed.get_world_size()
     ckpt_root = os.path.join(t.output_dir, "checkpoints")
     flops_per_step = model_flops_per_token(cfg, vocab_size=vocab_size) * t.global_batch_size * cfg.model.seq_length
-    peak = peak_tflops(cfg, cuda=state.cuda)
+    peak = peak_tflops(cuda=state.cuda)
     stop = GracefulStop(cuda=state.cuda)
     metrics_file = open(os.path.join(t.output_dir, "metrics.jsonl"), "a") if rank0 else None
     import sys

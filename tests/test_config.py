@@ -56,6 +56,70 @@ def test_bad_values_name_the_field(overrides, field):
     assert field in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        # Megatron takes any virtual size as "interleaved" and then fails inside the schedule.
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=1"], "parallel.virtual_pipeline must be >= 2"),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=0"], "parallel.virtual_pipeline must be >= 2"),
+        (["model.hidden_dropout=1.0"], "model.hidden_dropout must be in [0, 1)"),
+        (["model.attention_dropout=-0.1"], "model.attention_dropout must be in [0, 1)"),
+        (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by must be >= 1"),
+        (["model.make_vocab_size_divisible_by=-128"], "model.make_vocab_size_divisible_by must be >= 1"),
+        (["data.split=98;2;0"], "data.split must be"),
+        (["data.split=98,2,0,1"], "data.split must be"),
+        (["data.split=98,-2,0"], "data.split must be"),
+        (["data.split=0,2,0"], "data.split must be"),
+        (["data.split=abc"], "data.split must be"),
+        (["train.eval_interval=5", "train.eval_steps=0"], "train.eval_steps must be >= 1 when train.eval_interval=5"),
+    ],
+)
+def test_launch_failures_are_refused_by_field(overrides, field):
+    """Each of these used to pass validation and fail only after the process group started (or silently)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.hidden_dropout=0.1", "model.attention_dropout=0.0"],
+    ["data.split=100"], ["data.split=98,2"], ["data.split=949.5,50,0.5"],
+    ["train.eval_interval=0", "train.eval_steps=0"],
+    ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+])
+def test_edges_that_megatron_accepts_pass(overrides):
+    load_config(None, overrides)
+
+
+def test_interleaved_pipeline_needs_a_multiple_of_pp_microbatches():
+    """megatron-core's interleaved schedule groups microbatches by PP and refuses a partial last group."""
+    vpp = ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.micro_batch_size=1"]
+    with pytest.raises(ConfigError, match="multiple of parallel.pipeline=2, got 3"):
+        load_config(None, [*vpp, "train.global_batch_size=3"], world_size=2)
+    with pytest.raises(ConfigError, match="multiple of parallel.pipeline=2, got 1"):
+        load_config(None, [*vpp, "train.global_batch_size=2"], world_size=4)  # DP 2: one microbatch each
+    load_config(None, [*vpp, "train.global_batch_size=4"], world_size=4)
+    load_config(None, [*vpp, "train.global_batch_size=3", "parallel.virtual_pipeline=null"], world_size=2)
+
+
+def test_sequence_parallel_needs_the_transformer_engine_spec_and_tensor_parallelism(monkeypatch):
+    """Megatron's local spec (CPU, or a GPU without TE) asserts at build time that torch LayerNorm has no SP."""
+    from pause_megatron import config
+
+    cfg = load_config(None, ["parallel.tensor=2"])
+    cfg.parallel.sequence_parallel = True
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs the Transformer Engine layer spec"):
+        validate(cfg, cuda=False)
+    monkeypatch.setattr(config, "transformer_engine_available", lambda: False)
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs the Transformer Engine layer spec"):
+        validate(cfg, cuda=True)
+    monkeypatch.setattr(config, "transformer_engine_available", lambda: True)
+    validate(cfg, cuda=True)
+    cfg.parallel.tensor = 1
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs parallel.tensor > 1"):
+        validate(cfg, cuda=True)
+
+
 def test_world_size_must_split_into_the_batch():
     with pytest.raises(ConfigError, match="world size 6 is not divisible by parallel.tensor x parallel.pipeline = 4"):
         load_config(None, ["parallel.tensor=2", "parallel.pipeline=2"], world_size=6)

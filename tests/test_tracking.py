@@ -1,0 +1,167 @@
+"""MLflow tracking against a hung server: the training thread never waits on it, and nothing is lost once it
+answers again. Loopback only: a TCP proxy on 127.0.0.1 that first accepts and never replies, then forwards to a
+real MLflow tracking server (MLflow's own server app on a SQLite store, in a subprocess)."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pause_megatron import tracking
+from pause_megatron.config import TrackingConfig
+
+HUNG_REQUEST_S = 30  # an HTTP request to the hung server fails only after this; a blocked step would show it
+
+SERVER = """
+from werkzeug.serving import make_server
+from mlflow.server import app
+srv = make_server("127.0.0.1", 0, app, threaded=True)
+print(srv.server_port, flush=True)
+srv.serve_forever()
+"""
+
+
+class HangThenForward:
+    """Listens on 127.0.0.1: holds every connection unanswered until `recover(port)`, then forwards to `port`
+    (held connections are closed, so requests in flight fail at once, as with a restarted server)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.target = None
+        self.held: list[socket.socket] = []
+        self.connections = 0
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            self.connections += 1
+            if self.target is None:
+                self.held.append(conn)  # accepted, never answered
+            else:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                for a, b in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+        self.sock.close()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def recover(self, port: int):
+        self.target = port
+        for conn in self.held:
+            conn.close()
+
+    def stop(self):
+        self.stopped.set()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on a free loopback port (started now, ready in ~10-20 s)."""
+    env = {**os.environ, "_MLFLOW_SERVER_FILE_STORE": f"sqlite:///{tmp_path}/mlflow.db",
+           "_MLFLOW_SERVER_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    port = {}
+    reader = threading.Thread(target=lambda: port.setdefault("p", int(proc.stdout.readline())), daemon=True)
+    reader.start()
+    yield lambda: (reader.join(120), port["p"])[1]
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_hung_server_never_blocks_training_and_gets_everything_once_it_answers(mlflow_server, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HUNG_REQUEST_S))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 1.0)
+    from mlflow.tracking import MlflowClient  # imported before timing: its import is slow, and not the server's
+
+    proxy = HangThenForward()
+    try:
+        tracker = tracking.Tracker(TrackingConfig(uri=f"http://127.0.0.1:{proxy.port}", experiment="hung"),
+                                   enabled=True)
+        t0 = time.monotonic()
+        run_id = tracker.start(params={"model.num_layers": 4}, tags={"stage": "pretrain"})
+        started_in = time.monotonic() - t0
+        # Bounded by START_WAIT_SECONDS, not by the hung request (30 s), and no run yet.
+        assert started_in < tracking.START_WAIT_SECONDS + 2 < HUNG_REQUEST_S and run_id is None
+        assert proxy.connections >= 1  # it did try the server
+
+        worst = 0.0
+        for step in range(1, 6):  # "training steps" while the server hangs
+            t = time.monotonic()
+            tracker.log_metrics({"train/loss": 10.0 - step, "perf/mfu": None}, step=step)
+            tracker.set_tag("last_step", str(step))
+            worst = max(worst, time.monotonic() - t)
+        assert worst < 1.0 < HUNG_REQUEST_S  # queued, not sent on the training thread
+
+        proxy.recover(mlflow_server())
+        deadline = time.monotonic() + 90
+        while tracker.run_id is None and time.monotonic() < deadline:  # run creation is retried
+            time.sleep(0.2)
+        assert tracker.run_id is not None
+        tracker.log_metrics({"train/loss": 4.0}, step=6)
+        tracker.end("FINISHED")
+    finally:
+        proxy.stop()
+
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_server()}")
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"model.num_layers": "4"} and run.data.tags["stage"] == "pretrain"
+    assert run.data.tags["last_step"] == "5"
+    history = client.get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, 10.0 - s) for s in range(1, 7)]
+    assert "MLflow (http://127.0.0.1" in capsys.readouterr().err  # warned once that it was down
+
+
+@pytest.mark.slow
+def test_retry_gate_is_refreshed_after_every_failure(monkeypatch):
+    """A resumed run on a server that never answers: tried once per (request timeout + RETRY_SECONDS), off the
+    training thread, not on every logging call once the first back-off has passed."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 3.0)
+    monkeypatch.setattr(tracking, "START_WAIT_SECONDS", 0.5)
+    proxy = HangThenForward()
+    try:
+        tracker = tracking.Tracker(TrackingConfig(uri=f"http://127.0.0.1:{proxy.port}"), enabled=True)
+        tracker.start(params={}, tags={}, resume_run_id="0" * 32)
+        t0, worst = time.monotonic(), 0.0
+        while time.monotonic() - t0 < 10.0:  # a training step every 50 ms for 10 s
+            t = time.monotonic()
+            tracker.log_metrics({"train/loss": 1.0}, step=1)
+            worst = max(worst, time.monotonic() - t)
+            time.sleep(0.05)
+        # Tries at ~0, 4 and 8 s (1 s hung + 3 s back-off each); an unrefreshed gate would try on every call
+        # after the first back-off, about once per second.
+        assert 2 <= proxy.connections <= 4
+        assert worst < 0.5  # a hung request takes 1 s: none ran on this thread
+        t = time.monotonic()
+        tracker.end("FAILED")  # one last try, then gives up: bounded by one request timeout
+        assert time.monotonic() - t < 5.0
+    finally:
+        proxy.stop()
