@@ -77,11 +77,29 @@ def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, wh
     seq = manifest.get("seq_length")
     if seq is not None and seq != cfg.model.seq_length:
         raise DataError(f"{where}: shards have seq_length={seq} but model.seq_length={cfg.model.seq_length}")
+    ratio = manifest.get("pause_ratio")
+    if cfg.data.variant == "pause" and ratio is not None and abs(ratio - cfg.pauses.ratio) > 1e-9:
+        raise DataError(f"{where}: the pause shards were made with pause_ratio={ratio} but pauses.ratio="
+                        f"{cfg.pauses.ratio}; set pauses.ratio={ratio} or rebuild the data with --pause-ratio")
+
+
+def shard_weights(prefixes: Sequence[str]) -> list[float]:
+    """Each shard's share of the tokens, read from its index (megatron-core's own reader)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens = [float(IndexedDataset(p).sequence_lengths.sum()) for p in prefixes]
+    return [t / sum(tokens) for t in tokens]
 
 
 def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_samples: int, valid_samples: int,
                             cache_dir: str):
-    """(train, validation) GPTDatasets over the shards of `cfg.data.variant`, blended by shard size."""
+    """(train, validation) GPTDatasets over the shards of `cfg.data.variant`, blended by shard size.
+
+    The blend has explicit weights (each shard's share of the tokens): megatron-core then builds each shard's
+    dataset to its share of the samples asked for, over as many epochs as that takes. Without weights it
+    would build one epoch per shard and silently serve min(asked, one epoch). A split that still cannot serve
+    what the run asks for (an empty split) is refused here, before training starts.
+    """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -91,7 +109,7 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(prefixes, None),  # weights None: proportional to each shard's size
+        blend=(prefixes, shard_weights(prefixes)),
         split=cfg.data.split,
         path_to_cache=cache_dir,
         tokenizer=_TokenizerView(eod=tokenizer.eod_id, pad=tokenizer.pad_id, vocab_size=tokenizer.vocab_size),
@@ -103,6 +121,11 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     ).build()
+    for name, dataset, needed in (("train", train, train_samples), ("validation", valid, valid_samples)):
+        served = 0 if dataset is None else len(dataset)
+        if served < needed:
+            raise DataError(f"{cfg.data.path}/{cfg.data.variant}: the {name} split (data.split={cfg.data.split}) "
+                            f"serves {served} samples but the run needs {needed}")
     return train, valid
 
 
@@ -155,6 +178,8 @@ def windows_to_samples(windows) -> list[dict]:
 class FinetuneDataset:
     """PauseFT samples: prompt + M placed pauses + target + EOD, padded to seq_length + 1; loss on the target.
 
+    Prompt and target are split as evaluation splits them (`PauseTokenizer.encode_pair`).
+
     Index i is example perm_e[i mod N] of epoch e = i // N (a fresh seeded shuffle per epoch), so the order
     depends only on the seed and i, and training resumes exactly from `consumed_samples`.
     """
@@ -168,9 +193,10 @@ class FinetuneDataset:
         self.seq_length, self.seed, self.pad_id = seq_length, seed, tokenizer.pad_id
         self.examples = []
         for i, (prompt, target) in enumerate(pairs):
+            prompt_ids, target_ids = tokenizer.encode_pair(prompt, target)  # the ids evaluation scores
             try:
                 ids, is_target = finetune_example(
-                    tokenizer.encode(prompt), tokenizer.encode(target) + [tokenizer.eod_id], m=m,
+                    prompt_ids, target_ids + [tokenizer.eod_id], m=m,
                     pause_id=tokenizer.pause_id, placement=placement, filler_id=filler_id, max_length=seq_length + 1)
             except ValueError as exc:
                 raise DataError(f"{where}: example {i}: {exc}") from None
