@@ -87,7 +87,10 @@ def shard_weights(prefixes: Sequence[str]) -> list[float]:
     """Each shard's share of the tokens, read from its index (megatron-core's own reader)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    tokens = [float(IndexedDataset(p).sequence_lengths.sum()) for p in prefixes]
+    tokens = []
+    for prefix in prefixes:
+        index = IndexedDataset(prefix)  # held while its lengths are read: deleting it unmaps them
+        tokens.append(float(index.sequence_lengths.sum()))
     return [t / sum(tokens) for t in tokens]
 
 
