@@ -168,3 +168,17 @@ def test_lambada_answer_filter_keeps_apostrophes(tmp_path):
     scores = [task.process_results(inst.doc, [inst.filtered_resps["first-word"]])["exact_match"]
               for inst in task.instances]
     assert scores == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("placement", ["append", "prepend", "filler", "none"])
+def test_fit_placed_cuts_the_prompt_and_keeps_the_pauses(placement):
+    from pause_megatron.pauses import fit_placed, place_pauses
+
+    prompt, pause, filler = list(range(10, 30)), 1, 2
+    kw = dict(m=4, pause_id=pause, placement=placement, filler_id=filler)
+    added = 0 if placement == "none" else 4
+    assert fit_placed(prompt, max_length=50, **kw) == place_pauses(prompt, **kw)
+    assert fit_placed(prompt, max_length=12, **kw) == place_pauses(prompt[-(12 - added):], **kw)
+    assert fit_placed(prompt, max_length=added + 1, **kw) == place_pauses(prompt[-1:], **kw)
+    with pytest.raises(ValueError, match="do not fit"):
+        fit_placed(prompt, max_length=added, **kw)
