@@ -101,8 +101,8 @@ def test_finetuning_targets_are_the_tokens_evaluation_scores(tok, name):
             # the model must then generate (lm-eval's split of context + target), which its metric scores full
             max_new = inst.args[1]["max_gen_toks"]
             prompt_ids, target_ids, target = examples[context][-1]  # CoQA: lm-eval asks the last turn
-            assert prompt_ids == lm.prompt(lm.tok_encode(context), max_new)
             assert target_ids == TemplateLM._encode_pair(lm, context, target)[1]
+            assert prompt_ids == lm.prompt(lm.tok_encode(context), max_new)
             text = tok.decode(target_ids)
             for stop in inst.args[1]["until"]:
                 text = text.split(stop)[0] if stop else text
