@@ -83,15 +83,33 @@ def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, wh
                         f"{cfg.pauses.ratio}; set pauses.ratio={ratio} or rebuild the data with --pause-ratio")
 
 
-def shard_weights(prefixes: Sequence[str]) -> list[float]:
-    """Each shard's share of the tokens, read from its index (megatron-core's own reader)."""
+def shard_sizes(prefixes: Sequence[str]) -> list[tuple[int, int]]:
+    """(windows, tokens) of each shard, read from its index (megatron-core's own reader)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    tokens = []
+    sizes = []
     for prefix in prefixes:
         index = IndexedDataset(prefix)  # held while its lengths are read: deleting it unmaps them
-        tokens.append(float(index.sequence_lengths.sum()))
-    return [t / sum(tokens) for t in tokens]
+        sizes.append((len(index.sequence_lengths), int(index.sequence_lengths.sum())))
+    return sizes
+
+
+def _check_split_parts(prefixes, sizes, split_matrix, needed: dict[int, int], split: str) -> None:
+    """Every shard must hold windows in each part the run samples from.
+
+    megatron-core gives split part i of a shard of n windows the windows [round(lo·n), round(hi·n)); with
+    explicit weights it would look for its share of samples in an empty part forever.
+    """
+    names = {0: "train", 1: "validation"}
+    for i, need in needed.items():
+        if not need or split_matrix[i] is None:
+            continue
+        lo, hi = split_matrix[i]
+        for prefix, (windows, _) in zip(prefixes, sizes):
+            if int(round(hi * windows)) - int(round(lo * windows)) == 0:
+                raise DataError(f"{prefix}: its {names[i]} part of data.split={split} is empty ({windows} windows in "
+                                f"the shard) but the run needs {need} {names[i]} samples; give that part a larger "
+                                f"share{', or set train.eval_interval=0' if i == 1 else ''}")
 
 
 def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_samples: int, valid_samples: int,
@@ -101,7 +119,7 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
     The blend has explicit weights (each shard's share of the tokens): megatron-core then builds each shard's
     dataset to its share of the samples asked for, over as many epochs as that takes. Without weights it
     would build one epoch per shard and silently serve min(asked, one epoch). A split that still cannot serve
-    what the run asks for (an empty split) is refused here, before training starts.
+    what the run asks for (an empty split, or an empty part of a shard) is refused here, before training starts.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -109,10 +127,12 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
     manifest = read_manifest(cfg.data.path)
     check_manifest(manifest, cfg=cfg, tokenizer=tokenizer, where=os.path.join(cfg.data.path, MANIFEST))
     prefixes = shard_prefixes(cfg.data.path, cfg.data.variant)
+    sizes = shard_sizes(prefixes)
+    total_tokens = sum(tokens for _, tokens in sizes)
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(prefixes, shard_weights(prefixes)),
+        blend=(prefixes, [tokens / total_tokens for _, tokens in sizes]),
         split=cfg.data.split,
         path_to_cache=cache_dir,
         tokenizer=_TokenizerView(eod=tokenizer.eod_id, pad=tokenizer.pad_id, vocab_size=tokenizer.vocab_size),
@@ -121,6 +141,7 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
         eod_mask_loss=False,
         create_attention_mask=False,  # causal mask comes from the layer spec
     )
+    _check_split_parts(prefixes, sizes, config.split_matrix, {0: train_samples, 1: valid_samples}, cfg.data.split)
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     ).build()

@@ -23,10 +23,10 @@ def small_data(tiny_c4, tmp_path_factory):
     return root / "out"
 
 
-def pretrain(data, out, *overrides, check=True):
+def pretrain(data, out, *overrides, check=True, timeout=600):
     return torchrun("-m pause_megatron.pretrain", f"data.path={data}", f"train.output_dir={out}",
                     "model.preset=tiny", f"train.global_batch_size={BATCH}", "train.micro_batch_size=4",
-                    "optim.warmup_steps=1", "tracking.enabled=false", *overrides, check=check)
+                    "optim.warmup_steps=1", "tracking.enabled=false", *overrides, check=check, timeout=timeout)
 
 
 def test_a_run_longer_than_an_epoch_over_several_shards_trains_to_the_end(small_data, tmp_path):
@@ -38,11 +38,16 @@ def test_a_run_longer_than_an_epoch_over_several_shards_trains_to_the_end(small_
     assert final["final_step"] == STEPS and "val/loss" in final
 
 
-def test_a_split_too_short_for_the_run_is_refused_at_start_up(small_data, tmp_path):
-    proc = pretrain(small_data, tmp_path, "train.steps=4", "data.split=100,0,0", "train.eval_interval=2",
-                    "train.eval_steps=1", check=False)
+@pytest.mark.parametrize("split, message", [
+    ("100,0,0", "the validation split (data.split=100,0,0) serves 0 samples but the run needs 8"),
+    # the default 98,2,0 leaves no validation window in a shard of a dozen windows
+    ("98,2,0", "its validation part of data.split=98,2,0 is empty"),
+], ids=["no-validation-split", "empty-part-of-a-shard"])
+def test_a_split_too_short_for_the_run_is_refused_at_start_up(small_data, tmp_path, split, message):
+    proc = pretrain(small_data, tmp_path, "train.steps=4", f"data.split={split}", "train.eval_interval=2",
+                    "train.eval_steps=1", check=False, timeout=300)
     assert proc.returncode != 0  # the rank exits 2; torchrun reports 1
-    assert "validation split (data.split=100,0,0) serves 0 samples but the run needs 8" in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 
