@@ -53,7 +53,8 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
                     device: torch.device = torch.device("cpu")) -> list[int]:
     """Greedy continuation of `prompt` (at most `max_new_tokens`, ending early at a stop id, not returned).
 
-    Only ids below `vocab_size` and not in `banned_ids` are picked (`greedy_pick`). With `use_cache`, the prompt runs once and each new token reuses the keys and values of the previous ones
+    Only ids below `vocab_size` and not in `banned_ids` are picked (`greedy_pick`). With `use_cache`, the
+    prompt runs once and each new token reuses the keys and values of the previous ones
     (Megatron-Core's StaticInferenceContext); without it, the whole sequence is recomputed every step.
     """
     from pause_megatron import cpu_emulation

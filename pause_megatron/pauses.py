@@ -144,6 +144,7 @@ def finetune_example(
             placed = fit_placed(prompt, m=m, pause_id=pause_id, placement=placement, filler_id=filler_id,
                                 max_length=max_length - len(target))
         except ValueError:
-            raise ValueError(f"target of {len(target)} tokens and {m} pauses do not fit in {max_length} tokens") from None
+            raise ValueError(f"target of {len(target)} tokens and {m} pauses do not fit in {max_length} "
+                             "tokens") from None
     ids = placed + [int(t) for t in target]
     return ids, [0] * len(placed) + [1] * len(target)
