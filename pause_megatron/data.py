@@ -77,21 +77,62 @@ def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, wh
     seq = manifest.get("seq_length")
     if seq is not None and seq != cfg.model.seq_length:
         raise DataError(f"{where}: shards have seq_length={seq} but model.seq_length={cfg.model.seq_length}")
+    ratio = manifest.get("pause_ratio")
+    if cfg.data.variant == "pause" and ratio is not None and abs(ratio - cfg.pauses.ratio) > 1e-9:
+        raise DataError(f"{where}: the pause shards were made with pause_ratio={ratio} but pauses.ratio="
+                        f"{cfg.pauses.ratio}; set pauses.ratio={ratio} or rebuild the data with --pause-ratio")
+
+
+def shard_sizes(prefixes: Sequence[str]) -> list[tuple[int, int]]:
+    """(windows, tokens) of each shard, read from its index (megatron-core's own reader)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    sizes = []
+    for prefix in prefixes:
+        index = IndexedDataset(prefix)  # held while its lengths are read: deleting it unmaps them
+        sizes.append((len(index.sequence_lengths), int(index.sequence_lengths.sum())))
+    return sizes
+
+
+def _check_split_parts(prefixes, sizes, split_matrix, needed: dict[int, int], split: str) -> None:
+    """Every shard must hold windows in each part the run samples from.
+
+    megatron-core gives split part i of a shard of n windows the windows [round(lo·n), round(hi·n)); with
+    explicit weights it would look for its share of samples in an empty part forever.
+    """
+    names = {0: "train", 1: "validation"}
+    for i, need in needed.items():
+        if not need or split_matrix[i] is None:
+            continue
+        lo, hi = split_matrix[i]
+        for prefix, (windows, _) in zip(prefixes, sizes):
+            if int(round(hi * windows)) - int(round(lo * windows)) == 0:
+                raise DataError(f"{prefix}: its {names[i]} part of data.split={split} is empty ({windows} windows in "
+                                f"the shard) but the run needs {need} {names[i]} samples; give that part a larger "
+                                f"share{', or set train.eval_interval=0' if i == 1 else ''}")
 
 
 def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_samples: int, valid_samples: int,
                             cache_dir: str):
-    """(train, validation) GPTDatasets over the shards of `cfg.data.variant`, blended by shard size."""
+    """(train, validation) GPTDatasets over the shards of `cfg.data.variant`, blended by shard size.
+
+    The blend has explicit weights (each shard's share of the tokens): megatron-core then builds each shard's
+    dataset to its share of the samples asked for, over as many epochs as that takes. Without weights it
+    would build one epoch per shard and silently serve min(asked, one epoch). A split that still cannot serve
+    what the run asks for (an empty split, or an empty part of a shard) is refused here, before training starts.
+    """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     manifest = read_manifest(cfg.data.path)
     check_manifest(manifest, cfg=cfg, tokenizer=tokenizer, where=os.path.join(cfg.data.path, MANIFEST))
     prefixes = shard_prefixes(cfg.data.path, cfg.data.variant)
+    sizes = shard_sizes(prefixes)
+    total_tokens = sum(tokens for _, tokens in sizes)
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
-        blend=(prefixes, None),  # weights None: proportional to each shard's size
+        blend=(prefixes, [tokens / total_tokens for _, tokens in sizes]),
         split=cfg.data.split,
         path_to_cache=cache_dir,
         tokenizer=_TokenizerView(eod=tokenizer.eod_id, pad=tokenizer.pad_id, vocab_size=tokenizer.vocab_size),
@@ -100,9 +141,15 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
         eod_mask_loss=False,
         create_attention_mask=False,  # causal mask comes from the layer spec
     )
+    _check_split_parts(prefixes, sizes, config.split_matrix, {0: train_samples, 1: valid_samples}, cfg.data.split)
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
     ).build()
+    for name, dataset, needed in (("train", train, train_samples), ("validation", valid, valid_samples)):
+        served = 0 if dataset is None else len(dataset)
+        if served < needed:
+            raise DataError(f"{cfg.data.path}/{cfg.data.variant}: the {name} split (data.split={cfg.data.split}) "
+                            f"serves {served} samples but the run needs {needed}")
     return train, valid
 
 
@@ -155,6 +202,8 @@ def windows_to_samples(windows) -> list[dict]:
 class FinetuneDataset:
     """PauseFT samples: prompt + M placed pauses + target + EOD, padded to seq_length + 1; loss on the target.
 
+    Prompt and target are split as evaluation splits them (`PauseTokenizer.encode_pair`).
+
     Index i is example perm_e[i mod N] of epoch e = i // N (a fresh seeded shuffle per epoch), so the order
     depends only on the seed and i, and training resumes exactly from `consumed_samples`.
     """
@@ -168,9 +217,10 @@ class FinetuneDataset:
         self.seq_length, self.seed, self.pad_id = seq_length, seed, tokenizer.pad_id
         self.examples = []
         for i, (prompt, target) in enumerate(pairs):
+            prompt_ids, target_ids = tokenizer.encode_pair(prompt, target)  # the ids evaluation scores
             try:
                 ids, is_target = finetune_example(
-                    tokenizer.encode(prompt), tokenizer.encode(target) + [tokenizer.eod_id], m=m,
+                    prompt_ids, target_ids + [tokenizer.eod_id], m=m,
                     pause_id=tokenizer.pause_id, placement=placement, filler_id=filler_id, max_length=seq_length + 1)
             except ValueError as exc:
                 raise DataError(f"{where}: example {i}: {exc}") from None

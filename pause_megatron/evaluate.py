@@ -4,9 +4,9 @@
     [pauses.m_inf=10 pauses.placement=append] [--limit N] [--output results.json]`
 
 The checkpoint (any TP/PP layout) is loaded at TP=1, PP=1 through dist_checkpointing's resharding; with
-several processes, lm-eval splits the requests across them (data parallel). Likelihood requests get the
-pauses after the context (`_encode_pair`); generation requests after the encoded context; greedy decoding
-uses Megatron-Core's KV cache (StaticInferenceContext).
+several processes, lm-eval splits the requests across them (data parallel) and `--output` gathers every
+rank's generations. Every request gets the pauses placed on its encoded context (`PauseLM.prompt`); greedy
+decoding uses Megatron-Core's KV cache (StaticInferenceContext) and never emits a padded id or `<pause>`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from pause_megatron.pauses import place_pauses
+from pause_megatron.pauses import fit_placed, place_pauses
 from pause_megatron.tokenizer import PauseTokenizer
 
 
@@ -33,12 +33,28 @@ def _forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None) ->
     return model(input_ids=ids, position_ids=positions, attention_mask=None, **kwargs).float()
 
 
+def greedy_pick(logits: torch.Tensor, *, vocab_size: Optional[int] = None, banned_ids: tuple[int, ...] = ()):
+    """Argmax over the last dimension among the ids decoding may emit.
+
+    Ids at and above `vocab_size` are the padded vocabulary (embedding rows that only make the table's size
+    divisible; no piece decodes from them); `banned_ids` are ids with no meaning as output (`<pause>`).
+    """
+    if vocab_size is not None or banned_ids:
+        logits = logits.clone()
+        if vocab_size is not None:
+            logits[..., vocab_size:] = float("-inf")
+        logits[..., list(banned_ids)] = float("-inf")
+    return logits.argmax(-1)
+
+
 @torch.inference_mode()  # not no_grad: skips autograd's version counters and view tracking, ~10% per cached step
 def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: tuple[int, ...] = (),
-                    use_cache: bool = True, device: torch.device = torch.device("cpu")) -> list[int]:
+                    vocab_size: Optional[int] = None, banned_ids: tuple[int, ...] = (), use_cache: bool = True,
+                    device: torch.device = torch.device("cpu")) -> list[int]:
     """Greedy continuation of `prompt` (at most `max_new_tokens`, ending early at a stop id, not returned).
 
-    With `use_cache`, the prompt runs once and each new token reuses the keys and values of the previous ones
+    Only ids below `vocab_size` and not in `banned_ids` are picked (`greedy_pick`). With `use_cache`, the
+    prompt runs once and each new token reuses the keys and values of the previous ones
     (Megatron-Core's StaticInferenceContext); without it, the whole sequence is recomputed every step.
     """
     from pause_megatron import cpu_emulation
@@ -55,7 +71,7 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
     with inference_mode() if use_cache else contextlib.nullcontext(), cpu_emulation.without_device_rewrites():
         for _ in range(max_new_tokens):
             logits = _forward(model, ids, positions, context)
-            token = int(logits[0, -1].argmax())
+            token = int(greedy_pick(logits[0, -1], vocab_size=vocab_size, banned_ids=banned_ids))
             if token in stop_ids:
                 break
             out.append(token)
@@ -70,9 +86,14 @@ def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: 
 
 
 @torch.no_grad()
-def continuation_logprob(model, context: list[int], continuation: list[int], *,
+def continuation_logprob(model, context: list[int], continuation: list[int], *, vocab_size: Optional[int] = None,
+                         banned_ids: tuple[int, ...] = (),
                          device: torch.device = torch.device("cpu")) -> tuple[float, bool]:
-    """(sum of log p(continuation | context), whether greedy decoding would produce it) in one forward."""
+    """(sum of log p(continuation | context), whether greedy decoding would produce it) in one forward.
+
+    The log-probabilities are the model's own (over its whole output layer); "greedy" picks as
+    `greedy_generate` does.
+    """
     from pause_megatron import cpu_emulation
 
     ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
@@ -82,7 +103,8 @@ def continuation_logprob(model, context: list[int], continuation: list[int], *,
     n = len(continuation)
     picked = logprobs[len(context) - 1 : len(context) - 1 + n]
     target = torch.tensor(continuation, device=device)
-    return float(picked.gather(1, target[:, None]).sum()), bool((picked.argmax(-1) == target).all())
+    greedy = greedy_pick(picked, vocab_size=vocab_size, banned_ids=banned_ids)
+    return float(picked.gather(1, target[:, None]).sum()), bool((greedy == target).all())
 
 
 # ---- the lm-eval adapter ---------------------------------------------------------------------------------
@@ -91,7 +113,14 @@ def _make_lm_class():
     from lm_eval.api.model import TemplateLM
 
     class PauseLM(TemplateLM):
-        """A Megatron GPTModel for lm-eval, placing M_inf pauses after every context."""
+        """A Megatron GPTModel for lm-eval, placing M_inf pauses after every context.
+
+        Contexts and continuations are split by `PauseTokenizer.encode_pair` (lm-eval's rule, which finetuning
+        targets follow too); the pauses are placed when a request is scored, after the context is cut to fit
+        the window by `pauses.fit_placed` (finetuning's truncation rule). Decoding never emits `<pause>`: in the
+        paper the outputs are read after the last pause, where a pause has no meaning, and pretraining and
+        finetuning never train the model to predict one.
+        """
 
         def __init__(self, model, tokenizer: PauseTokenizer, *, m_inf: int, placement: str = "append",
                      filler_id: Optional[int] = None, max_length: int, device: torch.device):
@@ -99,6 +128,11 @@ def _make_lm_class():
             self.model, self.tok = model, tokenizer
             self.m_inf, self.placement, self.filler_id = m_inf, placement, filler_id
             self.max_length, self._device = max_length, device
+            self.decode_kwargs = {"vocab_size": tokenizer.vocab_size, "banned_ids": (tokenizer.pause_id,)}
+            # the longest continuation that leaves room for the pauses and one context token
+            self.max_continuation = max_length - 1 - len(self.with_pauses([]))
+            if self.max_continuation < 1:
+                raise ValueError(f"{m_inf} pauses leave no room for a continuation in {max_length} tokens")
             self._rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             self._world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
@@ -117,22 +151,24 @@ def _make_lm_class():
             return self.tok.decode(ids)
 
         def _encode_pair(self, context: str, continuation: str):
-            context_ids, continuation_ids = super()._encode_pair(context, continuation)
-            return self.with_pauses(context_ids), continuation_ids
+            return self.tok.encode_pair(context, continuation)
 
-        def _fit(self, context: list[int], room: int) -> list[int]:
-            """Keep the end of a context that must leave `room` tokens free in the model's window.
+        def prompt(self, context: list[int], room: int) -> list[int]:
+            """The model's input: the context with M_inf pauses placed, leaving `room` tokens of the window free.
 
+            The context is cut from the left, the pauses kept (`fit_placed`, as finetuning cuts its prompts).
             An empty context becomes EOD (a document boundary), so that there is a position to predict from.
             """
-            return context[-max(self.max_length - room, 1):] or [self.eot_token_id]
+            return fit_placed(context or [self.eot_token_id], m=self.m_inf, pause_id=self.tok.pause_id,
+                              placement=self.placement, filler_id=self.filler_id,
+                              max_length=self.max_length - min(room, self.max_continuation))
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             results = []
             for _, context, continuation in requests:
-                continuation = continuation[-self.max_length + 1:]
-                results.append(continuation_logprob(self.model, self._fit(context, len(continuation)),
-                                                    continuation, device=self._device))
+                continuation = continuation[-self.max_continuation:]
+                results.append(continuation_logprob(self.model, self.prompt(context, len(continuation)),
+                                                    continuation, device=self._device, **self.decode_kwargs))
             return results
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -148,13 +184,14 @@ def _make_lm_class():
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             outputs = []
-            for context, gen_kwargs in [r.args for r in requests]:
+            for request in requests:
+                context, gen_kwargs = request.args
                 until = gen_kwargs.get("until", [])
                 until = [until] if isinstance(until, str) else list(until)
                 max_new = int(gen_kwargs.get("max_gen_toks", 64))
-                prompt = self._fit(self.with_pauses(self.tok.encode(context)), max_new)
-                ids = greedy_generate(self.model, prompt, max_new_tokens=max_new, stop_ids=(self.tok.eod_id,),
-                                      device=self._device)
+                ids = greedy_generate(self.model, self.prompt(self.tok.encode(context), max_new),
+                                      max_new_tokens=max_new, stop_ids=(self.tok.eod_id,), device=self._device,
+                                      **self.decode_kwargs)
                 text = self.tok.decode(ids)
                 for stop in until:
                     if stop and stop in text:

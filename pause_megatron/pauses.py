@@ -96,6 +96,31 @@ def place_pauses(
     raise ValueError(f"unknown pause placement {placement!r}; expected one of {PLACEMENTS}")
 
 
+def fit_placed(
+    prompt: list[int] | np.ndarray,
+    *,
+    m: int,
+    pause_id: int,
+    placement: Placement = "append",
+    filler_id: int | None = None,
+    max_length: int,
+) -> list[int]:
+    """`place_pauses` in at most `max_length` tokens: the prompt is cut from the left, the pauses kept whole.
+
+    The one truncation rule of finetuning and evaluation (for every placement: with prepend the pauses stay in
+    front of the kept end of the prompt). At least one prompt token is kept when the prompt has any; a
+    `max_length` too small for that and the pauses is an error.
+    """
+    added = len(place_pauses([], m=m, pause_id=pause_id, placement=placement, filler_id=filler_id))
+    prompt = [int(t) for t in prompt]
+    keep = max_length - added
+    if keep < min(1, len(prompt)):
+        raise ValueError(f"{m} pauses and a prompt token do not fit in {max_length} tokens")
+    if len(prompt) > keep:
+        prompt = prompt[len(prompt) - keep:]
+    return place_pauses(prompt, m=m, pause_id=pause_id, placement=placement, filler_id=filler_id)
+
+
 def finetune_example(
     prompt: list[int],
     target: list[int],
@@ -109,15 +134,17 @@ def finetune_example(
     """PauseFT: (ids, is_target) for prompt + M placed pauses + target; the loss is on target ids only.
 
     `is_target[i]` is 1 where ids[i] is a target token (so the output at i - 1 is trained on it), 0 on the
-    prompt and the pauses. With `max_length`, the prompt is cut from the left (the pauses and the target are
-    kept whole); a target longer than `max_length` alone is an error.
+    prompt and the pauses. With `max_length`, the prompt is cut from the left (`fit_placed`: the pauses and the
+    target are kept whole); a target that leaves no room for the pauses and one prompt token is an error.
     """
-    placed = place_pauses(prompt, m=m, pause_id=pause_id, placement=placement, filler_id=filler_id)
-    if max_length is not None and len(placed) + len(target) > max_length:
-        overflow = len(placed) + len(target) - max_length
-        if overflow > len(prompt) - 1:
-            raise ValueError(f"target of {len(target)} tokens and {m} pauses do not fit in {max_length} tokens")
-        prompt = list(prompt)[overflow:]
+    if max_length is None:
         placed = place_pauses(prompt, m=m, pause_id=pause_id, placement=placement, filler_id=filler_id)
+    else:
+        try:
+            placed = fit_placed(prompt, m=m, pause_id=pause_id, placement=placement, filler_id=filler_id,
+                                max_length=max_length - len(target))
+        except ValueError:
+            raise ValueError(f"target of {len(target)} tokens and {m} pauses do not fit in {max_length} "
+                             "tokens") from None
     ids = placed + [int(t) for t in target]
     return ids, [0] * len(placed) + [1] * len(target)

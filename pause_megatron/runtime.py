@@ -106,8 +106,13 @@ def init_distributed(cfg: Config, *, timeout_minutes: int = 30) -> DistEnv:
             pipeline_model_parallel_size=cfg.parallel.pipeline,
             virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline,
         )
-    seed_everything(cfg.train.seed)
-    model_parallel_cuda_manual_seed(cfg.train.seed)
+    # As Megatron-LM does: each pipeline stage its own seed (100 apart), so that stages holding the same kind of
+    # layers do not start from the same weights. Virtual stages of one rank differ because they are built one
+    # after another from that rank's generator. TP and DP ranks of a stage share the seed: with CPU
+    # initialisation every TP rank draws the full weight and keeps its slice, and DP replicas must agree.
+    seed = cfg.train.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    seed_everything(seed)
+    model_parallel_cuda_manual_seed(seed)
     return env
 
 

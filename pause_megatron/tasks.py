@@ -16,6 +16,9 @@ EM_KWARGS = {"ignore_case": True, "ignore_punctuation": True,
              "regexes_to_ignore": [r"\b(?:The |the |An |A |a |an )"]}  # SQuAD-style answer normalisation
 FIRST_LINE_STRIPPED = [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}]
 GREEDY = {"do_sample": False, "temperature": 0.0}
+# LAMBADA's answer is the first word of the output: apostrophes inside a word belong to it ("don't", "o'clock"),
+# quotes and punctuation around it do not.
+LAMBADA_WORD = r"([^\s.,!?;:\"']+(?:'[^\s.,!?;:\"']+)*)"
 
 
 class UnknownTask(KeyError):
@@ -158,7 +161,7 @@ TASKS: dict[str, Task] = {
              examples=lambda d: [(_lambada_prompt(d), " " + _lambada_word(d))],
              lm_eval=_generate(["\n"], 8, doc_to_text=_lambada_prompt, doc_to_target=_lambada_word,
                                filter_list=[{"name": "first-word", "filter": [
-                                   {"function": "regex", "regex_pattern": r"([^\s.,!?;:\"']+)"},
+                                   {"function": "regex", "regex_pattern": LAMBADA_WORD},
                                    {"function": "take_first"}]}],
                                metric_list=_em(ignore_case=True))),
         Task("webqs", "stanfordnlp/web_questions", None, "train", "test", "exact_match",

@@ -112,6 +112,20 @@ class PauseTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) split as lm-eval scores a causal model's pair (TemplateLM._encode_pair).
+
+        The context's trailing whitespace moves to the continuation, the two are encoded together and the
+        continuation is what follows the context's own encoding. Encoding " answer" alone would instead start
+        with a lone dummy-prefix piece. Finetuning targets and evaluation both use this, so the tokens a model
+        is trained on after its pauses are the tokens it is scored on (or must generate).
+        """
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        context_ids = self.encode(context)
+        return context_ids, self.encode(context + continuation)[len(context_ids):]
+
     def encode_batch(self, texts: list[str], *, num_threads: int = 1) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=num_threads)
 
