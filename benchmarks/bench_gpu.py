@@ -11,6 +11,7 @@ Run through benchmarks/gpu_benchmark.sh, which installs what it needs.
 """
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -52,6 +53,9 @@ def _time(step_fn, *, steps: int, warmup: int, cuda: bool) -> float:
 
 
 def _reset_memory(cuda: bool) -> None:
+    """Free what the previous side left before measuring the next one's peak. Megatron's DDP hooks form
+    reference cycles, so the project's model survives `del` until the cycle collector runs."""
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -75,12 +79,15 @@ def measure(preset: str, precision: str, *, steps: int, warmup: int, cuda: bool)
     result = {"preset": preset, "precision": precision, "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
 
     _reset_memory(cuda)
-    state = build_train_state(cfg, vocab_size=VOCAB, cuda=cuda)
-    step = _time(lambda: train_step(state, mbs), steps=steps, warmup=warmup, cuda=cuda)
-    result.update(step_s=step, tokens_per_s=tokens / step, tflops_per_gpu=flops / step / 1e12,
-                  mfu=flops / step / 1e12 / peak if peak else None, peak_tflops=peak, memory_gb=memory_gb(cuda))
-    del state
-    runtime.destroy()
+    try:  # an out-of-memory here must not leave the process group up for the next row
+        state = build_train_state(cfg, vocab_size=VOCAB, cuda=cuda)
+        step = _time(lambda: train_step(state, mbs), steps=steps, warmup=warmup, cuda=cuda)
+        result.update(step_s=step, tokens_per_s=tokens / step, tflops_per_gpu=flops / step / 1e12,
+                      mfu=flops / step / 1e12 / peak if peak else None, peak_tflops=peak,
+                      memory_gb=memory_gb(cuda))
+        del state
+    finally:
+        runtime.destroy()
 
     _reset_memory(cuda)
     device = torch.device("cuda") if cuda else torch.device("cpu")

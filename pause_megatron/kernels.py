@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 
 
@@ -34,23 +35,23 @@ class Present:
     cuda: bool
     apex: bool  # apex's fused LayerNorm (FusedLayerNorm, persistent kernel) and FusedAdam
     transformer_engine: bool
-    softmax_kernel: bool  # Megatron's compiled scaled_masked_softmax_cuda
-    grad_accum_kernel: bool  # fused_weight_gradient_mlp_cuda (apex) for the local spec's linears
+    grad_accum_kernel: bool  # fused_weight_gradient_mlp_cuda (apex), for Megatron's own linear layers
 
     @classmethod
     def detect(cls, *, cuda: bool) -> "Present":
         return cls(cuda=cuda, apex=importable("apex.contrib.layer_norm"), transformer_engine=importable(
-            "transformer_engine.pytorch"), softmax_kernel=importable("scaled_masked_softmax_cuda"),
-                   grad_accum_kernel=importable("fused_weight_gradient_mlp_cuda"))
+            "transformer_engine.pytorch"), grad_accum_kernel=importable("fused_weight_gradient_mlp_cuda"))
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """The decisions, each with its reason (`reasons[name]`)."""
+    """The decisions, each with its reason (`reasons[name]`).
+
+    Megatron's masked_softmax_fusion is not among them: only its DotProductAttention reads it, and neither spec
+    runs that (the local spec's core attention is SDPAttention, the TE spec's is TE's), so it stays off."""
 
     spec: str  # "te" or "local"
     persist_layer_norm: bool
-    masked_softmax_fusion: bool
     gradient_accumulation_fusion: bool
     bias_activation_fusion: bool
     bias_dropout_fusion: bool
@@ -59,13 +60,14 @@ class Kernels:
     reasons: dict = field(default_factory=dict, compare=False)
 
     def transformer_config_kwargs(self) -> dict:
-        return {k: getattr(self, k) for k in ("persist_layer_norm", "masked_softmax_fusion",
-                                              "gradient_accumulation_fusion", "bias_activation_fusion",
-                                              "bias_dropout_fusion", "apply_rope_fusion")}
+        return {k: getattr(self, k) for k in ("persist_layer_norm", "gradient_accumulation_fusion",
+                                              "bias_activation_fusion", "bias_dropout_fusion",
+                                              "apply_rope_fusion")}
 
 
-def choose(present: Present, *, spec: str = "auto") -> Kernels:
-    """Decide every kernel for `present` and the requested `model.spec` ("auto", "te" or "local")."""
+def choose(present: Present, *, spec: str = "auto", normalization: str = "LayerNorm") -> Kernels:
+    """Decide every kernel for `present`, the requested `model.spec` ("auto", "te" or "local") and the
+    model's `normalization` ("LayerNorm" or "RMSNorm")."""
     c, why = present.cuda, {}
     if spec == "te":
         if not (c and present.transformer_engine):
@@ -77,17 +79,16 @@ def choose(present: Present, *, spec: str = "auto") -> Kernels:
         te = c and present.transformer_engine
         why["spec"] = "auto: Transformer Engine on a GPU" if te else (
             "auto: no Transformer Engine" if c else "auto: no GPU")
-    # Megatron's local spec builds apex's FusedLayerNorm when apex is importable, else torch's LayerNorm,
-    # which refuses persist_layer_norm; TE's norms ignore it.
-    persist = c and not te and present.apex
-    why["persist_layer_norm"] = "apex FusedLayerNorm on a GPU" if persist else "needs apex (local spec, GPU)"
-    # Only Megatron's DotProductAttention reads it, and it then imports the compiled kernel.
-    softmax = c and not te and present.softmax_kernel
-    why["masked_softmax_fusion"] = ("scaled_masked_softmax_cuda present" if softmax
-                                    else "needs Megatron's compiled scaled_masked_softmax_cuda (local spec)")
-    grad_accum = c and (te or present.grad_accum_kernel)
-    why["gradient_accumulation_fusion"] = ("TE linears" if c and te else "fused_weight_gradient_mlp_cuda present"
-                                           if grad_accum else "needs TE or apex's fused_weight_gradient_mlp_cuda")
+    # Megatron's local spec builds apex's FusedLayerNorm for LayerNorm when apex is importable; for RMSNorm,
+    # and without apex, torch's norm (WrappedTorchNorm), which refuses persist_layer_norm. TE's norms ignore it.
+    persist = c and not te and present.apex and normalization == "LayerNorm"
+    why["persist_layer_norm"] = ("apex FusedLayerNorm on a GPU" if persist
+                                 else "needs apex, LayerNorm and the local spec on a GPU")
+    # The output layer is Megatron's own ColumnParallelLinear in both specs, and it refuses the flag without
+    # apex's kernel even where TE's linears would fuse on their own.
+    grad_accum = c and present.grad_accum_kernel
+    why["gradient_accumulation_fusion"] = ("fused_weight_gradient_mlp_cuda present" if grad_accum
+                                           else "needs apex's fused_weight_gradient_mlp_cuda (output layer)")
     # Pure PyTorch (Megatron's jit_fuser = torch.compile): fine on CUDA, a slow C++ compile on the CPU.
     bias_fusions = c
     why["bias_activation_fusion"] = why["bias_dropout_fusion"] = (
@@ -97,7 +98,7 @@ def choose(present: Present, *, spec: str = "auto") -> Kernels:
     sdpa = not te
     why["sdpa_attention"] = ("local spec: F.scaled_dot_product_attention (flash / memory-efficient kernels)"
                              if sdpa else "TE's own fused attention")
-    return Kernels(spec="te" if te else "local", persist_layer_norm=persist, masked_softmax_fusion=softmax,
+    return Kernels(spec="te" if te else "local", persist_layer_norm=persist,
                    gradient_accumulation_fusion=grad_accum, bias_activation_fusion=bias_fusions,
                    bias_dropout_fusion=bias_fusions, apply_rope_fusion=rope, sdpa_attention=sdpa, reasons=why)
 
@@ -111,4 +112,4 @@ if __name__ == "__main__":
     cuda = use_cuda()
     present = Present.detect(cuda=cuda)
     print(present)
-    print(describe(choose(present)))
+    print(describe(choose(present, normalization=sys.argv[1] if len(sys.argv) > 1 else "LayerNorm")))

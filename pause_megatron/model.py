@@ -19,7 +19,8 @@ from pause_megatron.config import Config, resolved_dtype
 
 def kernel_choice(cfg: Config, *, cuda: bool) -> kernels_.Kernels:
     """This machine's kernel decisions for `cfg` (see pause_megatron.kernels)."""
-    return kernels_.choose(kernels_.Present.detect(cuda=cuda), spec=cfg.model.spec)
+    return kernels_.choose(kernels_.Present.detect(cuda=cuda), spec=cfg.model.spec,
+                           normalization=cfg.model.normalization)
 
 
 def transformer_config(cfg: Config, *, cuda: bool, kernels: Optional[kernels_.Kernels] = None):

@@ -17,7 +17,7 @@ from helpers import ROOT
 pytestmark = pytest.mark.slow
 
 CLUSTER = ROOT / "tests" / "slurm" / "local_cluster.sh"
-SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "benchmarks").glob("*.sh"))
 # The tiny model on 2 nodes x 2 CPU ranks: what replaces 8 GPUs per node in the test.
 CPU_JOB = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 

@@ -3,6 +3,8 @@
 --simulate-gpu builds the model with the flags pause_megatron.kernels chooses for CUDA when apex, Transformer
 Engine and Megatron's compiled kernels are absent (a plain `pip install` on a GPU), under the CPU emulation.
 Writes JSON: the decisions, losses of 4 uninterrupted steps and of 2 + save + load + 2, and decoding results.
+--eval-checkpoint also loads a bf16 checkpoint of the real CLI through the evaluation entry point
+(evaluate.load_for_inference) and decodes with and without the KV cache.
 """
 
 import argparse
@@ -14,7 +16,7 @@ import torch
 from pause_megatron import checkpoint, kernels, runtime
 from pause_megatron.config import load_config
 from pause_megatron.data import collate, windows_to_samples
-from pause_megatron.evaluate import continuation_logprob, greedy_generate
+from pause_megatron.evaluate import continuation_logprob, greedy_generate, load_for_inference
 from pause_megatron.model import build_gpt, prepare_chunks
 from pause_megatron.tokenizer import padded_vocab_size
 from pause_megatron.train import build_train_state, train_step
@@ -34,12 +36,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--simulate-gpu", action="store_true")
+    ap.add_argument("--eval-checkpoint", default=None)
     args = ap.parse_args()
     cfg = load_config(None, ["model.preset=tiny", "precision.dtype=bf16", "train.steps=4", "optim.warmup_steps=1",
                              "optim.lr=1e-3", "train.global_batch_size=4", "train.micro_batch_size=2",
                              "model.hidden_dropout=0.1", "model.attention_dropout=0.1"], world_size=1)
     runtime.init_distributed(cfg)
-    k = kernels.choose(kernels.Present(cuda=True, apex=False, transformer_engine=False, softmax_kernel=False,
+    k = kernels.choose(kernels.Present(cuda=True, apex=False, transformer_engine=False,
                                        grad_accum_kernel=False)) if args.simulate_gpu else None
     vocab = padded_vocab_size(VOCAB)
     out = {"kernels": None if k is None else k.transformer_config_kwargs()}
@@ -72,6 +75,14 @@ def main() -> None:
     out["cached"] = greedy_generate(model, prompt, max_new_tokens=8, use_cache=True)
     out["recomputed"] = greedy_generate(model, prompt, max_new_tokens=8, use_cache=False)
     out["logprob"] = continuation_logprob(model, prompt, [7, 8, 9])[0]
+    runtime.destroy()
+    if args.eval_checkpoint:
+        model, ecfg, tokenizer = load_for_inference(args.eval_checkpoint)
+        prompt = tokenizer.encode("the pause token model learns")
+        out["eval"] = {"dtype": ecfg.precision.dtype, "wrapper": type(model).__name__,
+                       "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+                       "cached": greedy_generate(model, prompt, max_new_tokens=8, use_cache=True),
+                       "recomputed": greedy_generate(model, prompt, max_new_tokens=8, use_cache=False)}
     with open(args.out, "w") as f:
         json.dump(out, f)
     runtime.destroy()
