@@ -81,12 +81,12 @@ def choose(present: Present, *, spec: str = "auto", normalization: str = "LayerN
             "auto: no Transformer Engine" if c else "auto: no GPU")
     # Megatron's local spec builds apex's FusedLayerNorm for LayerNorm when apex is importable; for RMSNorm,
     # and without apex, torch's norm (WrappedTorchNorm), which refuses persist_layer_norm. TE's norms ignore it.
-    persist = c and not te and present.apex
+    persist = c and not te and present.apex and normalization == "LayerNorm"
     why["persist_layer_norm"] = ("apex FusedLayerNorm on a GPU" if persist
                                  else "needs apex, LayerNorm and the local spec on a GPU")
     # The output layer is Megatron's own ColumnParallelLinear in both specs, and it refuses the flag without
     # apex's kernel even where TE's linears would fuse on their own.
-    grad_accum = c and (te or present.grad_accum_kernel)
+    grad_accum = c and present.grad_accum_kernel
     why["gradient_accumulation_fusion"] = ("fused_weight_gradient_mlp_cuda present" if grad_accum
                                            else "needs apex's fused_weight_gradient_mlp_cuda (output layer)")
     # Pure PyTorch (Megatron's jit_fuser = torch.compile): fine on CUDA, a slow C++ compile on the CPU.
