@@ -30,8 +30,13 @@ if [ -f .whl/requirements.txt ]; then
   PY=$WORK/venv/bin/python
 fi
 # Every module the steps import (the project's lazy imports included), checked before anything runs.
-MODULES=(torch numpy sentencepiece yaml psutil tqdm omegaconf megatron.core datasets lm_eval transformers
-         pause_megatron.pretrain pause_megatron.finetune pause_megatron.evaluate data_prep.build_c4)
+MODULES=(torch numpy sentencepiece yaml psutil tqdm omegaconf megatron.core pause_megatron.pretrain
+         data_prep.build_c4)
+# lm-eval's stack (scikit-learn, scipy) does not fit in the 64 MiB a call carries (docs/performance.md):
+# without it the finetune and evaluate steps are skipped, said so, and the rest runs.
+EVAL=1
+"$PY" -c 'import sys, importlib; [importlib.import_module(m) for m in sys.argv[1:]]' datasets lm_eval \
+  transformers pause_megatron.finetune pause_megatron.evaluate 2>/dev/null || EVAL=0
 "$PY" - "${MODULES[@]}" <<'EOF' || { echo "install the missing wheels: bash benchmarks/gpu_wheels.sh" >&2; exit 2; }
 import importlib, sys
 missing = []
@@ -90,8 +95,12 @@ evaluate() {
     --data-dir pause_megatron/sample_tasks --limit 8 tracking.enabled=false 2>"$OUT/evaluate.err" |
     tee "$OUT/evaluate.txt"
 }
-step finetune 60 finetune
-step "evaluate (KV cache)" 60 evaluate
+if [ "$EVAL" = 1 ]; then
+  step finetune 60 finetune
+  step "evaluate (KV cache)" 60 evaluate
+else
+  echo "finetune, evaluate: SKIPPED: datasets / lm-eval not importable (their wheels exceed what a call carries)"
+fi
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "gpu_benchmark.sh: failed: ${FAILED[*]} (logs in $OUT)" >&2
   exit 1
