@@ -95,21 +95,25 @@ def shard_sizes(prefixes: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def _check_split_parts(prefixes, sizes, split_matrix, needed: dict[int, int], split: str) -> None:
-    """Every shard must hold windows in each part the run samples from.
+    """Every shard must hold windows in each part of data.split that megatron-core builds.
 
-    megatron-core gives split part i of a shard of n windows the windows [round(lo·n), round(hi·n)); with
-    explicit weights it would look for its share of samples in an empty part forever.
+    megatron-core gives split part i of a shard of n windows the windows [round(lo·n), round(hi·n)) and builds
+    every part with a share, needed by the run or not; with explicit weights it looks for its share of samples
+    (at least one token, even when none is asked for) in an empty part forever.
     """
-    names = {0: "train", 1: "validation"}
-    for i, need in needed.items():
-        if not need or split_matrix[i] is None:
+    names = {0: "train", 1: "validation", 2: "test"}
+    for i, bounds in enumerate(split_matrix):
+        if bounds is None:
             continue
-        lo, hi = split_matrix[i]
+        lo, hi = bounds
+        need = needed.get(i, 0)
         for prefix, (windows, _) in zip(prefixes, sizes):
             if int(round(hi * windows)) - int(round(lo * windows)) == 0:
+                wanted = f"the run needs {need} {names[i]} samples" if need else "megatron-core builds it all the same"
                 raise DataError(f"{prefix}: its {names[i]} part of data.split={split} is empty ({windows} windows in "
-                                f"the shard) but the run needs {need} {names[i]} samples; give that part a larger "
-                                f"share{', or set train.eval_interval=0' if i == 1 else ''}")
+                                f"the shard) and {wanted}; give that part a larger share"
+                                + (", or a share of 0 (no validation: train.eval_interval=0)" if i == 1 else "")
+                                + (", or a share of 0" if i == 2 else ""))
 
 
 def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_samples: int, valid_samples: int,

@@ -18,7 +18,7 @@ FIRST_LINE_STRIPPED = [{"name": "strip", "filter": [{"function": "remove_whitesp
 GREEDY = {"do_sample": False, "temperature": 0.0}
 # LAMBADA's answer is the first word of the output: apostrophes inside a word belong to it ("don't", "o'clock"),
 # quotes and punctuation around it do not.
-LAMBADA_WORD = r"([^\s.,!?;:\"']+(?:'[^\s.,!?;:\"']+)*)"
+LAMBADA_WORD = r"([^\s.,!?;:\"'“”‘’]+(?:['’][^\s.,!?;:\"'“”‘’]+)*)"
 
 
 class UnknownTask(KeyError):

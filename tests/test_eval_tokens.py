@@ -153,21 +153,23 @@ def test_greedy_decoding_emits_neither_padded_ids_nor_pauses(tok):
 
 
 def test_lambada_answer_filter_keeps_apostrophes(tmp_path):
-    """lm-eval's own filter and metric, with our pattern, on a LAMBADA row whose last word is "don't"."""
+    """lm-eval's own filter and metric, with our pattern: apostrophes inside a word kept, quotes around it not."""
     folder = tmp_path / "lambada"
     folder.mkdir()
     rows = [{"text": "He said he would come but then he said he don't"},
             {"text": "She looked at the clock on the wall and it was five o'clock"},
-            {"text": "They walked down the road toward the river"}]
+            {"text": "They walked down the road toward the river"},
+            {"text": "They walked down the road toward the lake"},
+            {"text": "She said that she won’t"}]
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = _lm_eval_task("lambada", data_dir=tmp_path)
-    outputs = [" don't.", "o'clock, she", '"river" they']
+    outputs = [" don't.", "o'clock, she", '"river" they', " “lake” they", " won’t."]
     for inst, out in zip(task.instances, outputs):
         inst.resps = [out]
     task.apply_filters()
     scores = [task.process_results(inst.doc, [inst.filtered_resps["first-word"]])["exact_match"]
               for inst in task.instances]
-    assert scores == [1.0, 1.0, 1.0]
+    assert scores == [1.0] * 5
 
 
 @pytest.mark.parametrize("placement", ["append", "prepend", "filler", "none"])

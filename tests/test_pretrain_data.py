@@ -56,3 +56,14 @@ def test_a_pause_ratio_other_than_the_manifests_is_refused(small_data, tmp_path)
     assert proc.returncode != 0  # the rank exits 2; torchrun reports 1
     assert f"{small_data}/manifest.json: the pause shards were made with pause_ratio=0.1" in proc.stderr
     assert "pauses.ratio=0.2" in proc.stderr
+
+
+def test_an_empty_part_is_refused_even_when_the_run_does_not_sample_from_it():
+    """megatron-core builds every part with a share; with blend weights an empty one would loop forever."""
+    from pause_megatron.data import DataError, _check_split_parts
+
+    matrix = [(0.0, 0.98), (0.98, 1.0), None]  # data.split=98,2,0
+    sizes = [(12, 12 * 129)]  # a shard of 12 windows: round(0.98*12) = round(12) -> an empty validation part
+    with pytest.raises(DataError, match="validation part of data.split=98,2,0 is empty .* builds it all the same"):
+        _check_split_parts(["shard0"], sizes, matrix, {0: 8, 1: 0}, "98,2,0")
+    _check_split_parts(["shard0"], sizes, [(0.0, 1.0), None, None], {0: 8, 1: 0}, "100,0,0")
