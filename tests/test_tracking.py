@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -80,13 +82,25 @@ class HangThenForward:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real MLflow tracking server on a free loopback port (started now, ready in ~10-20 s)."""
+    """A real MLflow tracking server on a free loopback port (started now, ready in ~10-20 s); calling the
+    fixture's value waits until it answers and gives its port."""
     env = {**os.environ, "_MLFLOW_SERVER_FILE_STORE": f"sqlite:///{tmp_path}/mlflow.db",
            "_MLFLOW_SERVER_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     port = {}
-    reader = threading.Thread(target=lambda: port.setdefault("p", int(proc.stdout.readline())), daemon=True)
+
+    def ready():
+        port["p"] = int(proc.stdout.readline())
+        # The first request makes the store (seconds): made here, so a test's short request timeout meets a
+        # server that answers at once.
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port['p']}/api/2.0/mlflow/experiments/get-by-name"
+                                   "?experiment_name=Default", timeout=120).close()
+        except urllib.error.HTTPError:
+            pass
+
+    reader = threading.Thread(target=ready, daemon=True)
     reader.start()
     yield lambda: (reader.join(120), port["p"])[1]
     proc.kill()
@@ -235,10 +249,16 @@ def test_end_retries_a_failed_send_within_its_budget(mlflow_server, monkeypatch)
                                    enabled=True)
         assert tracker.start(params={"a": 1}, tags={}) is None
         tracker.log_metrics({"train/loss": 1.0}, step=1)
-        time.sleep(1.5)  # the first try has failed: the next is due only after RETRY_SECONDS
-        threading.Timer(1.5, proxy.recover, args=(port,)).start()
+        seen = proxy.connections
+
+        def recover_once_end_tried():  # recovering closes the held request: end()'s try fails, the next works
+            while proxy.connections == seen:
+                time.sleep(0.05)
+            proxy.recover(port)
+
+        threading.Thread(target=recover_once_end_tried, daemon=True).start()
         t = time.monotonic()
-        tracker.end("FINISHED")  # tries at once (hangs 1 s, fails), again after 1 s (hangs), then after 2 s
+        tracker.end("FINISHED")
         assert time.monotonic() - t < tracking.END_WAIT_SECONDS
     finally:
         proxy.stop()
