@@ -214,7 +214,8 @@ def test_metrics_logged_before_end_reach_the_store_before_the_run_ends(tmp_path,
         return log_batch(self, run_id, metrics=metrics, **kw)
 
     monkeypatch.setattr(MlflowClient, "log_batch", recorded_log_batch)
-    monkeypatch.setattr(MlflowClient, "set_tag", lambda self, *a, **kw: (calls.append(("tag",)), set_tag(self, *a, **kw))[1])
+    monkeypatch.setattr(MlflowClient, "set_tag",
+                        lambda self, *a, **kw: (calls.append(("tag",)), set_tag(self, *a, **kw))[1])
     monkeypatch.setattr(MlflowClient, "set_terminated",
                         lambda self, *a, **kw: (calls.append(("end",)), set_terminated(self, *a, **kw))[1])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
