@@ -367,20 +367,30 @@ def _data_commands(r: Recipe, python: str) -> list[list[str]]:
 
 
 def _parent_run(r: Recipe) -> Optional[str]:
-    """The recipe's MLflow parent run, created once and reused when the recipe runs again."""
-    from pause_megatron.tracking import Tracker
+    """The recipe's MLflow parent run, created once and reused when the recipe runs again.
+
+    The stages nest under it by its id, so it is waited for (a slow server gets RUN_WAIT_SECONDS, with retries);
+    a server that does not make it by then is an error, before any stage runs. The parent run only groups the
+    stages (each child run carries its own status) and is reused by every later run of the recipe, so it is
+    marked FINISHED as soon as it is made: no parent run is left RUNNING after the command returns.
+    """
+    from pause_megatron.tracking import RUN_WAIT_SECONDS, Tracker
 
     record = os.path.join(r.output_dir, "recipe_run.json")
     if os.path.exists(record):
         with open(record) as fh:
             return json.load(fh)["mlflow_run_id"]
     tracker = Tracker(r.tracking, enabled=True)
-    run_id = tracker.start(params={"recipe": r.name, "variants": ",".join(r.variants),
-                                   "tasks": ",".join(r.finetune.tasks)}, tags={"stage": "recipe", "recipe": r.name})
-    if run_id:
-        os.makedirs(r.output_dir, exist_ok=True)
-        with open(record, "w") as fh:
-            json.dump({"mlflow_run_id": run_id}, fh)
+    tracker.start(params={"recipe": r.name, "variants": ",".join(r.variants), "tasks": ",".join(r.finetune.tasks)},
+                  tags={"stage": "recipe", "recipe": r.name})
+    run_id = tracker.wait_for_run_id(RUN_WAIT_SECONDS)
+    tracker.end("FINISHED")  # stops the tracker's thread too: no parent run is created after this
+    if run_id is None:
+        raise SystemExit(f"error: MLflow ({r.tracking.uri}) did not create the recipe's parent run within "
+                         f"{RUN_WAIT_SECONDS:.0f} s; no stage was run (tracking.enabled=false runs without MLflow)")
+    os.makedirs(r.output_dir, exist_ok=True)
+    with open(record, "w") as fh:
+        json.dump({"mlflow_run_id": run_id}, fh)
     return run_id
 
 

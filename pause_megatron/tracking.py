@@ -4,7 +4,8 @@ A thin adapter over the MLflow client: one run per job (resumed by id after a re
 metrics by step, artifacts. Every MLflow call runs on one background thread: the training thread only queues
 work, so a slow or hung server never sits on a training step. When the server cannot be reached (or does not
 answer), the tracker warns once, keeps metrics in memory (bounded) and retries RETRY_SECONDS after each
-failure, run creation included; what was queued arrives once the server answers again.
+failure, run creation included; what was queued arrives once the server answers again, in the order it was
+submitted (metrics logged before a tag or the end status reach the server before it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ MAX_BUFFERED = 100_000  # metric points kept while the server is unreachable (~a
 RETRY_SECONDS = 30.0  # wait after each failed call before trying the server again
 START_WAIT_SECONDS = 5.0  # how long start() waits for a remote server to create the run
 END_WAIT_SECONDS = 60.0  # how long end() waits for queued work to reach the server before giving up
+END_TRIES = 3  # tries within END_WAIT_SECONDS: a transient error is retried, a dead server costs seconds
+RUN_WAIT_SECONDS = 120.0  # wait_for_run_id() for a caller that needs the id: ~6 tries at a 10 s request timeout
 HTTP_TIMEOUT_SECONDS = "10"  # per request; a hung server costs the background thread this much per try
 
 
@@ -34,8 +37,9 @@ class Tracker:
         self.run_id: Optional[str] = None
         self._client = None
         self._cond = threading.Condition()
-        self._points: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
-        self._ops: collections.deque[tuple[str, Callable]] = collections.deque()  # (what, call(client, run_id))
+        self._points = PointBuffer()
+        # (what, call(client, run_id), points logged before it): a call waits for the points queued before it
+        self._ops: collections.deque[tuple[str, Callable, int]] = collections.deque()
         self._create: Optional[Callable] = None  # creates (or resumes) the run; cleared once it succeeded
         self._retry_at = 0.0  # monotonic time before which the server is not tried again
         self._ending = False
@@ -65,7 +69,7 @@ class Tracker:
         self._client = MlflowClient(tracking_uri=self.cfg.uri)
         if resume_run_id:
             self.run_id = resume_run_id
-            self._ops.append(("resume run", lambda c, run: c.update_run(run, status="RUNNING")))
+            self._ops.append(("resume run", lambda c, run: c.update_run(run, status="RUNNING"), 0))
         else:
             all_tags = dict(tags)
             if parent_run_id:
@@ -75,7 +79,7 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             chunk = items[i : i + 100]
-            self._ops.append(("log params", lambda c, run, chunk=chunk: c.log_batch(run, params=chunk)))
+            self._ops.append(("log params", lambda c, run, chunk=chunk: c.log_batch(run, params=chunk), 0))
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         remote = self.cfg.uri.startswith(("http://", "https://", "databricks"))
@@ -87,9 +91,8 @@ class Tracker:
             return
         now = int(time.time() * 1000)
         with self._cond:
-            self._points.extend((k, float(v), now, step) for k, v in metrics.items() if v is not None)
-            del self._points[:-MAX_BUFFERED]
-            self._cond.notify()
+            self._points.append([(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+            self._cond.notify_all()
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         if self.enabled and self._thread is not None and os.path.exists(path):
@@ -99,32 +102,58 @@ class Tracker:
         if self.enabled and self._thread is not None:
             self._queue("set tag", lambda c, run: c.set_tag(run, key, value))
 
-    def flush(self, timeout: float = END_WAIT_SECONDS) -> bool:
-        """Try the server now and wait until everything queued has reached it; False at the first failure or
-        after `timeout` s (a hung server costs one HTTP timeout here, not one per queued call)."""
+    def wait_for_run_id(self, timeout: Optional[float] = None) -> Optional[str]:
+        """Block until the run exists, retrying a failed creation within `timeout` s (RUN_WAIT_SECONDS); its
+        id, or None."""
+        if not self.enabled or self._thread is None:
+            return None
+        self._wait(lambda: self.run_id is not None and self._create is None,
+                   RUN_WAIT_SECONDS if timeout is None else timeout)
+        return self.run_id
+
+    def flush(self, timeout: Optional[float] = None, tries: Optional[int] = None) -> bool:
+        """Try the server now and wait until everything queued has reached it; False after `tries` (END_TRIES)
+        failed tries or `timeout` (END_WAIT_SECONDS) s; a hung server costs one HTTP timeout per try."""
         if not self.enabled or self._thread is None:
             return True
+        return self._wait(lambda: not self._pending(), END_WAIT_SECONDS if timeout is None else timeout,
+                          END_TRIES if tries is None else tries)
+
+    def _wait(self, done: Callable[[], bool], timeout: float, tries: Optional[int] = None) -> bool:
+        """Wait for `done`, trying the server now and, after a failure, again after 1, 2, 4... s (not after
+        RETRY_SECONDS) while `timeout` and `tries` last."""
         deadline = time.monotonic() + timeout
+        backoff = 1.0
         with self._cond:
             failures = self._failures
             self._retry_at = 0.0  # try now rather than at the end of a back-off
-            self._cond.notify()
-            while self._pending():
+            self._cond.notify_all()
+            while not done():
                 left = deadline - time.monotonic()
-                if left <= 0 or self._failures > failures or not self._thread.is_alive():
+                if left <= 0 or not self._thread.is_alive():
                     return False
+                if self._failures > failures:
+                    failures = self._failures
+                    if tries is not None:
+                        tries -= 1
+                        if tries <= 0:
+                            return False
+                    self._retry_at = time.monotonic() + min(backoff, left)
+                    backoff = min(2 * backoff, RETRY_SECONDS)
+                    self._cond.notify_all()
                 self._cond.wait(min(left, 0.5))
         return True
 
     def end(self, status: str = "FINISHED") -> None:
-        """FINISHED, FAILED or KILLED (a preempted run that will resume); waits at most END_WAIT_SECONDS."""
+        """FINISHED, FAILED or KILLED (a preempted run that will resume); waits at most END_WAIT_SECONDS, in
+        which a failed send is tried again (END_TRIES tries in all)."""
         if not self.enabled or self._thread is None:
             return
         self._queue("end run", lambda c, run: c.set_terminated(run, status))
         sent = self.flush()
         with self._cond:
             self._ending = True
-            self._cond.notify()
+            self._cond.notify_all()
         if not sent:
             print(f"warning: MLflow ({self.cfg.uri}): unreachable at the end of the run; what was not sent yet "
                   "(metrics, end status) is lost", file=sys.stderr, flush=True)
@@ -133,8 +162,8 @@ class Tracker:
 
     def _queue(self, what: str, call: Callable) -> None:
         with self._cond:
-            self._ops.append((what, call))
-            self._cond.notify()
+            self._ops.append((what, call, self._points.logged))
+            self._cond.notify_all()
 
     def _pending(self) -> bool:
         return bool(self._create or self._points or self._ops)
@@ -167,7 +196,7 @@ class Tracker:
                 self._cond.notify_all()  # wake flush()
 
     def _send_once(self) -> None:
-        """One pass: create the run if needed, then queued calls in order, then metric points."""
+        """One pass: create the run if needed, then queued calls and metric points in the order they came."""
         from mlflow.entities import Metric
 
         client = self._client
@@ -175,16 +204,58 @@ class Tracker:
             if self._create is not None:
                 self.run_id = self._create(client)
                 self._create = None
-            while self._ops:
-                what, call = self._ops[0]
-                call(client, self.run_id)
-                self._ops.popleft()
-            with self._cond:
-                points = self._points[:1000]  # log_batch takes at most 1000 metrics per call
-            while points:
-                client.log_batch(self.run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in points])
+            while True:
                 with self._cond:
-                    del self._points[: len(points)]
-                    points = self._points[:1000]
+                    op = self._ops[0] if self._ops else None
+                    # log_batch takes at most 1000 metrics per call; none logged after the next queued call
+                    start, points = self._points.peek(1000, before=op[2] if op else None)
+                if points:
+                    client.log_batch(self.run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in points])
+                    with self._cond:
+                        self._points.sent(start, len(points))
+                elif op is not None:
+                    op[1](client, self.run_id)
+                    with self._cond:
+                        self._ops.popleft()
+                else:
+                    return
         except Exception as exc:  # noqa: BLE001 — any tracking failure must not stop training
             self._failed("create run" if self._create is not None else "logging", exc)
+
+
+class PointBuffer:
+    """Metric points waiting for the server, the oldest dropped beyond MAX_BUFFERED.
+
+    Points are counted from the start of the run (`logged` so far; `first` is the count of the oldest kept), so
+    a batch sent while the cap drops older points is removed by its numbers, not by its length.
+    """
+
+    def __init__(self):
+        self.points: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        self.first = 0
+
+    @property
+    def logged(self) -> int:
+        return self.first + len(self.points)
+
+    def __bool__(self) -> bool:
+        return bool(self.points)
+
+    def append(self, points: list[tuple[str, float, int, int]]) -> None:
+        self.points.extend(points)
+        drop = len(self.points) - MAX_BUFFERED
+        if drop > 0:
+            del self.points[:drop]
+            self.first += drop
+
+    def peek(self, limit: int, before: Optional[int] = None) -> tuple[int, list]:
+        """(number of the first point, up to `limit` oldest points), only points numbered below `before`."""
+        end = len(self.points) if before is None else max(0, min(len(self.points), before - self.first))
+        return self.first, self.points[: min(limit, end)]
+
+    def sent(self, start: int, n: int) -> None:
+        """Points `start` .. `start + n - 1` reached the server; those the cap already dropped are gone."""
+        done = start + n - self.first
+        if done > 0:
+            del self.points[:done]
+            self.first += done

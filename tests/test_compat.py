@@ -51,10 +51,16 @@ def test_building_the_model_logs_no_upstream_deprecation():
 
 
 @pytest.mark.slow
-def test_cached_decoding_returns_last_logits_and_matches_recomputation(tmp_path):
-    """0.18 made inference mode an explicit switch: without it the prefill returns logits for every position."""
+@pytest.mark.parametrize("position_embedding", ["rope", "learned_absolute"])
+def test_cached_decoding_returns_last_logits_and_matches_recomputation(tmp_path, position_embedding):
+    """0.18 made inference mode an explicit switch: without it the prefill returns logits for every position.
+
+    Both position embeddings: with RoPE, Megatron takes a cached token's position from `sequence_len_offset`
+    and ignores `position_ids`; with learned absolute positions, `position_ids` decide, so only this case sees
+    `greedy_generate` giving a new token the position of the one before it (docs/testing.md).
+    """
     out = tmp_path / "kv.json"
-    python(str(KV_DECODE), "--out", str(out))
+    python(str(KV_DECODE), "--out", str(out), f"model.position_embedding={position_embedding}")
     got = read_json(out)
     assert got["prefill_logits_shape"][:2] == [2, 1]
     assert got["cached"] == got["full"]
@@ -62,6 +68,9 @@ def test_cached_decoding_returns_last_logits_and_matches_recomputation(tmp_path)
     # at the position and cache slot of the one before it by ~3e-2; the script checks the latter is seen.
     assert got["max_logit_diff"] < LOGIT_ATOL
     assert got["shifted_max_logit_diff"] > 10 * LOGIT_ATOL
+    # The same comparison through evaluation's decoding loop.
+    assert got["generate"]["cached"] == got["generate"]["full"]
+    assert got["generate"]["max_logit_diff"] < LOGIT_ATOL, got["generate"]["max_logit_diff"]
 
 
 @pytest.mark.slow

@@ -1,9 +1,12 @@
 """Greedy decoding of the tiny model, by full recomputation and with Megatron-Core's KV cache (one process).
 
+`kv_decode.py --out OUT [key=value ...]` (config overrides, e.g. `model.position_embedding=learned_absolute`).
 Writes JSON: the tokens each way, the largest difference of their per-step logits (also for a cached run
-whose new tokens sit one position too far, the defect the comparison must see), and the shape of the logits
-the KV-cached prefill returned. Cached
-decoding runs inside `compat.inference_mode()`, as evaluation code must (megatron-core >= 0.18).
+whose new tokens sit one position too far, the defect the comparison must see), the shape of the logits
+the KV-cached prefill returned, and the same comparison through evaluation's own `greedy_generate` (its
+`position_ids` matter with learned absolute positions; with RoPE, Megatron takes a cached token's position
+from `sequence_len_offset`). Cached decoding runs inside `compat.inference_mode()`, as evaluation code must
+(megatron-core >= 0.18).
 """
 
 import argparse
@@ -14,6 +17,7 @@ import torch
 from pause_megatron import runtime
 from pause_megatron.compat import inference_mode
 from pause_megatron.config import load_config
+from pause_megatron.evaluate import greedy_generate
 from pause_megatron.model import build_gpt
 from pause_megatron.tokenizer import padded_vocab_size
 
@@ -21,12 +25,25 @@ VOCAB = 100
 BATCH, PROMPT, NEW = 2, 10, 6
 
 
+class Recorder:
+    """The model as greedy_generate calls it, keeping the last position's logits of every call."""
+
+    def __init__(self, model):
+        self.model, self.last = model, []
+
+    def __call__(self, **kwargs):
+        logits = self.model(**kwargs)
+        self.last.append(logits[0, -1].detach().float().clone())
+        return logits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    cfg = load_config(None, ["model.preset=tiny"], world_size=1)
+    cfg = load_config(None, ["model.preset=tiny", *args.overrides], world_size=1)
     runtime.init_distributed(cfg)
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -67,10 +84,20 @@ def main() -> None:
     def max_diff(a, b):
         return float((a.float() - b.float()).abs().max())
 
+    generate = {"cached": [], "full": [], "max_logit_diff": 0.0}
+    for p in prompt.tolist():
+        cached_run, full_run = Recorder(model), Recorder(model)
+        generate["cached"].append(greedy_generate(cached_run, p, max_new_tokens=NEW))
+        generate["full"].append(greedy_generate(full_run, p, max_new_tokens=NEW, use_cache=False))
+        steps = min(len(cached_run.last), len(full_run.last))
+        diff = max_diff(torch.stack(cached_run.last[:steps]), torch.stack(full_run.last[:steps]))
+        generate["max_logit_diff"] = max(generate["max_logit_diff"], diff)
+
     with open(args.out, "w") as f:
         json.dump({"full": full.tolist(), "cached": cached.tolist(), "prefill_logits_shape": prefill_shape,
                    "max_logit_diff": max_diff(cached_logits, full_logits),
                    "shifted_max_logit_diff": max_diff(shifted_logits, full_logits),
+                   "generate": generate,
                    "logit_scale": float(full_logits.float().std())}, f)
     runtime.destroy()
 
