@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Optional
 
 import torch
 
-from pause_megatron.compat import save_checkpoint
+from pause_megatron.compat import LEGACY_COMMON_STATE, distributed_optimizer_loading, save_checkpoint
 from pause_megatron.model import unwrap
 from pause_megatron.train import TrainState
 
 LATEST = "latest"
+# The distributed optimizer's state is saved gathered, in the model's own shapes: reshardable across any
+# layout, and the one format megatron-core 0.16-0.19 save without error (their default,
+# "fully_sharded_model_space", fails on 0.16.1 with "ShardedTensor.flattened_range is not supported").
+# Other optimizers ignore it. Both releases take it as `metadata` of sharded_state_dict.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 TOKENIZER_FILE = "tokenizer.model"  # next to `latest`: every checkpoint root carries its tokenizer
 
 
@@ -36,8 +42,19 @@ def iteration_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
 
+def is_complete(path: str) -> bool:
+    """Whether an iteration directory holds a whole checkpoint: dist_checkpointing writes metadata.json last,
+    after the common state and every shard."""
+    return all(os.path.exists(os.path.join(path, name)) for name in ("metadata.json", LEGACY_COMMON_STATE))
+
+
 def latest_checkpoint(root: Optional[str]) -> Optional[str]:
-    """The newest complete checkpoint under `root`, or None."""
+    """The newest complete checkpoint under `root`, or None.
+
+    `latest` names it. If what it names is incomplete (older releases of this code deleted a finished step
+    to write it again, and a crash then left `latest` naming a half-written directory), the newest complete
+    iter_* is taken instead, and said so.
+    """
     if not root:
         return None
     marker = os.path.join(root, LATEST)
@@ -46,7 +63,15 @@ def latest_checkpoint(root: Optional[str]) -> Optional[str]:
     with open(marker) as f:
         name = f.read().strip()
     path = os.path.join(root, name)
-    return path if os.path.isdir(path) else None
+    if os.path.isdir(path) and is_complete(path):
+        return path
+    complete = sorted(p for p in (os.path.join(root, n) for n in os.listdir(root) if n.startswith("iter_"))
+                      if os.path.isdir(p) and is_complete(p))
+    if complete:
+        print(f"warning: {marker} names {name}, which is not a complete checkpoint; using {complete[-1]}",
+              file=sys.stderr, flush=True)
+        return complete[-1]
+    return None
 
 
 def resolve(path: str) -> str:
@@ -54,7 +79,10 @@ def resolve(path: str) -> str:
     if os.path.exists(os.path.join(path, LATEST)):
         found = latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"{path}: `latest` names a checkpoint that does not exist")
+            with open(os.path.join(path, LATEST)) as f:
+                name = f.read().strip()
+            raise FileNotFoundError(f"{path}: `latest` names {name}, which is not a complete checkpoint, and no "
+                                    "other iter_* directory there is complete")
         return found
     if not os.path.exists(os.path.join(path, "metadata.json")):
         raise FileNotFoundError(f"{path} is not a checkpoint (no `latest` and no metadata.json)")
@@ -178,7 +206,7 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
         os.makedirs(path)
     torch.distributed.barrier()
     sharded = _model_sharded_state_dict(state.model)
-    sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, metadata=OPTIMIZER_METADATA)
     sharded["scheduler"] = state.scheduler.state_dict()
     sharded["step"] = state.step
     sharded["consumed_samples"] = state.consumed_samples
@@ -210,10 +238,12 @@ def load(state: TrainState, path: str, *, weights_only: bool = False) -> dict:
         state.optimizer.reload_model_params()
         return extra
     sharded = _model_sharded_state_dict(state.model)
-    sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, path)
-    _load_model_state(state.model, loaded)
-    state.optimizer.load_state_dict(loaded["optimizer"])
+    with distributed_optimizer_loading(state.optimizer):
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                                  metadata=OPTIMIZER_METADATA)
+        loaded = dist_checkpointing.load(sharded, path)
+        _load_model_state(state.model, loaded)
+        state.optimizer.load_state_dict(loaded["optimizer"])
     state.scheduler.load_state_dict(loaded["scheduler"])
     state.step = int(loaded["step"])
     state.consumed_samples = int(loaded["consumed_samples"])

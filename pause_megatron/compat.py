@@ -102,6 +102,52 @@ def inference_mode():
 
 # --- checkpoints -----------------------------------------------------------------------------------------
 
+# 0.16.1 (and, as far as read, 0.19: the same code), without Apex or Transformer Engine (the CPU path), a
+# DistributedOptimizer checkpoint cannot be loaded as megatron-core ships it: (1) sharded_state_dict asserts
+# that every parameter's torch Adam state has a `step`, which a fresh optimizer has not; (2) load_state_dict
+# then gives each parameter's state a `step` and copies the loaded tensors into every key of that state,
+# but the loaded tensors have no `step` (KeyError); (3) that `step` is one tensor shared by all parameters,
+# which torch's Adam then increments once per parameter at every step (a wrong bias correction from the
+# second step after resuming). So a fresh optimizer gets placeholder state (zeros, step 0: all overwritten
+# by the load), `step` is kept aside while the tensors are copied, and each parameter then gets its own
+# copy of the loaded step. With Apex or TE
+# (GPUs) Adam keeps its step per group, and nothing is changed.
+@contextlib.contextmanager
+def distributed_optimizer_loading(optimizer):
+    """Around building the optimizer's sharded state dict for loading and loading it (see above)."""
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    targets = [] if do.HAVE_APEX_OR_TE else [
+        o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, do.DistributedOptimizer)]
+    for opt in targets:
+        inner = opt.optimizer
+        if not len(inner.state):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    inner.state[p] = {"exp_avg": torch.zeros_like(p.data), "exp_avg_sq": torch.zeros_like(p.data),
+                                      "step": torch.tensor(0.0)}
+        opt._set_main_param_and_optimizer_states = functools.partial(_set_states_without_step, opt)
+    try:
+        yield
+    finally:
+        for opt in targets:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
+            for state in opt.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
+def _set_states_without_step(opt, model_param, tensors) -> None:
+    group_index, group_order = opt.model_param_group_index_map[model_param]
+    state = opt.optimizer.state[opt.optimizer.param_groups[group_index]["params"][group_order]]
+    step = state.pop("step", None) if "step" not in tensors else None
+    try:
+        type(opt)._set_main_param_and_optimizer_states(opt, model_param, tensors)
+    finally:
+        if step is not None:
+            state["step"] = step
+
+
 # 0.17.0: a synchronous dist_checkpointing.save runs through MCore's own asynchronous writer, which logs
 # "MCore's async save is deprecated ... use NVRx" once per process although nothing is asynchronous here
 # (0.17-0.18 when nvidia-resiliency-ext is absent, 0.19 always). Dropped; other messages pass.

@@ -8,13 +8,18 @@ pretrain, finetune, evaluate) with its output directory. Running the recipe runs
 an MLflow child run of one parent run. Stages run locally (torchrun) or are submitted to Slurm, one job per
 stage with dependencies.
 
-Reuse. A stage's identity is a hash of what decides its result: its command, its resolved config (the YAML
-file's contents and the overrides, as `load_config` merges them; for the data stage its settings and input
-files; for the report, the recipe's labels) and the identities of the stages it depends on. A stage whose
-marker (`stage.json` in its output directory) records the same identity as finished is skipped; one that was
-interrupted (same identity, not finished) resumes from its checkpoints; one whose identity changed starts
-afresh, and its old output directory is kept as `<out>.replaced-<old identity>`. A subset of stages
-(`stages=[...]`) runs only when every stage it depends on, and does not run itself, has finished.
+Reuse. A stage's identity is a hash of what decides its result: its kind, its resolved config (the YAML
+file's contents and the overrides, as `load_config` merges them) without the settings that change only where
+it is tracked and what it logs or checkpoints along the way (IGNORED: tracking.*, log/eval/save intervals;
+the command line, with its run names and tags, is not hashed), the data it reads (the data stage's settings
+and input files; without a data stage, the shards' manifest; the finetuning task files), and the identities
+of the stages it depends on. The code version is not part of it. A stage whose marker (`stage.json` in its
+output directory) records the same identity as finished is skipped; one that was interrupted (same
+identity, not finished) resumes from its checkpoints; one whose identity changed starts afresh, and its old
+output directory is kept as `<out>.replaced-<old identity>` (`.2`, `.3`, ... if that name is taken). An
+output set aside earlier that finished with the identity now planned is put back instead of rerunning. A
+subset of stages (`stages=[...]`) runs only when every stage it depends on, and does not run itself, has
+finished.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pause_megatron.config import ConfigError, TrackingConfig, load_config, to_dict
+from pause_megatron.config import ConfigError, TrackingConfig, flat_dict, load_config
 from pause_megatron.pauses import PAPER_M_FT
 from pause_megatron.tasks import TASKS
 
@@ -123,14 +128,59 @@ class Stage:
     time: str = "01:00:00"
     tags: dict = field(default_factory=dict)
     estimate_s: Optional[float] = None
-    inputs: dict = field(default_factory=dict)  # besides argv, what decides the result (resolved config, ...)
-    identity: str = ""  # set by plan(): inputs, argv and the dependencies' identities, hashed
+    inputs: dict = field(default_factory=dict)  # what decides the result (resolved config, data, ...)
+    identity: str = ""  # set by plan(): inputs and the dependencies' identities, hashed
+
+
+# Config keys that do not change a stage's result: where its run is tracked, and what it logs or checkpoints
+# along the way (validation only measures: the model is in eval mode and draws no random numbers; checkpoints
+# are written, never read back, by an uninterrupted run). train.output_dir is the stage's own place.
+IGNORED = ("tracking.", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval",
+           "train.output_dir")
+SMALL_FILE = 64 << 20  # task files up to this size are hashed by content, larger ones by name, size and mtime
 
 
 def _identity(stage: Stage, deps: list[Stage]) -> str:
-    payload = {"kind": stage.kind, "argv": stage.argv, "inputs": stage.inputs,
-               "deps": {d.key: d.identity for d in deps}}
+    payload = {"kind": stage.kind, "inputs": stage.inputs, "deps": {d.key: d.identity for d in deps}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _config_inputs(cfg) -> dict:
+    """The resolved config as dotted keys, without IGNORED ones."""
+    return {k: v for k, v in flat_dict(cfg).items() if not k.startswith(IGNORED)}
+
+
+def _manifest_inputs(path: Optional[str]) -> Optional[dict]:
+    """What decides the shards under `path` (their settings, tokenizer checksum and totals), or None before
+    they exist."""
+    from data_prep import manifest as mf
+
+    file = os.path.join(path or "", mf.MANIFEST)
+    if not path or not os.path.exists(file):
+        return None
+    m = mf.read_json(file)
+    return {**{k: m.get(k) for k in mf.CONFIG_KEYS}, "complete": m.get("complete"), "totals": m.get("totals")}
+
+
+def _task_files(task_dir: Optional[str], task: str) -> Optional[list]:
+    """A task's offline files: name and content hash (name, size and mtime for files over SMALL_FILE)."""
+    if not task_dir:
+        return None
+    root = os.path.join(task_dir, task)
+    if not os.path.isdir(root):
+        return []
+    files = []
+    for name in sorted(os.listdir(root)):
+        p = os.path.join(root, name)
+        if not os.path.isfile(p):
+            continue
+        st = os.stat(p)
+        if st.st_size <= SMALL_FILE:
+            with open(p, "rb") as fh:
+                files.append((name, hashlib.sha256(fh.read()).hexdigest()))
+        else:
+            files.append((name, st.st_size, st.st_mtime_ns))
+    return files
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
@@ -230,8 +280,11 @@ def full_plan(r: Recipe) -> list[Stage]:
         argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
                 *overrides, *common, "--tag", f"pretrain={pt}"]
         cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
+        inputs = {"config": _config_inputs(cfg)}
+        if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
+            inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            {"pretrain": pt}, _estimate(cfg, gpus(r.pretrain.nodes)), {"config": to_dict(cfg)}))
+                            {"pretrain": pt}, _estimate(cfg, gpus(r.pretrain.nodes)), inputs))
         pretrained[pt] = f"{d}/checkpoints"
 
     f = r.finetune
@@ -265,8 +318,10 @@ def full_plan(r: Recipe) -> list[Stage]:
                 argv = ["-m", "pause_megatron.finetune", *(["--config", f.config] if f.config else []), *overrides,
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
+                task_files = _task_files(f.task_dir, task)
                 stages.append(Stage(key, "finetune", argv, d, [f"pretrain/{'pause' if pt == 'PausePT' else 'std'}"],
-                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)), {"config": to_dict(cfg)}))
+                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)),
+                                    {"config": _config_inputs(cfg), "task_files": task_files}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
                 if placement == "append" and v in r.ablations.m_inf_variants:
@@ -282,13 +337,17 @@ def full_plan(r: Recipe) -> list[Stage]:
                              *data_dir, *limit, "--output", f"{ed}/{RESULT}", f"pauses.m_inf={m_inf}",
                              f"pauses.placement={ev_place}", *_tracking_overrides(r), _run_name(ekey), *common,
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
-                    stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags))
+                    stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags,
+                                        inputs={"task": task, "limit": r.evaluate.limit, "m_inf": m_inf,
+                                                "placement": ev_place, "task_files": task_files}))
+    # The report's scores come from its evaluations (their identities); its labels from the variants.
     stages.append(Stage("report", "report", [], f"{out}/report", [s.key for s in stages if s.kind == "evaluate"],
-                        inputs={"name": r.name, "variants": r.variants, "tracking": [r.tracking.uri,
-                                                                                     r.tracking.experiment]}))
+                        inputs={"variants": r.variants}))
     by_key = {}
     for s in stages:  # dependencies come first, so theirs are known
         s.identity = _identity(s, [by_key[d] for d in s.deps])
+        if s.argv:  # the stage's MLflow run carries it: the report takes only scores of the current identity
+            s.argv = [*s.argv, "--tag", f"stage_identity={s.identity}"]
         by_key[s.key] = s
     return stages
 
@@ -341,15 +400,53 @@ def mark_done(stage: Stage) -> None:
     write_marker(stage.out, stage.key, stage.identity, done=True)
 
 
+def _set_aside(stage: Stage, marker: dict, *, log) -> None:
+    """Move the output of another identity to `<out>.replaced-<identity>` (with a counter if that is taken)."""
+    old = marker.get("identity") or marker.get("digest") or "unknown"
+    aside, n = f"{stage.out}.replaced-{old}", 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{stage.out}.replaced-{old}.{n}"
+    os.rename(stage.out, aside)
+    log(f"  {stage.key} changed since its last run: its old output is kept in {aside}")
+
+
+def _finished_aside(stage: Stage) -> Optional[str]:
+    """An output set aside earlier that finished with this stage's identity, if any."""
+    base = f"{stage.out}.replaced-{stage.identity}"
+    parent = os.path.dirname(base) or "."
+    if not os.path.isdir(parent):
+        return None
+    prefix = os.path.basename(base)
+    for name in sorted(os.listdir(parent)):
+        if name == prefix or (name.startswith(prefix + ".") and name[len(prefix) + 1:].isdigit()):
+            marker = read_marker(os.path.join(parent, name))
+            if marker and marker.get("done") and marker.get("identity") == stage.identity:
+                return os.path.join(parent, name)
+    return None
+
+
+def restore(stage: Stage, *, log=print) -> bool:
+    """Put back an earlier finished output of this identity (setting the present one aside); True if done so."""
+    found = _finished_aside(stage)
+    if found is None:
+        return False
+    marker = read_marker(stage.out)
+    if marker is not None:
+        _set_aside(stage, marker, log=log)
+    elif os.path.lexists(stage.out):  # an output without a marker: not ours to judge, keep it too
+        _set_aside(stage, {"identity": "unmarked"}, log=log)
+    os.rename(found, stage.out)
+    log(f"  {stage.key}: restored its finished output from {found}")
+    return True
+
+
 def claim(stage: Stage, *, log=print) -> None:
     """Before a stage runs: keep the output of another identity aside (never reuse, never delete it), then
     record this identity as started, so that an interrupted run of the same stage resumes."""
     marker = read_marker(stage.out)
     if marker is not None and marker.get("identity") != stage.identity:
-        old = marker.get("identity") or marker.get("digest") or "unknown"
-        aside = f"{stage.out}.replaced-{old}"
-        os.replace(stage.out, aside)
-        log(f"  {stage.key} changed since its last run: its old output is kept in {aside}")
+        _set_aside(stage, marker, log=log)
     write_marker(stage.out, stage.key, stage.identity, done=False)
 
 
@@ -414,7 +511,7 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
         return _submit_all(r, stages, python=python, parent=parent, recipe_path=recipe_path,
                            overrides=list(overrides), log=log)
     for i, stage in enumerate(stages, 1):
-        if is_done(stage):
+        if is_done(stage) or restore(stage, log=log):
             log(f"[{i}/{len(stages)}] skip {stage.key} (done)")
             continue
         log(f"[{i}/{len(stages)}] run  {stage.key}")
@@ -454,7 +551,7 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
     """
     jobs: dict[str, str] = {}
     for stage in stages:
-        if is_done(stage):
+        if is_done(stage) or restore(stage, log=log):
             log(f"skip {stage.key} (done)")
             continue
         claim(stage, log=log)

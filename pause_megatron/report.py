@@ -1,9 +1,11 @@
 """The recipe's report, rebuilt from the MLflow store alone: variant x task table, ablations, plots.
 
 Every evaluation stage logs one MLflow run tagged with its recipe, variant, task, seed, M_ft, M_inf,
-placement and ablation, and the task's metrics as `<task>/<metric>`. The report reads those runs, so
-`pause-megatron recipe report` can rebuild it anywhere the store is. It covers exactly the evaluations the
-recipe plans: one whose score MLflow lacks (its logging failed) is read from the stage's result.json, and if
+placement, ablation and the stage's identity, and the task's metrics as `<task>/<metric>`. The report reads
+those runs, so `pause-megatron recipe report` can rebuild it anywhere the store is. It covers exactly the
+evaluations the recipe plans, each from the run tagged with the stage's current identity (a score of an
+earlier configuration is never used); one whose score MLflow lacks (its logging failed, or it ran before
+the store was changed) is read from the result.json of the stage, if it finished with that identity, and if
 that is missing too the report fails, naming the stages, rather than average over fewer seeds unnoticed.
 """
 
@@ -19,30 +21,31 @@ from pause_megatron.tasks import TASKS
 PERCENT = 100.0  # scores are fractions in lm-eval; the paper prints percentages
 
 
-def evaluation_rows(tracking, recipe_name: str, *, with_keys: bool = False) -> list[dict]:
-    """One dict per evaluation run of the recipe (the newest run per stage if a stage ran twice)."""
+def evaluation_rows(tracking, identities: set) -> dict[str, dict]:
+    """Evaluation runs tagged with one of `identities` (stage identities): the newest run's row per identity.
+
+    A run of an identity no longer planned (the stage has changed since) is never taken.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking.uri)
     exp = client.get_experiment_by_name(tracking.experiment)
     if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.recipe = '{recipe_name}' and "
-                                                                 "tags.stage = 'evaluate'", max_results=50000)
+        return {}
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'evaluate'", max_results=50000)
     newest: dict[str, dict] = {}
     for run in sorted(runs, key=lambda x: x.info.start_time):
         t = run.data.tags
         task = t.get("task")
         metric = TASKS[task].metric if task in TASKS else None
         value = run.data.metrics.get(f"{task}/{metric}")
-        if value is None:
+        if value is None or t.get("stage_identity") not in identities:
             continue
-        newest[t.get("stage_key", run.info.run_id)] = {
+        newest[t["stage_identity"]] = {
             "variant": t["variant"], "task": task, "seed": int(t["seed"]), "m_ft": int(t["m_ft"]),
             "m_inf": int(t["m_inf"]), "placement": t["placement"], "ablation": t["ablation"],
-            "metric": metric, "value": value * PERCENT,
-            **({"stage_key": t.get("stage_key", run.info.run_id)} if with_keys else {})}
-    return list(newest.values())
+            "metric": metric, "value": value * PERCENT}
+    return newest
 
 
 class ReportError(RuntimeError):
@@ -67,24 +70,25 @@ def row_from_result(tags: dict, path: str) -> Optional[dict]:
             "metric": metric, "value": value * PERCENT}
 
 
-def planned_rows(tracking, recipe_name: str, stages: list) -> list[dict]:
-    """The rows of the planned evaluate stages: from MLflow, else from result.json; ReportError if neither."""
-    from pause_megatron.recipe import RESULT
+def planned_rows(tracking, stages: list) -> list[dict]:
+    """The rows of the planned evaluate stages: the MLflow run tagged with the stage's identity, else the
+    result.json of a stage that finished with that identity; ReportError if neither."""
+    from pause_megatron.recipe import RESULT, is_done
 
-    by_key = {}
-    for row in evaluation_rows(tracking, recipe_name, with_keys=True):
-        by_key[row.pop("stage_key")] = row
+    by_identity = evaluation_rows(tracking, {s.identity for s in stages})
     rows, missing = [], []
     for stage in stages:
-        row = by_key.get(stage.key) or row_from_result(stage.tags, os.path.join(stage.out, RESULT))
+        row = by_identity.get(stage.identity)
+        if row is None and is_done(stage):
+            row = row_from_result(stage.tags, os.path.join(stage.out, RESULT))
         if row is None:
             missing.append(stage.key)
         else:
             rows.append(row)
     if missing:
-        raise ReportError(f"{len(missing)} planned evaluation(s) have no score in MLflow ({tracking.uri}) nor a "
-                          f"{RESULT} in their output: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10
-                                                                                     else "") + "; rerun them")
+        raise ReportError(f"{len(missing)} planned evaluation(s) have no score of their current configuration in "
+                          f"MLflow ({tracking.uri}) nor a {RESULT} of a finished run in their output: "
+                          + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "") + "; rerun them")
     return rows
 
 
@@ -240,7 +244,7 @@ def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> s
     """
     from pause_megatron.recipe import full_plan
 
-    rows = planned_rows(recipe.tracking, recipe.name, [s for s in full_plan(recipe) if s.kind == "evaluate"])
+    rows = planned_rows(recipe.tracking, [s for s in full_plan(recipe) if s.kind == "evaluate"])
     out = os.path.join(recipe.output_dir, "report")
     os.makedirs(out, exist_ok=True)
     table, best = main_table(rows, list(recipe.variants))

@@ -76,6 +76,96 @@ def test_an_ablation_recipe_on_the_same_output_reruns_the_report_and_reuses_the_
     assert not any(k.startswith(("finetune/", "pretrain/", "data")) for k in undone)
 
 
+def _pre(*extra) -> dict:
+    return {"pretrain": {**MICRO["pretrain"], "overrides": [*MICRO["pretrain"]["overrides"], *extra]}}
+
+
+def _ft(*extra, **values) -> dict:
+    return {"finetune": {**MICRO["finetune"], **values, "overrides": [*MICRO["finetune"]["overrides"], *extra]}}
+
+
+def test_tracking_names_order_and_logging_settings_rerun_nothing(tmp_path):
+    pre = MICRO["pretrain"]["overrides"]
+    for changes in ({"tracking": {"uri": f"sqlite:///{tmp_path}/other.db", "experiment": "x"}},
+                    {"tracking": {"enabled": False}}, {"name": "renamed"},
+                    {"pretrain": {**MICRO["pretrain"], "overrides": [*reversed(pre)]}},
+                    _pre("train.log_interval=3", "train.eval_interval=2", "train.eval_steps=1",
+                         "train.save_interval=2"),
+                    _ft("train.log_interval=2")):
+        assert _undone_after(tmp_path, changes) == [], changes
+
+
+def test_a_real_change_reruns_exactly_what_depends_on_it(tmp_path):
+    from pause_megatron.recipe import full_plan
+
+    everything = [s.key for s in full_plan(_recipe(tmp_path))]
+    downstream = [k for k in everything if k not in ("data", "pretrain/pause", "pretrain/std")]
+    assert _undone_after(tmp_path, _pre("optim.lr=1e-3")) == [k for k in everything if k != "data"]
+    assert _undone_after(tmp_path, _pre("train.steps=7")) == [k for k in everything if k != "data"]
+    assert _undone_after(tmp_path, _ft("train.seed=5")) == downstream
+    m2 = _undone_after(tmp_path, _ft(m_ft=[1, 3]))  # M_ft=1 stays; 2 is no longer planned, 3 is new
+    assert set(m2) == {"report", "finetune/PausePT/piqa/append3/seed0",
+                       "evaluate/PausePT/piqa/append3/seed0/append3"}, m2
+
+
+def test_pretraining_without_a_data_stage_depends_on_the_shards_it_reads(tmp_path):
+    from pause_megatron.recipe import is_done, mark_done, plan
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"format_version": 1, "tokenizer_sha256": "aa", "seq_length": 128, "pause_ratio": 0.1, "seed": 0,
+                "dtype": "uint16", "complete": True, "totals": {"windows": 10}, "shards": []}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    changes = dict(stages=["pretrain"], data={"path": str(shards)})
+    for s in plan(_recipe(tmp_path, **changes)):
+        mark_done(s)
+    assert all(is_done(s) for s in plan(_recipe(tmp_path, **changes)))
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": "bb"}))
+    assert not any(is_done(s) for s in plan(_recipe(tmp_path, **changes)))
+
+
+def test_finetuning_depends_on_the_contents_of_its_task_files(tmp_path):
+    from pause_megatron.recipe import is_done, mark_done, plan
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(ROOT / "pause_megatron" / "sample_tasks", tasks)
+    changes = _ft(task_dir=str(tasks))
+    for s in plan(_recipe(tmp_path, **changes)):
+        mark_done(s)
+    train = next((tasks / "piqa").glob("train*"))
+    train.write_text(train.read_text().replace("a", "b", 1))
+    undone = [s.key for s in plan(_recipe(tmp_path, **changes)) if not is_done(s)]
+    assert undone and all(k.startswith(("finetune/", "evaluate/")) or k == "report" for k in undone)
+    assert not any(k.startswith(("data", "pretrain/")) for k in undone)
+
+
+def test_alternating_settings_restore_earlier_finished_outputs_and_never_collide(tmp_path):
+    """lr 1e-3, 2e-3, 1e-3, 2e-3: the third and fourth runs put back what the first and second made."""
+    from pause_megatron.recipe import claim, is_done, mark_done, plan, restore
+
+    def stage(lr):
+        return next(s for s in plan(_recipe(tmp_path, **_pre(f"optim.lr={lr}"))) if s.key == "pretrain/pause")
+
+    made = {}
+    for lr in ("1e-3", "2e-3", "1e-3", "2e-3"):
+        s = stage(lr)
+        if not (is_done(s) or restore(s, log=lambda *_: None)):
+            claim(s, log=lambda *_: None)
+            (tmp_path / "out" / "pretrain" / "pause" / "weights").write_text(lr)
+            mark_done(s)
+            made[lr] = made.get(lr, 0) + 1
+        assert is_done(s) and (tmp_path / "out" / "pretrain" / "pause" / "weights").read_text() == lr
+    assert made == {"1e-3": 1, "2e-3": 1}  # each setting ran once
+    # An unfinished output of an identity already set aside gets a numbered name, nothing is overwritten.
+    s = stage("3e-3")
+    claim(s, log=lambda *_: None)
+    claim(stage("2e-3"), log=lambda *_: None)  # sets aside 3e-3's unfinished output
+    claim(s, log=lambda *_: None)
+    claim(stage("2e-3"), log=lambda *_: None)
+    asides = sorted(p.name for p in (tmp_path / "out" / "pretrain").iterdir() if f"replaced-{s.identity}" in p.name)
+    assert asides == [f"pause.replaced-{s.identity}", f"pause.replaced-{s.identity}.2"]
+
+
 def test_a_changed_stage_keeps_its_old_output_aside_and_starts_afresh(tmp_path):
     from pause_megatron.recipe import claim, plan, read_marker, write_marker
 
@@ -157,7 +247,8 @@ def _log_evaluations(r, stages, skip=()):
     for s in stages:
         if s.key in skip:
             continue
-        run = client.create_run(exp, tags={"recipe": r.name, "stage": "evaluate", **s.tags})
+        tags = dict(a.split("=", 1) for a, flag in zip(s.argv[1:], s.argv) if flag == "--tag")  # as evaluate tags
+        run = client.create_run(exp, tags={"stage": "evaluate", **tags})
         client.log_metric(run.info.run_id, "piqa/acc", SCORES[(s.tags["placement"], int(s.tags["m_ft"]))])
         client.set_terminated(run.info.run_id)
 
@@ -178,7 +269,7 @@ def test_report_compares_prepending_with_appending_at_the_same_m_ft(tmp_path):
 
 
 def test_report_fails_on_a_missing_score_unless_the_stage_result_file_has_it(tmp_path):
-    from pause_megatron.recipe import RESULT, plan
+    from pause_megatron.recipe import RESULT, mark_done, plan
     from pause_megatron.report import ReportError, build_report
 
     r = _prepend_recipe(tmp_path)
@@ -190,8 +281,34 @@ def test_report_fails_on_a_missing_score_unless_the_stage_result_file_has_it(tmp
     os.makedirs(lost.out)
     with open(os.path.join(lost.out, RESULT), "w") as fh:
         json.dump({"scores": {"piqa": {"acc": 0.45}}}, fh)
+    with pytest.raises(ReportError, match=lost.key):  # a result file of a stage not marked finished: not used
+        build_report(r, log=lambda *_: None)
+    mark_done(lost)
     text = build_report(r, log=lambda *_: None)
     assert "| piqa | 10 | 50.0 ± 0.0 (n=1) | 45.0 ± 0.0 (n=1) |" in text
+
+
+def test_report_never_takes_the_score_of_an_earlier_configuration(tmp_path):
+    """An evaluation logged under the old identity (a newer MLflow run than the current result) is not used."""
+    from mlflow.tracking import MlflowClient
+
+    from pause_megatron.recipe import RESULT, mark_done, plan
+    from pause_megatron.report import build_report
+
+    r = _prepend_recipe(tmp_path)
+    stages = [s for s in plan(r) if s.kind == "evaluate"]
+    changed = next(s for s in stages if s.tags["placement"] == "prepend" and s.tags["m_ft"] == "10")
+    _log_evaluations(r, stages, skip={changed.key})
+    os.makedirs(changed.out)
+    with open(os.path.join(changed.out, RESULT), "w") as fh:
+        json.dump({"scores": {"piqa": {"acc": 0.45}}}, fh)
+    mark_done(changed)
+    client = MlflowClient(tracking_uri=r.tracking.uri)  # a later run of the same stage key, another identity
+    stale = client.create_run(client.get_experiment_by_name(r.tracking.experiment).experiment_id,
+                              tags={"stage": "evaluate", **changed.tags, "recipe": r.name, "stage_identity": "0ld"})
+    client.log_metric(stale.info.run_id, "piqa/acc", 0.99)
+    text = build_report(r, log=lambda *_: None)
+    assert "| piqa | 10 | 50.0 ± 0.0 (n=1) | 45.0 ± 0.0 (n=1) |" in text and "99.0" not in text
 
 
 # ---- planning and the command line ----------------------------------------------------------------------

@@ -79,3 +79,41 @@ def test_resuming_with_another_tokenizer_is_refused(finished, tiny_c4, tmp_path)
     proc = pretrain(other, run, "train.steps=3", check=False)
     assert proc.returncode != 0 and "tokenizer checksum" in proc.stderr, proc.stderr[-3000:]
     assert (run / "checkpoints" / "tokenizer.model").read_bytes() == tokenizer
+
+
+def _losses(out) -> dict:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_distributed_optimizer_saves_and_resumes_like_an_uninterrupted_run(tiny_c4, tmp_path):
+    """2 ranks of DP with optim.distributed=true: 2 steps, saved, resumed to 4 = 4 steps in one go. Switching
+    optim.distributed on resume is refused (its optimizer state is another object). A constant LR, so that the
+    2-step run's schedule is the 4-step run's (more steps re-stretch a decaying schedule)."""
+    dist = ["optim.distributed=true", "train.global_batch_size=8", "optim.min_lr=3.0e-4", "optim.warmup_steps=0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={whole}", *ARGS, *dist,
+             "train.steps=4", nproc=2)
+    torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={split}", *ARGS, *dist,
+             "train.steps=2", nproc=2)
+    proc = torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={split}", *ARGS,
+                    *[a for a in dist if a != "optim.distributed=true"], "train.steps=4", nproc=2, check=False)
+    assert proc.returncode != 0 and "optim.distributed: True -> False" in proc.stderr, proc.stderr[-3000:]
+    proc = torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={split}", *ARGS,
+                    *dist, "train.steps=4", nproc=2)
+    assert "at step 2" in proc.stdout
+    a, b = _losses(whole), _losses(split)
+    assert [b[s] for s in (3, 4)] == [a[s] for s in (3, 4)]  # bit for bit: the optimizer state was restored
+
+
+def test_latest_naming_a_half_written_step_falls_back_to_the_newest_complete_one(finished, tiny_c4, tmp_path):
+    """What older code could leave: `latest` names a step whose directory was deleted and partly rewritten."""
+    run = _copy(finished, tmp_path)
+    ckpt = run / "checkpoints"
+    (ckpt / "iter_0000003").mkdir()
+    (ckpt / "iter_0000003" / "common.pt").write_bytes(b"partial")
+    (ckpt / "latest").write_text("iter_0000003\n")
+    proc = pretrain(tiny_c4, run, "train.steps=3")
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout, proc.stdout[-2000:]
+    assert "iter_0000003, which is not a complete checkpoint" in proc.stderr
+    assert (ckpt / "latest").read_text().strip() == "iter_0000003"
+    assert (ckpt / "iter_0000003" / "metadata.json").exists()
