@@ -50,10 +50,13 @@ if missing:
 EOF
 
 FAILED=()
-step() {  # step NAME SECONDS CMD...: run CMD under its own time limit; a failure is recorded, not fatal
-  local name=$1 limit=$(($2 * K)) t0=$SECONDS rc=0
+LIMIT=60
+limited() { timeout --kill-after=10 "$LIMIT" "$@"; }  # a step's commands run under its time limit
+step() {  # step NAME SECONDS FUNCTION...: run FUNCTION (whose commands use `limited`); a failure is recorded
+  local name=$1 t0=$SECONDS rc=0
+  LIMIT=$(($2 * K))
   shift 2
-  timeout "$limit" "$@" || rc=$?
+  "$@" || rc=$?
   echo "$name: $((SECONDS - t0)) s, exit $rc"
   if [ "$rc" != 0 ]; then FAILED+=("$name (exit $rc)"); fi
 }
@@ -66,18 +69,18 @@ else
   MICRO=(train.micro_batch_size=8 train.global_batch_size=32)
 fi
 "$PY" -m pause_megatron.kernels | tee "$OUT/kernels.txt"
-bench() { "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"; }
+bench() { limited "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" 2>"$OUT/bench.err" | tee "$OUT/bench.txt"; }
 step bench 200 bench
 
 data() {
-  "$PY" -m data_prep.c4_sample "$WORK/json" --files 2 --docs-per-file 300 &&
-    "$PY" -m data_prep.build_c4 build --input "$WORK/json" --output "$WORK/data" --seq-length "$SEQ" \
+  limited "$PY" -m data_prep.c4_sample "$WORK/json" --files 2 --docs-per-file 300 &&
+    limited "$PY" -m data_prep.build_c4 build --input "$WORK/json" --output "$WORK/data" --seq-length "$SEQ" \
       --vocab-size 2000 --workers 4 >"$OUT/data_prep.log" 2>&1
 }
 step "data prep" 40 data
 RUN=("model.preset=$PRESET" "data.path=$WORK/data" "train.output_dir=$WORK/pt" tracking.enabled=false "${MICRO[@]}")
 pretrain() {  # pretrain STEPS LOG
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 -m pause_megatron.pretrain "${RUN[@]}" \
+  limited "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 -m pause_megatron.pretrain "${RUN[@]}" \
     "train.steps=$1" 2>"$OUT/$2" | tail -3
 }
 step "pretrain 20" 90 pretrain 20 pretrain.err
@@ -85,13 +88,13 @@ step "resume to 30" 50 pretrain 30 resume.err
 cp "$WORK/pt/metrics.jsonl" "$OUT/pretrain_metrics.jsonl" 2>/dev/null || true
 
 finetune() {
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 -m pause_megatron.finetune task=squad \
+  limited "$PY" -m torch.distributed.run --standalone --nproc-per-node=1 -m pause_megatron.finetune task=squad \
     "train.init_from=$WORK/pt/checkpoints" "train.output_dir=$WORK/ft" train.steps=10 optim.warmup_steps=1 \
     train.micro_batch_size=2 train.global_batch_size=8 pauses.m_ft=10 tracking.enabled=false \
     data.task_dir=pause_megatron/sample_tasks 2>"$OUT/finetune.err" | tail -3
 }
 evaluate() {
-  "$PY" -m pause_megatron.evaluate --checkpoint "$WORK/ft/checkpoints" --tasks squad \
+  limited "$PY" -m pause_megatron.evaluate --checkpoint "$WORK/ft/checkpoints" --tasks squad \
     --data-dir pause_megatron/sample_tasks --limit 8 tracking.enabled=false 2>"$OUT/evaluate.err" |
     tee "$OUT/evaluate.txt"
 }
