@@ -21,6 +21,7 @@ from pause_megatron.model import unwrap
 from pause_megatron.train import TrainState
 
 LATEST = "latest"
+COMPLETE = "complete"  # written in an iteration directory after everything else (shards, common state, RNG)
 # The distributed optimizer's state is saved gathered, in the model's own shapes: reshardable across any
 # layout, and the one format megatron-core 0.16-0.19 save without error (their default,
 # "fully_sharded_model_space", fails on 0.16.1 with "ShardedTensor.flattened_range is not supported").
@@ -43,9 +44,14 @@ def iteration_dir(root: str, step: int) -> str:
 
 
 def is_complete(path: str) -> bool:
-    """Whether an iteration directory holds a whole checkpoint: dist_checkpointing writes metadata.json last,
-    after the common state and every shard."""
-    return all(os.path.exists(os.path.join(path, name)) for name in ("metadata.json", LEGACY_COMMON_STATE))
+    """Whether an iteration directory holds a whole checkpoint: `save` writes COMPLETE last, after every rank's
+    shards and RNG state. Older checkpoints have no COMPLETE: there dist_checkpointing's metadata.json (written
+    after the common state and every shard) and a non-empty rng/ (written after them) stand for it."""
+    if os.path.exists(os.path.join(path, COMPLETE)):
+        return True
+    rng = os.path.join(path, "rng")
+    return (all(os.path.exists(os.path.join(path, name)) for name in ("metadata.json", LEGACY_COMMON_STATE))
+            and os.path.isdir(rng) and bool(os.listdir(rng)))
 
 
 def latest_checkpoint(root: Optional[str]) -> Optional[str]:
@@ -215,7 +221,8 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
     os.makedirs(os.path.join(path, "rng"), exist_ok=True)
     torch.save(_rng_state(state.cuda), _rng_path(path))
     torch.distributed.barrier()
-    if rank0:  # only now is the checkpoint complete: point `latest` at it, atomically
+    if rank0:  # only now is the checkpoint complete: say so in it, then point `latest` at it, atomically
+        open(os.path.join(path, COMPLETE), "w").close()
         tmp = os.path.join(root, f".{LATEST}.tmp")
         with open(tmp, "w") as f:
             f.write(os.path.basename(path) + "\n")

@@ -114,11 +114,15 @@ def check_resume(cfg: Config, tokenizer: PauseTokenizer, resume_from: str) -> No
             "the checkpoint's settings")
 
 
-def _read_run_id(output_dir: str) -> Optional[str]:
+def _read_run_id(output_dir: str, uri: str) -> Optional[str]:
+    """The MLflow run of an earlier start of this job, if it was tracked in the same store (another store has
+    no such run: the resumed job then starts a new one there)."""
     path = os.path.join(output_dir, RUN_FILE)
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f).get("mlflow_run_id")
+            record = json.load(f)
+        if record.get("tracking_uri") == uri:
+            return record.get("mlflow_run_id")
     return None
 
 
@@ -172,7 +176,8 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
 
     tracker = Tracker(cfg.tracking, enabled=rank0)
     run_id = tracker.start(params=flat_dict(cfg), tags={"stage": stage, **tags},
-                           resume_run_id=_read_run_id(t.output_dir) if rank0 else None, parent_run_id=parent_run_id)
+                           resume_run_id=_read_run_id(t.output_dir, cfg.tracking.uri) if rank0 else None,
+                           parent_run_id=parent_run_id)
     holder = [run_id]
     torch.distributed.broadcast_object_list(holder, src=0)  # the checkpoint's common state must agree
     run_id = holder[0]

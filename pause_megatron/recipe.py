@@ -135,8 +135,9 @@ class Stage:
 # Config keys that do not change a stage's result: where its run is tracked, and what it logs or checkpoints
 # along the way (validation only measures: the model is in eval mode and draws no random numbers; checkpoints
 # are written, never read back, by an uninterrupted run). train.output_dir is the stage's own place.
+# train.init_from is a pretraining stage's output path: its identity, a dependency's, stands for it.
 IGNORED = ("tracking.", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval",
-           "train.output_dir")
+           "train.output_dir", "train.init_from")
 SMALL_FILE = 64 << 20  # task files up to this size are hashed by content, larger ones by name, size and mtime
 
 
@@ -304,6 +305,7 @@ def full_plan(r: Recipe) -> list[Stage]:
     task_dir = [f"data.task_dir={f.task_dir}"] if f.task_dir else []
     data_dir = ["--data-dir", f.task_dir] if f.task_dir else []
     limit = ["--limit", str(r.evaluate.limit)] if r.evaluate.limit else []
+    task_files = {task: _task_files(f.task_dir, task) for task in f.tasks}  # read once, not once per stage
     for v, placement, m, ablation in finetunes:
         pt = v.split("_")[0]
         for task in f.tasks:
@@ -318,10 +320,9 @@ def full_plan(r: Recipe) -> list[Stage]:
                 argv = ["-m", "pause_megatron.finetune", *(["--config", f.config] if f.config else []), *overrides,
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
-                task_files = _task_files(f.task_dir, task)
                 stages.append(Stage(key, "finetune", argv, d, [f"pretrain/{'pause' if pt == 'PausePT' else 'std'}"],
                                     f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)),
-                                    {"config": _config_inputs(cfg), "task_files": task_files}))
+                                    {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
                 if placement == "append" and v in r.ablations.m_inf_variants:
@@ -339,7 +340,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags,
                                         inputs={"task": task, "limit": r.evaluate.limit, "m_inf": m_inf,
-                                                "placement": ev_place, "task_files": task_files}))
+                                                "placement": ev_place, "task_files": task_files[task]}))
     # The report's scores come from its evaluations (their identities); its labels from the variants.
     stages.append(Stage("report", "report", [], f"{out}/report", [s.key for s in stages if s.kind == "evaluate"],
                         inputs={"variants": r.variants}))
@@ -428,6 +429,8 @@ def _finished_aside(stage: Stage) -> Optional[str]:
 
 def restore(stage: Stage, *, log=print) -> bool:
     """Put back an earlier finished output of this identity (setting the present one aside); True if done so."""
+    if stage.kind == "data":  # its shards live at data.path, outside its folder: moving the folder moves no data
+        return False
     found = _finished_aside(stage)
     if found is None:
         return False
@@ -480,8 +483,9 @@ def _parent_run(r: Recipe) -> Optional[str]:
     tracker = Tracker(r.tracking, enabled=True)
     tracker.start(params={"recipe": r.name, "variants": ",".join(r.variants), "tasks": ",".join(r.finetune.tasks)},
                   tags={"stage": "recipe", "recipe": r.name})
-    run_id = tracker.wait_for_run_id(RUN_WAIT_SECONDS)
+    tracker.wait_for_run_id(RUN_WAIT_SECONDS)
     tracker.end("FINISHED")  # stops the tracker's thread too: no parent run is created after this
+    run_id = tracker.run_id  # read after end(): its last try may have made the run
     if run_id is None:
         raise SystemExit(f"error: MLflow ({r.tracking.uri}) did not create the recipe's parent run within "
                          f"{RUN_WAIT_SECONDS:.0f} s; no stage was run (tracking.enabled=false runs without MLflow)")

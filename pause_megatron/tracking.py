@@ -45,6 +45,7 @@ class Tracker:
         self._ending = False
         self._failures = 0
         self._first_try_done = threading.Event()
+        self._dropped_kinds: set[str] = set()
         self._thread: Optional[threading.Thread] = None
         self._warned = False
         if self.enabled:
@@ -77,9 +78,12 @@ class Tracker:
             self._create = lambda c: self._create_run(c, all_tags)
         # MLflow caps a param value at 6000 characters and a log_batch call at 100 params; ours are short scalars.
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):
-            chunk = items[i : i + 100]
-            self._ops.append(("log params", lambda c, run, chunk=chunk: c.log_batch(run, params=chunk), 0))
+        if resume_run_id:  # a param cannot change value in MLflow: log the new ones, tag the changed ones
+            self._ops.append(("log params", lambda c, run: _log_resumed_params(c, run, items), 0))
+        else:
+            for i in range(0, len(items), 100):
+                chunk = items[i : i + 100]
+                self._ops.append(("log params", lambda c, run, chunk=chunk: c.log_batch(run, params=chunk), 0))
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         remote = self.cfg.uri.startswith(("http://", "https://", "databricks"))
@@ -190,8 +194,10 @@ class Tracker:
                     self._cond.wait(wait)
                 if self._ending:
                     return
-            self._send_once()
-            self._first_try_done.set()
+            try:
+                self._send_once()
+            finally:  # start() waits for this: set it even if the pass raised past its own handler
+                self._first_try_done.set()
             with self._cond:
                 self._cond.notify_all()  # wake flush()
 
@@ -200,6 +206,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         client = self._client
+        what = "create run"
         try:
             if self._create is not None:
                 self.run_id = self._create(client)
@@ -210,17 +217,60 @@ class Tracker:
                     # log_batch takes at most 1000 metrics per call; none logged after the next queued call
                     start, points = self._points.peek(1000, before=op[2] if op else None)
                 if points:
-                    client.log_batch(self.run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in points])
+                    what = "log metrics"
+                    try:
+                        client.log_batch(self.run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in points])
+                    except Exception as exc:
+                        if not _refused(exc):
+                            raise
+                        self._dropped(what, exc)
                     with self._cond:
                         self._points.sent(start, len(points))
                 elif op is not None:
-                    op[1](client, self.run_id)
+                    what = op[0]
+                    try:
+                        op[1](client, self.run_id)
+                    except Exception as exc:
+                        if not _refused(exc):
+                            raise
+                        self._dropped(what, exc)
                     with self._cond:
                         self._ops.popleft()
                 else:
                     return
         except Exception as exc:  # noqa: BLE001 — any tracking failure must not stop training
-            self._failed("create run" if self._create is not None else "logging", exc)
+            self._failed(what, exc)
+
+    def _dropped(self, what: str, exc: Exception) -> None:
+        """The server refused a call (not a failure to reach it): retrying cannot help, so it is dropped, said
+        once per kind of call, and what was queued after it goes on."""
+        if what not in self._dropped_kinds:
+            self._dropped_kinds.add(what)
+            print(f"warning: MLflow ({self.cfg.uri}): the server refused {what} ({type(exc).__name__}: {exc}); "
+                  "dropped, the rest is still sent", file=sys.stderr, flush=True)
+
+
+# MLflow's answers to a call that is wrong rather than unlucky: retrying the same call cannot succeed.
+REFUSED_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST")
+
+
+def _refused(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in REFUSED_CODES
+
+
+def _log_resumed_params(client, run_id: str, items: list) -> None:
+    """On resume: params the run lacks are logged; a changed one (MLflow refuses a new value for a param) is
+    recorded as the tag `resumed.<key>` = "old -> new"."""
+    from mlflow.entities import RunTag
+
+    have = client.get_run(run_id).data.params
+    new = [p for p in items if p.key not in have]
+    for i in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[i : i + 100])
+    changed = [RunTag(f"resumed.{p.key}", f"{have[p.key]} -> {p.value}"[:5000]) for p in items
+               if p.key in have and have[p.key] != p.value]
+    for i in range(0, len(changed), 100):
+        client.log_batch(run_id, tags=changed[i : i + 100])
 
 
 class PointBuffer:

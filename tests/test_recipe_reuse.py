@@ -166,6 +166,19 @@ def test_alternating_settings_restore_earlier_finished_outputs_and_never_collide
     assert asides == [f"pause.replaced-{s.identity}", f"pause.replaced-{s.identity}.2"]
 
 
+def test_the_data_stage_is_never_restored_from_an_earlier_output(tmp_path):
+    """Its shards live at data.path, outside its folder: a set-aside data folder holds no data to put back."""
+    from pause_megatron.recipe import claim, mark_done, plan, restore
+
+    def data_stage(vocab):
+        return next(s for s in plan(_recipe(tmp_path, data={**MICRO["data"], "vocab_size": vocab})) if s.kind == "data")
+
+    for vocab in (600, 700):
+        claim(data_stage(vocab), log=lambda *_: None)
+        mark_done(data_stage(vocab))
+    assert not restore(data_stage(600), log=lambda *_: None)
+
+
 def test_a_changed_stage_keeps_its_old_output_aside_and_starts_afresh(tmp_path):
     from pause_megatron.recipe import claim, plan, read_marker, write_marker
 

@@ -312,3 +312,43 @@ def test_a_recipe_whose_server_never_answers_stops_before_any_stage(tmp_path, mo
     finally:
         proxy.stop()
     assert not (tmp_path / "out" / "recipe_run.json").exists()
+
+
+def test_a_resumed_run_with_changed_settings_goes_on_logging(tmp_path):
+    """MLflow refuses a new value for a logged param: on resume the changed ones become tags, new ones are
+    logged, and the metrics and the end status still arrive (a refused call used to hold up everything)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = TrackingConfig(uri=uri, experiment="resume")
+    first = tracking.Tracker(cfg, enabled=True)
+    run_id = first.start(params={"train.steps": 2, "optim.lr": 0.1}, tags={})
+    first.log_metrics({"train/loss": 3.0}, step=1)
+    first.end("KILLED")
+    again = tracking.Tracker(cfg, enabled=True)
+    assert again.start(params={"train.steps": 4, "optim.lr": 0.1, "train.eval_interval": 2}, tags={},
+                       resume_run_id=run_id) == run_id
+    again.log_metrics({"train/loss": 2.0}, step=3)
+    again.end("FINISHED")
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.steps": "2", "optim.lr": "0.1", "train.eval_interval": "2"}
+    assert run.data.tags["resumed.train.steps"] == "2 -> 4"
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
+    assert [m.step for m in history] == [1, 3]
+
+
+def test_a_call_the_server_refuses_is_dropped_and_the_rest_is_sent(tmp_path, capsys):
+    """A refusal (here: a run that is not in this store) is not an outage: retrying cannot help."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = tracking.Tracker(TrackingConfig(uri=uri, experiment="refused"), enabled=True)
+    tracker.start(params={"a": 1}, tags={}, resume_run_id="0" * 32)
+    tracker.log_metrics({"train/loss": 1.0}, step=1)
+    assert tracker.flush(tries=1)  # nothing left queued: every refused call was dropped, not retried
+    tracker.end("FINISHED")
+    err = capsys.readouterr().err
+    assert "the server refused log params" in err and "the server refused log metrics" in err
+    assert "unreachable" not in err
+    assert MlflowClient(tracking_uri=uri).search_experiments()  # the store itself works
