@@ -67,7 +67,8 @@ def main() -> None:
                            inference_context=ctx, runtime_gather_output=True).float()
                 ctx.sequence_len_offset += feed.shape[1]
             else:
-                lg = model(seq, torch.arange(seq.shape[1]).expand(BATCH, -1), None).float()
+                lg = model(seq, torch.arange(seq.shape[1]).expand(BATCH, -1), None,
+                           runtime_gather_output=True).float()  # megatron-core >= 0.19 asserts it in inference
             steps.append(lg[:, -1])
             feed = lg[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, feed], dim=1)
@@ -78,7 +79,8 @@ def main() -> None:
         after the prompt (chunk > 1: queries shorter than keys), against one full forward."""
         ctx = StaticInferenceContext(BATCH, PROMPT + NEW)
         diffs, start = [], 0
-        full = model(tokens[:, :PROMPT + NEW], torch.arange(PROMPT + NEW).expand(BATCH, -1), None).float()
+        full = model(tokens[:, :PROMPT + NEW], torch.arange(PROMPT + NEW).expand(BATCH, -1), None,
+                     runtime_gather_output=True).float()
         for end in [PROMPT, *range(PROMPT + chunk, PROMPT + NEW + 1, chunk)]:
             # In inference mode Megatron returns the logits of the last fed position only.
             lg = model(tokens[:, start:end], torch.arange(start, end).expand(BATCH, -1), None,
