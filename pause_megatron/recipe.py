@@ -89,6 +89,9 @@ class AblationSpec:
     m_inf_variants: list[str] = field(default_factory=lambda: ["PausePT_PauseFT", "StdPT_PauseFT"])
     prepend: bool = False  # PausePT with prepended pauses (finetune + evaluate), against appending
     filler: list[int] = field(default_factory=list)  # '.' x M at inference on StdPT_StdFT
+    # PausePT pretrained at these pause ratios (pauses.source=online: one data prep serves them all), each
+    # finetuned and evaluated as the PausePT variants are; a ratio equal to the main PausePT's is that run.
+    pause_ratio: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -206,6 +209,12 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     if recipe.ablations.prepend and "PausePT_PauseFT" not in recipe.variants:
         raise ConfigError(f"{path}: ablations.prepend compares prepended with appended pauses of PausePT_PauseFT; "
                           f"add PausePT_PauseFT to variants (now {recipe.variants})")
+    for ratio in recipe.ablations.pause_ratio:
+        if not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"{path}: ablations.pause_ratio: every ratio must be in [0, 1), got {ratio}")
+    if recipe.ablations.pause_ratio and not any(v.startswith("PausePT_") for v in recipe.variants):
+        raise ConfigError(f"{path}: ablations.pause_ratio finetunes each ratio as the PausePT variants are; add "
+                          f"PausePT_PauseFT or PausePT_StdFT to variants (now {recipe.variants})")
     if recipe.launch.executor not in ("local", "slurm"):
         raise ConfigError(f"{path}: launch.executor must be 'local' or 'slurm', got {recipe.launch.executor!r}")
     return recipe
@@ -270,64 +279,77 @@ def full_plan(r: Recipe) -> list[Stage]:
         stages.append(Stage("data", "data", [], f"{out}/data", [], inputs=_data_inputs(r.data)))
         data_deps = ["data"]
 
-    pretrained = {}
-    for pt in sorted({v.split("_")[0] for v in r.variants} | {v.split("_")[0] for v in r.ablations.m_inf_variants
-                                                              if r.ablations.m_inf}):
+    # The pretrained models: "StdPT", "PausePT" (the main ones) and "PausePT-r<ratio>" (the pause-ratio sweep,
+    # online pauses) -> (stage key, pause ratio or None for StdPT).
+    pretrained: dict[str, tuple[str, Optional[float]]] = {}
+    main_pts = sorted({v.split("_")[0] for v in r.variants} | {v.split("_")[0] for v in r.ablations.m_inf_variants
+                                                               if r.ablations.m_inf})
+    sweep = [("PausePT", ratio) for ratio in r.ablations.pause_ratio]
+    for pt, ratio in [(pt, None) for pt in main_pts] + sweep:
         variant = "pause" if pt == "PausePT" else "std"
-        key = f"pretrain/{variant}"
+        model = pt if ratio is None else f"{pt}-r{ratio:g}"
+        key = f"pretrain/{variant}" if ratio is None else f"pretrain/pause-r{ratio:g}"
         d = f"{out}/{key}"
+        online = [] if ratio is None else ["pauses.source=online", f"pauses.ratio={ratio}"]
         overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
-                     *_tracking_overrides(r), *r.pretrain.overrides, _run_name(key)]
-        argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
-                *overrides, *common, "--tag", f"pretrain={pt}"]
+                     *_tracking_overrides(r), *r.pretrain.overrides, *online, _run_name(key)]
         cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
+        if ratio is not None and "PausePT" in pretrained and pretrained["PausePT"][1] == cfg.pauses.ratio:
+            continue  # the main PausePT run is this ratio (online and offline windows are the same)
+        tags = {"pretrain": pt, **({"pause_ratio": f"{cfg.pauses.ratio:g}"} if variant == "pause" else {})}
+        argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
+                *overrides, *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
         inputs = {"config": _config_inputs(cfg)}
         if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
             inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            {"pretrain": pt}, _estimate(cfg, gpus(r.pretrain.nodes)), inputs))
-        pretrained[pt] = f"{d}/checkpoints"
+                            tags, _estimate(cfg, gpus(r.pretrain.nodes)), inputs))
+        pretrained[model] = (key, cfg.pauses.ratio if variant == "pause" else None)
 
     f = r.finetune
     pretrained_model = dataclasses.asdict(load_config(r.pretrain.config, r.pretrain.overrides, hardware=False).model)
-    finetunes = []  # (variant, placement, m, ablation)
+    finetunes = []  # (variant, placement, m, ablation, pretrained model)
+    sweep_models = [m for m in pretrained if m.startswith("PausePT-r")]
     for v in r.variants:
         pt, ft = v.split("_")
         if ft == "StdFT":
-            finetunes.append((v, "none", 0, "main"))
+            finetunes.append((v, "none", 0, "main", pt))
         else:
-            finetunes += [(v, "append", m, "main") for m in f.m_ft]
+            finetunes += [(v, "append", m, "main", pt) for m in f.m_ft]
     if r.ablations.prepend:
-        finetunes += [("PausePT_PauseFT", "prepend", m, "prepend") for m in f.m_ft]
+        finetunes += [("PausePT_PauseFT", "prepend", m, "prepend", "PausePT") for m in f.m_ft]
     for v in r.ablations.m_inf_variants if r.ablations.m_inf else []:
-        finetunes += [(v, "append", m, "main") for m in f.m_ft if (v, "append", m, "main") not in finetunes]
+        pt = v.split("_")[0]
+        finetunes += [(v, "append", m, "main", pt) for m in f.m_ft if (v, "append", m, "main", pt) not in finetunes]
+    finetunes += [(v, placement, m, "pause_ratio", model) for model in sweep_models
+                  for v, placement, m, ablation, pt in list(finetunes) if pt == "PausePT" and ablation == "main"]
 
     task_dir = [f"data.task_dir={f.task_dir}"] if f.task_dir else []
     data_dir = ["--data-dir", f.task_dir] if f.task_dir else []
     limit = ["--limit", str(r.evaluate.limit)] if r.evaluate.limit else []
     task_files = {task: _task_files(f.task_dir, task) for task in f.tasks}  # read once, not once per stage
-    for v, placement, m, ablation in finetunes:
-        pt = v.split("_")[0]
+    for v, placement, m, ablation, pt in finetunes:
+        pretrain_key, pause_ratio = pretrained[pt]
         for task in f.tasks:
             for seed in f.seeds:
                 key = f"finetune/{pt}/{task}/{placement}{m}/seed{seed}"
                 d = f"{out}/{key}"
                 tags = {"variant": v, "task": task, "seed": str(seed), "m_ft": str(m), "placement": placement,
-                        "ablation": ablation}
-                overrides = [f"task={task}", f"train.init_from={pretrained[pt]}", f"pauses.m_ft={m}",
+                        "ablation": ablation, **({"pause_ratio": f"{pause_ratio:g}"} if pause_ratio is not None else {})}
+                overrides = [f"task={task}", f"train.init_from={out}/{pretrain_key}/checkpoints", f"pauses.m_ft={m}",
                              f"pauses.placement={placement}", f"train.seed={seed}", f"train.output_dir={d}",
                              *task_dir, *_tracking_overrides(r), *f.overrides, _run_name(key)]
                 argv = ["-m", "pause_megatron.finetune", *(["--config", f.config] if f.config else []), *overrides,
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
-                stages.append(Stage(key, "finetune", argv, d, [f"pretrain/{'pause' if pt == 'PausePT' else 'std'}"],
+                stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
                                     f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
-                if placement == "append" and v in r.ablations.m_inf_variants:
+                if placement == "append" and v in r.ablations.m_inf_variants and ablation == "main":
                     evals += [("append", mi, "m_inf") for mi in r.ablations.m_inf if mi <= m and mi != m]
-                if v == "StdPT_StdFT":
+                if v == "StdPT_StdFT" and ablation == "main":
                     evals += [("filler", mi, "filler") for mi in r.ablations.filler]
                 for ev_place, m_inf, ev_ablation in evals:
                     ekey = f"evaluate/{pt}/{task}/{placement}{m}/seed{seed}/{ev_place}{m_inf}"

@@ -1,0 +1,65 @@
+"""The pretraining samples of several data settings, as digests: what the online/offline pause tests compare.
+
+    torchrun --nproc-per-node=1 tests/dist/online_windows.py CACHE_DIR SPEC [SPEC ...]
+
+SPEC is DATA_DIR,variant,source,ratio (e.g. out,pause,online,0.2). For each, the train and validation
+GPTDatasets are built as pretraining builds them (pause_megatron.data.build_pretrain_datasets), every sample
+is read, and one JSON object per SPEC is printed: the sha256 of each sample's tokens + last label, the number
+of pause ids read and, for online specs, whether each low-level window equals the pause shard's document
+(when the data dir's pause shards were made at that ratio).
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+from pause_megatron import runtime
+from pause_megatron.config import load_config
+from pause_megatron.data import build_pretrain_datasets, load_tokenizer
+
+TRAIN, VALID = 40, 8
+
+
+def digests(dataset) -> list[str]:
+    out = []
+    for i in range(len(dataset)):
+        s = dataset[i]
+        row = np.concatenate([np.asarray(s["tokens"]), np.asarray(s["labels"])[-1:]]).astype(np.int64)
+        out.append(hashlib.sha256(row.tobytes()).hexdigest()[:16])
+    return out
+
+
+def main():
+    cache, specs = sys.argv[1], sys.argv[2:]
+    results = {}
+    runtime.init_distributed(load_config(None, []))  # megatron-core's dataset builder asks the process group
+    for n, spec in enumerate(specs):
+        data, variant, source, ratio = spec.split(",")
+        cfg = load_config(None, ["model.preset=tiny", f"data.path={data}", f"data.variant={variant}",
+                                 f"pauses.source={source}", f"pauses.ratio={ratio}", "data.split=80,20,0"])
+        tok = load_tokenizer(cfg)
+        train, valid = build_pretrain_datasets(cfg, tok, train_samples=TRAIN, valid_samples=VALID,
+                                               cache_dir=os.path.join(cache, str(n)))
+        pauses = sum(int((np.asarray(d[i]["tokens"]) == tok.pause_id).sum()) for d in (train, valid)
+                     for i in range(len(d)))
+        result = {"train": digests(train), "valid": digests(valid), "pauses": pauses}
+        if source == "online":
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+            same = []
+            for shard in train.datasets:  # BlendedDataset over one GPTDataset per shard
+                documents = shard.dataset
+                offline = IndexedDataset(documents.path_prefix.replace(f"{os.sep}std{os.sep}", f"{os.sep}pause{os.sep}"))
+                same.append(all(np.array_equal(documents.get(i), offline.get(i)) for i in range(len(documents))))
+                same.append(bool(np.array_equal(documents.sequence_lengths, offline.sequence_lengths)))
+            result["windows_equal_pause_shards"] = all(same)
+        results[spec] = result
+    print(json.dumps(results))
+    runtime.destroy()
+
+
+if __name__ == "__main__":
+    main()
