@@ -98,10 +98,10 @@ def test_online_training_is_the_same_at_dp2_across_a_kill_and_resume_as_at_dp1(t
 
 
 @pytest.mark.slow
-def test_a_tiny_ratio_sweep_runs_and_reports_score_against_ratio(tmp_path):
+def test_a_tiny_ratio_sweep_runs_and_reports_score_against_ratio(tiny_c4, tmp_path):
+    """The shared tiny shards (no data stage); the main PausePT run at 0.1 and one online run at 0."""
     recipe = write_recipe(tmp_path, variants=["PausePT_PauseFT"], ablations={"pause_ratio": [0.0, 0.1]},
-                          finetune={**MICRO["finetune"],
-                                    "m_ft": [1]})
+                          data={"path": str(tiny_c4), "seq_length": 128}, finetune={**MICRO["finetune"], "m_ft": [1]})
     out = cli("run", recipe).stdout
     assert "run  pretrain/pause-r0" in out and "pretrain/pause-r0.1" not in out  # 0.1 is the main run
     report = (tmp_path / "out" / "report" / "report.md").read_text()
