@@ -190,7 +190,7 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
     for name, dataset, needed in (("train", train, train_samples), ("validation", valid, valid_samples)):
         served = 0 if dataset is None else len(dataset)
         if served < needed:
-            raise DataError(f"{cfg.data.path}/{cfg.data.variant}: the {name} split (data.split={cfg.data.split}) "
+            raise DataError(f"{os.path.dirname(prefixes[0])}: the {name} split (data.split={cfg.data.split}) "
                             f"serves {served} samples but the run needs {needed}")
     return train, valid
 
