@@ -96,7 +96,8 @@ def reads_online(cfg: Config) -> bool:
 
 def shard_indices(manifest: dict, prefixes: Sequence[str], *, data_path: str, where: str) -> dict[str, int]:
     """Each std shard prefix's data-prep shard index (it seeds the shard's pauses), from the manifest."""
-    by_prefix = {os.path.join(data_path, r["std"]): r["shard_index"] for r in manifest.get("shards", []) if r.get("std")}
+    by_prefix = {os.path.join(data_path, r["std"]): r["shard_index"]
+                 for r in manifest.get("shards", []) if r.get("std")}
     missing = [p for p in prefixes if p not in by_prefix]
     if missing:
         raise DataError(f"{where}: no shard record for {missing[0]}: the manifest does not match the shards")

@@ -335,7 +335,9 @@ def full_plan(r: Recipe) -> list[Stage]:
                 key = f"finetune/{pt}/{task}/{placement}{m}/seed{seed}"
                 d = f"{out}/{key}"
                 tags = {"variant": v, "task": task, "seed": str(seed), "m_ft": str(m), "placement": placement,
-                        "ablation": ablation, **({"pause_ratio": f"{pause_ratio:g}"} if pause_ratio is not None else {})}
+                        "ablation": ablation}
+                if pause_ratio is not None:
+                    tags["pause_ratio"] = f"{pause_ratio:g}"
                 overrides = [f"task={task}", f"train.init_from={out}/{pretrain_key}/checkpoints", f"pauses.m_ft={m}",
                              f"pauses.placement={placement}", f"train.seed={seed}", f"train.output_dir={d}",
                              *task_dir, *_tracking_overrides(r), *f.overrides, _run_name(key)]

@@ -280,7 +280,8 @@ def plot_m_ft(rows: list[dict], path: str) -> Optional[str]:
 
 
 def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> str:
-    """Write <output_dir>/report/{report.md, m_inf.png, m_ft.png, pause_ratio.png} from MLflow; log them on the parent run.
+    """Write <output_dir>/report/{report.md, m_inf.png, m_ft.png, pause_ratio.png} from MLflow; log them on the
+    parent run.
 
     Raises ReportError when a planned evaluation has no score (see the module's docstring).
     """

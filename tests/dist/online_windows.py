@@ -52,7 +52,9 @@ def main():
             same = []
             for shard in train.datasets:  # BlendedDataset over one GPTDataset per shard
                 documents = shard.dataset
-                offline = IndexedDataset(documents.path_prefix.replace(f"{os.sep}std{os.sep}", f"{os.sep}pause{os.sep}"))
+                name = os.path.basename(documents.path_prefix)
+                offline = IndexedDataset(os.path.join(os.path.dirname(os.path.dirname(documents.path_prefix)),
+                                                      "pause", name))
                 same.append(all(np.array_equal(documents.get(i), offline.get(i)) for i in range(len(documents))))
                 same.append(bool(np.array_equal(documents.sequence_lengths, offline.sequence_lengths)))
             result["windows_equal_pause_shards"] = all(same)
