@@ -300,6 +300,10 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
     need(d.variant in ("pause", "std"), f"data.variant must be 'pause' or 'std', got {d.variant!r}")
     need(0.0 <= pa.ratio < 1.0, f"pauses.ratio must be in [0, 1), got {pa.ratio}")
     need(pa.source in PAUSE_SOURCES, f"pauses.source must be one of {PAUSE_SOURCES}, got {pa.source!r}")
+    # StdPT reads the std shards as they are; online injection is PausePT's: with variant=std it would be ignored.
+    need(pa.source == "offline" or d.variant == "pause",
+         f"pauses.source={pa.source} injects PausePT's pauses, but data.variant={d.variant} (StdPT) reads no pauses; "
+         "set data.variant=pause or pauses.source=offline")
     need(pa.m_ft >= 0, f"pauses.m_ft must be >= 0, got {pa.m_ft}")
     need(pa.m_inf is None or pa.m_inf >= 0, f"pauses.m_inf must be >= 0, got {pa.m_inf}")
     need(pa.placement in PLACEMENTS, f"pauses.placement must be one of {PLACEMENTS}, got {pa.placement!r}")

@@ -90,8 +90,9 @@ def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, wh
 
 
 def reads_online(cfg: Config) -> bool:
-    """Whether PausePT injects its pauses as the std shards are read (pauses.source=online)."""
-    return cfg.data.variant == "pause" and cfg.pauses.source == "online"
+    """Whether PausePT injects its pauses as the std shards are read (pauses.source=online; the config refuses
+    it with data.variant=std)."""
+    return cfg.pauses.source == "online"
 
 
 def shard_indices(manifest: dict, prefixes: Sequence[str], *, data_path: str, where: str) -> dict[str, int]:

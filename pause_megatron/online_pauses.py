@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from pause_megatron.data import DataError
 from pause_megatron.pauses import inject_pauses, paused_lengths, window_rng
 
 
@@ -41,8 +42,14 @@ class PausedDocuments:
     def window(self, idx: int) -> np.ndarray:
         """Window `idx` of the shard with its pauses: the pause shard's document `idx`."""
         rng = window_rng(seed=self.seed, shard_index=self.shard_index, window_index=int(idx))
-        return inject_pauses(self.documents.get(int(idx)), pause_id=self.pause_id, seq_length=self.seq_length,
-                             rng=rng, ratio=self.ratio)
+        window = inject_pauses(self.documents.get(int(idx)), pause_id=self.pause_id, seq_length=self.seq_length,
+                               rng=rng, ratio=self.ratio)
+        # GPTDataset cut its samples by sequence_lengths; a window of another length would shift every later
+        # sample (or be padded silently at the end of an epoch) instead of failing.
+        if len(window) != self.sequence_lengths[idx]:
+            raise DataError(f"{self.path_prefix}: window {idx} has {len(window)} tokens with its pauses but its "
+                             f"paused length is {self.sequence_lengths[idx]} (pauses.ratio={self.ratio})")
+        return window
 
     def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         end = None if length is None else offset + length

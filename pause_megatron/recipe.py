@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pause_megatron.config import ConfigError, TrackingConfig, flat_dict, load_config
-from pause_megatron.pauses import PAPER_M_FT
+from pause_megatron.pauses import PAPER_M_FT, num_pretrain_pauses
 from pause_megatron.tasks import TASKS
 
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
@@ -89,8 +89,9 @@ class AblationSpec:
     m_inf_variants: list[str] = field(default_factory=lambda: ["PausePT_PauseFT", "StdPT_PauseFT"])
     prepend: bool = False  # PausePT with prepended pauses (finetune + evaluate), against appending
     filler: list[int] = field(default_factory=list)  # '.' x M at inference on StdPT_StdFT
-    # PausePT pretrained at these pause ratios (pauses.source=online: one data prep serves them all), each
-    # finetuned and evaluated as the PausePT variants are; a ratio equal to the main PausePT's is that run.
+    # PausePT pretrained at these pause ratios too (pauses.source=online: one data prep serves them all), each
+    # finetuned and evaluated as the PausePT variants are. The main runs are the sweep's other points (StdPT at 0,
+    # PausePT at its pauses.ratio): a ratio with their M_pt, or another listed ratio's, is refused.
     pause_ratio: list[float] = field(default_factory=list)
 
 
@@ -149,9 +150,15 @@ def _identity(stage: Stage, deps: list[Stage]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Keys added after runs were made, at the value that does what those runs did: left out of the identity at that
+# value, so that adding them sets no finished stage aside.
+NEW_AT_OLD_BEHAVIOUR = {"pauses.source": "offline"}
+
+
 def _config_inputs(cfg) -> dict:
-    """The resolved config as dotted keys, without IGNORED ones."""
-    return {k: v for k, v in flat_dict(cfg).items() if not k.startswith(IGNORED)}
+    """The resolved config as dotted keys, without IGNORED ones (nor NEW_AT_OLD_BEHAVIOUR ones at that value)."""
+    return {k: v for k, v in flat_dict(cfg).items()
+            if not k.startswith(IGNORED) and NEW_AT_OLD_BEHAVIOUR.get(k, object()) != v}
 
 
 def _manifest_inputs(path: Optional[str]) -> Optional[dict]:
@@ -209,9 +216,14 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     if recipe.ablations.prepend and "PausePT_PauseFT" not in recipe.variants:
         raise ConfigError(f"{path}: ablations.prepend compares prepended with appended pauses of PausePT_PauseFT; "
                           f"add PausePT_PauseFT to variants (now {recipe.variants})")
+    keys: dict[str, float] = {}
     for ratio in recipe.ablations.pause_ratio:
         if not 0.0 <= ratio < 1.0:
             raise ConfigError(f"{path}: ablations.pause_ratio: every ratio must be in [0, 1), got {ratio}")
+        if f"{ratio:g}" in keys:  # the stage key pretrain/pause-r<ratio:g> names one run
+            raise ConfigError(f"{path}: ablations.pause_ratio: {keys[f'{ratio:g}']} and {ratio} are one run "
+                              f"(pretrain/pause-r{ratio:g}); list each ratio once")
+        keys[f"{ratio:g}"] = ratio
     if recipe.ablations.pause_ratio and not any(v.startswith("PausePT_") for v in recipe.variants):
         raise ConfigError(f"{path}: ablations.pause_ratio finetunes each ratio as the PausePT variants are; add "
                           f"PausePT_PauseFT or PausePT_StdFT to variants (now {recipe.variants})")
@@ -284,7 +296,10 @@ def full_plan(r: Recipe) -> list[Stage]:
     pretrained: dict[str, tuple[str, Optional[float]]] = {}
     main_pts = sorted({v.split("_")[0] for v in r.variants} | {v.split("_")[0] for v in r.ablations.m_inf_variants
                                                                if r.ablations.m_inf})
+    # The sweep adds ratios to the main runs': 0 is StdPT and the main PausePT's ratio is that run, so a ratio
+    # whose M_pt (pauses.num_pretrain_pauses) is one of theirs, or another sweep ratio's, is refused.
     sweep = [("PausePT", ratio) for ratio in r.ablations.pause_ratio]
+    m_pt: dict[int, str] = {}
     for pt, ratio in [(pt, None) for pt in main_pts] + sweep:
         variant = "pause" if pt == "PausePT" else "std"
         model = pt if ratio is None else f"{pt}-r{ratio:g}"
@@ -294,8 +309,14 @@ def full_plan(r: Recipe) -> list[Stage]:
         overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
                      *_tracking_overrides(r), *r.pretrain.overrides, *online, _run_name(key)]
         cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
-        if ratio is not None and "PausePT" in pretrained and pretrained["PausePT"][1] == cfg.pauses.ratio:
-            continue  # the main PausePT run is this ratio (online and offline windows are the same)
+        if variant == "pause":
+            m = num_pretrain_pauses(seq_length=cfg.model.seq_length, ratio=cfg.pauses.ratio)
+            if ratio is not None and (m == 0 or m in m_pt):
+                raise ConfigError(
+                    f"ablations.pause_ratio: {ratio} gives M_pt = round({ratio} x {cfg.model.seq_length}) = {m} "
+                    f"pauses per window, as " + ("StdPT does (the StdPT variants are ratio 0 in the report)"
+                                                 if m == 0 else f"{m_pt[m]} does") + "; drop it from the list")
+            m_pt[m] = f"the main PausePT (pauses.ratio={cfg.pauses.ratio})" if ratio is None else f"ratio {ratio}"
         tags = {"pretrain": pt, **({"pause_ratio": f"{cfg.pauses.ratio:g}"} if variant == "pause" else {})}
         argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
                 *overrides, *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]

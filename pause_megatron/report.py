@@ -191,12 +191,19 @@ def prepend_table(rows: list[dict]) -> str:
 
 
 def ratio_series(rows: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, float, float]]]:
-    """(variant, task, M_ft) -> [(pause ratio, mean, std)]: PausePT models of the main run and the ratio sweep,
-    finetuned and evaluated alike (M_inf = M_ft, the main placement); only where there are two ratios or more."""
+    """(variant, task, M_ft) -> [(pause ratio, mean, std)] when the recipe sweeps the ratio: the PausePT models
+    of the main run and the sweep, and StdPT as ratio 0 (PausePT with no pauses is StdPT: StdPT_PauseFT is the
+    point at 0 of PausePT_PauseFT), finetuned and evaluated alike (M_inf = M_ft, the main placement)."""
+    if not any(r["ablation"] == "pause_ratio" for r in rows):
+        return {}
     pts: dict = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["ablation"] in ("main", "pause_ratio") and r.get("pause_ratio") is not None and r["m_inf"] == r["m_ft"]:
-            pts[(r["variant"], r["task"], r["m_ft"])][r["pause_ratio"]].append(r["value"])
+        if r["ablation"] not in ("main", "pause_ratio") or r["m_inf"] != r["m_ft"]:
+            continue
+        pt, ft = r["variant"].split("_")
+        ratio = 0.0 if pt == "StdPT" else r.get("pause_ratio")
+        if ratio is not None:
+            pts[(f"PausePT_{ft}", r["task"], r["m_ft"])][ratio].append(r["value"])
     return {k: [(ratio, *_mean_std(v)) for ratio, v in sorted(by.items())] for k, by in sorted(pts.items())
             if len(by) > 1}
 
@@ -307,8 +314,9 @@ def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> s
         parts += ["", "![M_inf](m_inf.png)"]
     ratios = ratio_series(rows)
     if ratios:
-        parts += ["", "## Pretraining pause ratio (PausePT)", "", "| variant | task | M_ft | ratio: score |",
-                  "|---|---|---|---|"]
+        parts += ["", "## Pretraining pause ratio (PausePT)", "",
+                  "M_pt / N; ratio 0 is StdPT (pretrained without pauses), finetuned alike.", "",
+                  "| variant | task | M_ft | ratio: score |", "|---|---|---|---|"]
         parts += [f"| {v} | {t} | {m} | " + ", ".join(f"{x:g}: {mean:.1f} ± {std:.1f}" for x, mean, std in pts) + " |"
                   for (v, t, m), pts in ratios.items()]
         parts += ["", "![pause ratio](pause_ratio.png)"]

@@ -1,8 +1,10 @@
 """pauses.source=online: the std shards with pauses injected as they are read equal the offline pause shards,
-at any ratio, on every rank and across a kill -9; the pause-ratio sweep recipe."""
+at any ratio, on every rank and across a kill -9; the pause-ratio sweep: its plan, its refusals, its report."""
 
 import json
 import os
+import re
+import shutil
 import signal
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from helpers import python, torchrun
 from test_pretrain import _rank_pids, _start, _wait_for_checkpoint, metrics
 from test_recipe import MICRO, cli, write_recipe
+from test_recipe_reuse import _in_repo, _recipe  # noqa: F401  (_in_repo: an autouse fixture)
 
 
 def test_paused_lengths_are_the_lengths_inject_pauses_gives():
@@ -26,54 +29,160 @@ def test_paused_lengths_are_the_lengths_inject_pauses_gives():
         assert got.dtype == np.int32 and got.tolist() == want
 
 
-@pytest.mark.parametrize("override", ["pauses.ratio=-0.1", "pauses.ratio=1.0", "pauses.source=both"])
-def test_a_bad_ratio_or_source_is_refused_by_the_config(override):
+@pytest.mark.parametrize("overrides,named", [
+    (["pauses.ratio=-0.1"], "pauses.ratio"), (["pauses.ratio=1.0"], "pauses.ratio"),
+    (["pauses.source=both"], "pauses.source"),
+    (["data.variant=std"], "pauses.source=online injects PausePT's pauses, but data.variant=std"),
+])
+def test_a_bad_ratio_or_source_is_refused_by_the_config(overrides, named):
     from pause_megatron.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=override.split("=")[0]):
-        load_config(None, ["pauses.source=online", override])
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(None, ["pauses.source=online", *overrides])
 
 
-@pytest.mark.parametrize("ratios", [[0.05, -0.1], [1.0]])
-def test_a_bad_sweep_ratio_is_refused_before_any_stage_runs(tmp_path, ratios):
-    proc = cli("run", write_recipe(tmp_path, ablations={"pause_ratio": ratios}), check=False)
+def test_a_bad_sweep_ratio_is_refused_before_any_stage_runs(tmp_path):
+    proc = cli("run", write_recipe(tmp_path, ablations={"pause_ratio": [0.05, -0.1]}), check=False)
     assert proc.returncode == 2 and "ablations.pause_ratio: every ratio must be in [0, 1)" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ratios,named", [  # pretrain_tiny: seq_length 128; the main PausePT at 0.1 has M_pt 13
+    ([1.0], "every ratio must be in [0, 1), got 1.0"),
+    ([0.05, 0.05], "0.05 and 0.05 are one run (pretrain/pause-r0.05)"),
+    ([0.2, 0.2000001], "0.2 and 0.2000001 are one run (pretrain/pause-r0.2)"),
+    ([0.0], "0.0 gives M_pt = round(0.0 x 128) = 0 pauses per window, as StdPT does"),
+    ([0.003], "0.003 gives M_pt = round(0.003 x 128) = 0 pauses per window, as StdPT does"),
+    ([0.1], "= 13 pauses per window, as the main PausePT (pauses.ratio=0.1) does"),
+    ([0.101], "= 13 pauses per window, as the main PausePT (pauses.ratio=0.1) does"),
+    ([0.2, 0.203], "0.203 gives M_pt = round(0.203 x 128) = 26 pauses per window, as ratio 0.2 does"),
+])
+def test_sweep_ratios_that_are_no_new_run_are_refused_naming_the_field(tmp_path, ratios, named):
+    from pause_megatron.config import ConfigError
+    from pause_megatron.recipe import full_plan
+
+    with pytest.raises(ConfigError, match=r"ablations\.pause_ratio: .*" + re.escape(named)):
+        full_plan(_recipe(tmp_path, ablations={"pause_ratio": ratios}))
+
+
+VARIANTS = ["StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT"]
+
+
+def _sweep_plan(tmp_path, ratios=(0.05, 0.2)):
+    from pause_megatron.recipe import full_plan
+
+    r = _recipe(tmp_path, variants=VARIANTS, ablations={"pause_ratio": list(ratios)},
+                finetune={**MICRO["finetune"], "m_ft": [1]})
+    return r, full_plan(r)
+
+
+def _argv_value(argv: list[str], name: str) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(f"{name}="))
+
+
+def test_each_sweep_ratio_is_pretrained_online_and_finetuned_and_evaluated_from_its_own_run(tmp_path):
+    """The plan, stage by stage: each PausePT-r<ratio> finetune starts from pretrain/pause-r<ratio> (its checkpoints
+    and its dependency), and every stage of the sweep carries its ratio and an identity of its own."""
+    r, stages = _sweep_plan(tmp_path)
+    by_key = {s.key: s for s in stages}
+    main = by_key["pretrain/pause"]
+    assert "pauses.source" not in main.inputs["config"]  # offline, the default: identities as before it existed
+    assert main.tags["pause_ratio"] == "0.1" and _argv_value(main.argv, "data.variant") == "pause"
+    identities = {"0.1": {s.key.split("/", 2)[2]: s.identity for s in stages
+                          if s.key.startswith(("finetune/PausePT/", "evaluate/PausePT/"))}}
+    for ratio in ("0.05", "0.2"):
+        pre = by_key[f"pretrain/pause-r{ratio}"]
+        assert (_argv_value(pre.argv, "pauses.source"), _argv_value(pre.argv, "pauses.ratio")) == ("online", ratio)
+        assert _argv_value(pre.argv, "data.variant") == "pause" and pre.tags["pause_ratio"] == ratio
+        assert pre.inputs["config"]["pauses.source"] == "online" and pre.inputs["config"]["pauses.ratio"] == float(ratio)
+        finetunes = [s for s in stages if s.key.startswith(f"finetune/PausePT-r{ratio}/")]
+        evaluations = [s for s in stages if s.key.startswith(f"evaluate/PausePT-r{ratio}/")]
+        # as many as the main PausePT's: PausePT_StdFT (none0) and PausePT_PauseFT (append1), one task and seed
+        assert sorted(s.key.split("/")[3] for s in finetunes) == ["append1", "none0"]
+        assert len(evaluations) == 2
+        for s in finetunes:
+            assert _argv_value(s.argv, "train.init_from") == f"{r.output_dir}/pretrain/pause-r{ratio}/checkpoints"
+            assert s.deps == [f"pretrain/pause-r{ratio}"]
+            assert s.tags["pause_ratio"] == ratio and s.tags["ablation"] == "pause_ratio"
+        for s in evaluations:
+            assert s.tags["pause_ratio"] == ratio and s.tags["ablation"] == "pause_ratio"
+            assert _argv_value(s.argv, "pause_ratio") == ratio  # the --tag the report reads back from MLflow
+            assert by_key[s.deps[0]] in finetunes
+        identities[ratio] = {s.key.split("/", 2)[2]: s.identity for s in finetunes + evaluations}
+    assert identities["0.05"].keys() == identities["0.2"].keys() == identities["0.1"].keys()
+    for rest in identities["0.1"]:  # the same finetune or evaluation of another pretrained model: another stage
+        assert len({identities[ratio][rest] for ratio in identities}) == 3, rest
+
+
+RATIO_SCORES = {("StdPT", None): 0.30, ("PausePT", "0.05"): 0.35, ("PausePT", "0.1"): 0.40, ("PausePT", "0.2"): 0.45}
+
+
+def test_report_plots_score_against_ratio_with_stdpt_as_ratio_zero(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pause_megatron.report import build_report
+
+    r, stages = _sweep_plan(tmp_path)
+    client = MlflowClient(tracking_uri=r.tracking.uri)
+    exp = client.create_experiment(r.tracking.experiment)
+    for s in stages:
+        if s.kind != "evaluate":
+            continue
+        tags = dict(a.split("=", 1) for a, flag in zip(s.argv[1:], s.argv) if flag == "--tag")  # as evaluate tags
+        run = client.create_run(exp, tags={"stage": "evaluate", **tags})
+        score = RATIO_SCORES[(s.tags["variant"].split("_")[0], tags.get("pause_ratio"))]
+        client.log_metric(run.info.run_id, "piqa/acc", score + (0.1 if s.tags["variant"].endswith("PauseFT") else 0))
+        client.set_terminated(run.info.run_id)
+    text = build_report(r, log=lambda *_: None)
+    section = text.split("## Pretraining pause ratio (PausePT)")[1].split("##")[0]
+    assert "| PausePT_StdFT | piqa | 0 | 0: 30.0 ± 0.0, 0.05: 35.0 ± 0.0, 0.1: 40.0 ± 0.0, 0.2: 45.0 ± 0.0 |" in section
+    assert "| PausePT_PauseFT | piqa | 1 | 0: 40.0 ± 0.0, 0.05: 45.0 ± 0.0, 0.1: 50.0 ± 0.0, 0.2: 55.0 ± 0.0 |" in section
+    png = tmp_path / "out" / "report" / "pause_ratio.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_ratio_sweep_recipe_plans_online_runs_from_the_one_data_prep():
     out = cli("run", "recipes/ablations_ratio_130m.yaml", "--dry-run", "finetune.tasks=[squad]",
               "finetune.seeds=[4]").stdout  # one task and seed: the whole plan takes a minute to resolve
-    for ratio in ("0", "0.05", "0.2"):
+    for ratio in ("0.05", "0.2"):
         assert f"pretrain/pause-r{ratio} " in out
         assert f"finetune/PausePT-r{ratio}/squad/append50/seed4" in out
         assert f"evaluate/PausePT-r{ratio}/squad/none0/seed4/none0" in out
-    assert "pretrain/pause-r0.1" not in out  # 10% is the main PausePT run (offline shards, same windows)
+    assert "pretrain/pause-r0 " not in out and "pretrain/pause-r0.1" not in out  # StdPT and the main PausePT
     assert "pretrain/pause " in out and "pretrain/std " in out
 
 
 @pytest.fixture(scope="module")
-def ratio_data(tiny_c4, tmp_path_factory):
-    """tiny_c4's input through data prep again at --pause-ratio 0.2 (same tokenizer and seed)."""
-    out = tmp_path_factory.mktemp("ratio") / "out"
-    python("-m", "data_prep.build_c4", "build", "--input", str(tiny_c4.parent / "json"), "--output", str(out),
+def gap_data(tiny_c4, tmp_path_factory):
+    """tiny_c4's input through data prep again, as shards 2 and 5 (a gap: shard index is not position), at
+    --seed 4321 (not the default, nor the train.seed of tests/dist/online_windows.py) and --pause-ratio 0.2."""
+    root = tmp_path_factory.mktemp("gap")
+    (root / "json").mkdir()
+    for name, index in zip(sorted(os.listdir(tiny_c4.parent / "json")), (2, 5)):
+        shutil.copy(tiny_c4.parent / "json" / name, root / "json" / f"c4-train.{index:05d}-of-01024.json.gz")
+    python("-m", "data_prep.build_c4", "build", "--input", str(root / "json"), "--output", str(root / "out"),
            "--tokenizer", str(tiny_c4 / "tokenizer.model"), "--seq-length", "128", "--pause-ratio", "0.2",
-           "--workers", "1")
-    return out
+           "--seed", "4321", "--workers", "1")
+    return root / "out"
 
 
 @pytest.mark.slow
-def test_online_samples_equal_the_offline_pause_shards_token_for_token(tiny_c4, ratio_data, tmp_path):
-    specs = [f"{tiny_c4},pause,offline,0.1", f"{tiny_c4},pause,online,0.1", f"{ratio_data},pause,offline,0.2",
-             f"{tiny_c4},pause,online,0.2", f"{tiny_c4},std,offline,0.1", f"{tiny_c4},pause,online,0.0"]
+def test_online_samples_equal_the_offline_pause_shards_token_for_token(gap_data, tmp_path):
+    manifest = json.loads((gap_data / "manifest.json").read_text())
+    assert manifest["seed"] == 4321 and [s["shard_index"] for s in manifest["shards"]] == [2, 5]
+    specs = [f"{gap_data},pause,offline,0.2", f"{gap_data},pause,online,0.2", f"{gap_data},std,offline,0.2",
+             f"{gap_data},pause,online,0.0"]
     proc = torchrun("tests/dist/online_windows.py", str(tmp_path), *specs)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    off10, on10, off20, on20, std, on0 = (got[s] for s in specs)
-    for offline, online in ((off10, on10), (off20, on20), (std, on0)):  # ratio 0 online is StdPT
-        assert (online["train"], online["valid"]) == (offline["train"], offline["valid"])
-        assert online["pauses"] == offline["pauses"]
-    assert on10["windows_equal_pause_shards"]  # every window of every shard, not only the samples drawn
-    assert on20["train"] != on10["train"] and on20["pauses"] > on10["pauses"] > 0 == on0["pauses"]
+    offline, online, std, on0 = (got[s] for s in specs)
+    for want, have in ((offline, online), (std, on0)):  # ratio 0 online is StdPT
+        assert (have["train"], have["valid"]) == (want["train"], want["valid"])
+        assert have["pauses"] == want["pauses"]
+        assert have["weights"] == want["weights"]  # the blend across shards: from the paused lengths
+    assert online["weights"] != std["weights"]  # (which are not the std lengths)
+    assert online["windows_equal_pause_shards"]  # every window of every shard, not only the samples drawn
+    assert online["pauses"] > 0 == on0["pauses"]
+    assert "window 0 has 128 tokens with its pauses but its paused length is 127" in online["length_mismatch_error"]
 
 
 @pytest.mark.slow
@@ -98,14 +207,3 @@ def test_online_training_is_the_same_at_dp2_across_a_kill_and_resume_as_at_dp1(t
         assert dp2[step]["train/loss_tokens"] == dp1[step]["train/loss_tokens"], f"step {step}"
 
 
-@pytest.mark.slow
-def test_a_tiny_ratio_sweep_runs_and_reports_score_against_ratio(tiny_c4, tmp_path):
-    """The shared tiny shards (no data stage); the main PausePT run at 0.1 and one online run at 0."""
-    recipe = write_recipe(tmp_path, variants=["PausePT_PauseFT"], ablations={"pause_ratio": [0.0, 0.1]},
-                          data={"path": str(tiny_c4), "seq_length": 128}, finetune={**MICRO["finetune"], "m_ft": [1]})
-    out = cli("run", recipe).stdout
-    assert "run  pretrain/pause-r0" in out and "pretrain/pause-r0.1" not in out  # 0.1 is the main run
-    report = (tmp_path / "out" / "report" / "report.md").read_text()
-    assert "## Pretraining pause ratio (PausePT)" in report
-    assert "| PausePT_PauseFT | piqa | 1 | 0: " in report and ", 0.1: " in report
-    assert (tmp_path / "out" / "report" / "pause_ratio.png").exists()
