@@ -225,7 +225,7 @@ def plot_ratio(series: dict, path: str) -> Optional[str]:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{v} (M_ft={m})" if m else v)
         ax.set_title(task)
-        ax.set_xlabel("pretraining pause ratio (M_pt / N)")
+        ax.set_xlabel("pretraining pause ratio (M_pt / N; 0: StdPT)")
         ax.set_ylabel(f"{TASKS[task].metric} (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()

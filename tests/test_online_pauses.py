@@ -182,7 +182,7 @@ def test_online_samples_equal_the_offline_pause_shards_token_for_token(gap_data,
     assert online["weights"] != std["weights"]  # (which are not the std lengths)
     assert online["windows_equal_pause_shards"]  # every window of every shard, not only the samples drawn
     assert online["pauses"] > 0 == on0["pauses"]
-    assert "window 0 has 128 tokens with its pauses but its paused length is 127" in online["length_mismatch_error"]
+    assert "window 0 has 128 tokens with its pauses but its paused length is 127" in (online["length_mismatch_error"] or "no error")
 
 
 @pytest.mark.slow
