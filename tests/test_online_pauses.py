@@ -94,7 +94,8 @@ def test_each_sweep_ratio_is_pretrained_online_and_finetuned_and_evaluated_from_
         pre = by_key[f"pretrain/pause-r{ratio}"]
         assert (_argv_value(pre.argv, "pauses.source"), _argv_value(pre.argv, "pauses.ratio")) == ("online", ratio)
         assert _argv_value(pre.argv, "data.variant") == "pause" and pre.tags["pause_ratio"] == ratio
-        assert pre.inputs["config"]["pauses.source"] == "online" and pre.inputs["config"]["pauses.ratio"] == float(ratio)
+        config = pre.inputs["config"]
+        assert config["pauses.source"] == "online" and config["pauses.ratio"] == float(ratio)
         finetunes = [s for s in stages if s.key.startswith(f"finetune/PausePT-r{ratio}/")]
         evaluations = [s for s in stages if s.key.startswith(f"evaluate/PausePT-r{ratio}/")]
         # as many as the main PausePT's: PausePT_StdFT (none0) and PausePT_PauseFT (append1), one task and seed
@@ -135,8 +136,11 @@ def test_report_plots_score_against_ratio_with_stdpt_as_ratio_zero(tmp_path):
         client.set_terminated(run.info.run_id)
     text = build_report(r, log=lambda *_: None)
     section = text.split("## Pretraining pause ratio (PausePT)")[1].split("##")[0]
-    assert "| PausePT_StdFT | piqa | 0 | 0: 30.0 ± 0.0, 0.05: 35.0 ± 0.0, 0.1: 40.0 ± 0.0, 0.2: 45.0 ± 0.0 |" in section
-    assert "| PausePT_PauseFT | piqa | 1 | 0: 40.0 ± 0.0, 0.05: 45.0 ± 0.0, 0.1: 50.0 ± 0.0, 0.2: 55.0 ± 0.0 |" in section
+    def points(*scores):  # ratio 0 is StdPT, 0.1 the main PausePT, 0.05 and 0.2 the sweep
+        return ", ".join(f"{ratio}: {score} ± 0.0" for ratio, score in zip((0, 0.05, 0.1, 0.2), scores))
+
+    assert f"| PausePT_StdFT | piqa | 0 | {points(30.0, 35.0, 40.0, 45.0)} |" in section
+    assert f"| PausePT_PauseFT | piqa | 1 | {points(40.0, 45.0, 50.0, 55.0)} |" in section
     png = tmp_path / "out" / "report" / "pause_ratio.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -182,7 +186,8 @@ def test_online_samples_equal_the_offline_pause_shards_token_for_token(gap_data,
     assert online["weights"] != std["weights"]  # (which are not the std lengths)
     assert online["windows_equal_pause_shards"]  # every window of every shard, not only the samples drawn
     assert online["pauses"] > 0 == on0["pauses"]
-    assert "window 0 has 128 tokens with its pauses but its paused length is 127" in (online["length_mismatch_error"] or "no error")
+    error = online["length_mismatch_error"] or "no error"
+    assert "window 0 has 128 tokens with its pauses but its paused length is 127" in error
 
 
 @pytest.mark.slow
