@@ -1,6 +1,7 @@
-"""Step-time cost of the pause machinery on CPU: the real pause path against the same batches without it.
+"""Step-time cost of the pause machinery on CPU: the real pause path against the same batches without it,
+and the cost of injecting the pauses online (pauses.source=online) against reading the pause shards.
 
-    python benchmarks/bench_pause_overhead.py [--steps 40] [--warmup 5] [--data DIR]
+    python benchmarks/bench_pause_overhead.py [--steps 40] [--warmup 5] [--data DIR] [--ratio R]
 
 Both arms train one model on the same PausePT samples (DIR, built here from a generated C4 sample if not
 given), so they run the same FLOPs on the same tokens; they differ only by what the pause rule adds at
@@ -8,12 +9,16 @@ training time:
   pause     data.collate (loss mask x pause_loss_mask, plus the all-token mask) and train._loss_func (the
             masked sum and count, plus the all-token sum that validation reports);
   baseline  the GPTDataset samples stacked as they are (no pause mask, no all-token mask) and a loss that is
-            only the masked sum and count (what a plain Megatron GPT step computes).
-Each step is timed from fetching its samples to the end of the optimizer step. The arms alternate in ABBA
-order so that machine noise (other processes, thermal drift) hits both alike; the first steps are warm-up.
-Prints, for wall-clock and for this process's CPU time, the median step time of each arm, their ratio and
-the median (and quartiles) of the per-pair ratios; and the machine with its load average. On a shared machine
-the wall-clock figures are noisy (other processes take the cores); the CPU-time figures much less so.
+            only the masked sum and count (what a plain Megatron GPT step computes);
+  online    the pause arm's step on samples read from the std shards with the pauses injected as each window
+            is read, at --ratio (default: the pause shards' own ratio, so its samples are the pause arm's).
+Each step is timed from fetching its samples to the end of the optimizer step; the fetch (reading the samples
+and building the microbatches) is also timed alone. The arms take turns in rotating order so that machine noise
+(other processes, thermal drift) hits all alike; the first steps are warm-up. Prints, for wall-clock and for
+this process's CPU time, the median step and fetch time of each arm, the ratios pause/baseline and
+online/pause with the median (and quartiles) of the per-step ratios; and the machine with its load average.
+On a shared machine the wall-clock figures are noisy (other processes take the cores); the CPU-time figures
+much less so.
 """
 
 import argparse
@@ -91,54 +96,72 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--data")
+    ap.add_argument("--ratio", type=float, help="the online arm's pause ratio (default: the pause shards')")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     data = args.data or build_data(tmp)
     total = args.steps + args.warmup
-    cfg = load_config(None, ["model.preset=tiny", f"data.path={data}", f"train.micro_batch_size={MICRO_BATCH}",
-                             f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={2 * total + 1}",
-                             "optim.warmup_steps=1", f"train.output_dir={tmp}/out", "data.variant=pause"])
+    overrides = ["model.preset=tiny", f"data.path={data}", f"train.micro_batch_size={MICRO_BATCH}",
+                 f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={3 * total + 1}", "optim.warmup_steps=1",
+                 f"train.output_dir={tmp}/out", "data.variant=pause"]
+    cfg = load_config(None, overrides)
     runtime.init_distributed(cfg)
     tok = load_tokenizer(cfg)
     state = build_train_state(cfg, vocab_size=vocab_size(cfg, tok), cuda=False)
     dataset = build_pretrain_datasets(cfg, tok, train_samples=total * GLOBAL_BATCH, valid_samples=0,
                                       cache_dir=f"{tmp}/cache")[0]
+    ratio = cfg.pauses.ratio if args.ratio is None else args.ratio
+    online_cfg = load_config(None, [*overrides, "pauses.source=online", f"pauses.ratio={ratio}"])
+    online = build_pretrain_datasets(online_cfg, tok, train_samples=total * GLOBAL_BATCH, valid_samples=0,
+                                     cache_dir=f"{tmp}/cache_online")[0]
     pause_forward_step = train._forward_step
 
-    def step(arm: str, start: int) -> tuple[float, float]:
+    def step(arm: str, start: int) -> tuple[float, float, float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
-        if arm == "pause":
-            mbs = microbatches_from(dataset, start=start, cfg=cfg, pause_id=tok.pause_id, dp_rank=0, dp_size=1)
-            train._forward_step = pause_forward_step
-        else:
+        if arm == "baseline":
             mbs = plain_microbatches(dataset, start=start)
             train._forward_step = plain_forward_step  # what _run_schedule hands to Megatron's schedule
+        else:
+            mbs = microbatches_from(dataset if arm == "pause" else online, start=start, cfg=cfg,
+                                    pause_id=tok.pause_id, dp_rank=0, dp_size=1)
+            train._forward_step = pause_forward_step
+        t1, c1 = time.perf_counter(), time.process_time()
         try:
             train_step(state, mbs)
         finally:
             train._forward_step = pause_forward_step
-        return time.perf_counter() - t0, time.process_time() - c0
+        return time.perf_counter() - t0, time.process_time() - c0, t1 - t0, c1 - c0
 
     load_before = os.getloadavg()
-    wall = {"pause": [], "baseline": []}
-    cpu = {"pause": [], "baseline": []}  # this process's CPU time: what other processes' load disturbs least
+    arms = ("pause", "baseline", "online")
+    # per clock (wall, cpu: this process's CPU time, what other processes' load disturbs least), step or fetch
+    times = {(clock, part): {arm: [] for arm in arms} for clock in ("wall", "cpu") for part in ("step", "fetch")}
     for i in range(total):
-        order = ("pause", "baseline") if i % 2 == 0 else ("baseline", "pause")
-        got = {arm: step(arm, i * GLOBAL_BATCH) for arm in order}  # same samples for both arms
+        order = arms[i % 3:] + arms[:i % 3]
+        got = {arm: step(arm, i * GLOBAL_BATCH) for arm in order}  # same sample indices for every arm
         if i >= args.warmup:
-            for arm, (w, c) in got.items():
-                wall[arm].append(w)
-                cpu[arm].append(c)
+            for arm, (w, c, fw, fc) in got.items():
+                for key, value in ((("wall", "step"), w), (("cpu", "step"), c), (("wall", "fetch"), fw),
+                                   (("cpu", "fetch"), fc)):
+                    times[key][arm].append(value)
 
-    def summary(times: dict) -> dict:
-        med = {arm: float(np.median(t)) for arm, t in times.items()}
-        pairs = np.array(times["pause"]) / np.array(times["baseline"])
-        return {"median_step_s": med, "pause_over_baseline": med["pause"] / med["baseline"],
-                "median_pair_ratio": float(np.median(pairs)),
-                "pair_ratio_iqr": [float(np.percentile(pairs, 25)), float(np.percentile(pairs, 75))]}
+    def ratio_of(t: dict, a: str, b: str) -> dict:
+        pairs = np.array(t[a]) / np.array(t[b])
+        return {"of_medians": float(np.median(t[a]) / np.median(t[b])), "median_per_step": float(np.median(pairs)),
+                "per_step_iqr": [float(np.percentile(pairs, 25)), float(np.percentile(pairs, 75))]}
 
-    print(json.dumps({"steps_each": args.steps, "wall": summary(wall), "cpu": summary(cpu), "machine": machine(),
-                      "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]}, indent=1))
+    def summary(clock: str) -> dict:
+        step_t, fetch_t = times[(clock, "step")], times[(clock, "fetch")]
+        return {"median_step_s": {arm: float(np.median(t)) for arm, t in step_t.items()},
+                "median_fetch_s": {arm: float(np.median(t)) for arm, t in fetch_t.items()},
+                "pause_over_baseline": ratio_of(step_t, "pause", "baseline"),
+                "online_over_pause": ratio_of(step_t, "online", "pause"),
+                "online_extra_fetch_s_per_step": float(np.median(fetch_t["online"]) - np.median(fetch_t["pause"]))}
+
+    print(json.dumps({"steps_each": args.steps, "online_ratio": ratio, "samples_per_step": GLOBAL_BATCH,
+                      "seq_length": cfg.model.seq_length, "wall": summary("wall"), "cpu": summary("cpu"),
+                      "machine": machine(), "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]},
+                     indent=1))
     runtime.destroy()
 
 

@@ -43,6 +43,7 @@ from data_prep.c4_input import BadInput, InputReport, check_records, hf_records,
 from data_prep.c4_input import shard_indices, shard_name
 from data_prep.validate import validate_command
 from pause_megatron.pauses import PAPER_SEQ_LENGTH, PRETRAIN_PAUSE_RATIO, inject_pauses, num_pretrain_pauses
+from pause_megatron.pauses import window_rng
 from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, train_tokenizer
 
 DEFAULT_SEED = 1234
@@ -112,11 +113,6 @@ def pack_windows(chunks: Iterable[np.ndarray], *, seq_length: int) -> Iterator[n
         carry = stream[full:]
     if len(carry):
         yield carry
-
-
-def window_rng(*, seed: int, shard_index: int, window_index: int) -> np.random.Generator:
-    """The generator that places the pauses of one window: a function of the window alone, not of the worker."""
-    return np.random.default_rng([seed, shard_index, window_index])
 
 
 # ---------------------------------------------------------------------------------------------- one shard

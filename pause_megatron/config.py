@@ -18,6 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pause_megatron.pauses import PAPER_SEQ_LENGTH, PLACEMENTS, PRETRAIN_PAUSE_RATIO
 
 
+PAUSE_SOURCES = ("offline", "online")
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
 
@@ -120,7 +123,11 @@ class DataConfig:
 class PausesConfig:
     """The pause rule's knobs (see pause_megatron.pauses)."""
 
-    ratio: float = PRETRAIN_PAUSE_RATIO
+    ratio: float = PRETRAIN_PAUSE_RATIO  # M_pt / seq_length of PausePT (data.variant=pause)
+    # PausePT's windows: "offline" reads the pause shards of data prep (made at its --pause-ratio); "online"
+    # reads the std shards and injects pauses at `ratio` as each window is read, with data prep's rule and seed
+    # (the same windows the pause shards hold at that ratio). See docs/data.md.
+    source: str = "offline"
     m_ft: int = 10
     m_inf: Optional[int] = None  # None: the same as m_ft
     placement: str = "append"
@@ -292,6 +299,11 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
 
     need(d.variant in ("pause", "std"), f"data.variant must be 'pause' or 'std', got {d.variant!r}")
     need(0.0 <= pa.ratio < 1.0, f"pauses.ratio must be in [0, 1), got {pa.ratio}")
+    need(pa.source in PAUSE_SOURCES, f"pauses.source must be one of {PAUSE_SOURCES}, got {pa.source!r}")
+    # StdPT reads the std shards as they are; online injection is PausePT's: with variant=std it would be ignored.
+    need(pa.source == "offline" or d.variant == "pause",
+         f"pauses.source={pa.source} injects PausePT's pauses, but data.variant={d.variant} (StdPT) reads no pauses; "
+         "set data.variant=pause or pauses.source=offline")
     need(pa.m_ft >= 0, f"pauses.m_ft must be >= 0, got {pa.m_ft}")
     need(pa.m_inf is None or pa.m_inf >= 0, f"pauses.m_inf must be >= 0, got {pa.m_inf}")
     need(pa.placement in PLACEMENTS, f"pauses.placement must be one of {PLACEMENTS}, got {pa.placement!r}")

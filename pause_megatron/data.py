@@ -4,6 +4,8 @@ Data prep (data_prep/build_c4.py) writes each window of `seq_length` tokens as o
 indexed dataset; megatron-core's stock GPTDataset (built by BlendedMegatronDatasetBuilder, with the train /
 validation split and blending across shards) then yields samples of `seq_length + 1` tokens aligned to the
 windows. The pause rule's loss mask is applied on top of GPTDataset's own mask when samples are batched.
+With pauses.source=online, PausePT reads the std shards and injects the pauses per window as it is read
+(pause_megatron.online_pauses): the same windows as the pause shards, at any pauses.ratio.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from pause_megatron.config import Config
-from pause_megatron.pauses import pause_loss_mask
+from pause_megatron.pauses import pause_loss_mask, paused_lengths
 from pause_megatron.tokenizer import PauseTokenizer
 
 MANIFEST = "manifest.json"
@@ -78,19 +80,46 @@ def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, wh
     if seq is not None and seq != cfg.model.seq_length:
         raise DataError(f"{where}: shards have seq_length={seq} but model.seq_length={cfg.model.seq_length}")
     ratio = manifest.get("pause_ratio")
-    if cfg.data.variant == "pause" and ratio is not None and abs(ratio - cfg.pauses.ratio) > 1e-9:
+    if reads_online(cfg):
+        if manifest.get("seed") is None or seq is None:
+            raise DataError(f"{where}: pauses.source=online needs the data-prep seed and seq_length of the manifest")
+    elif cfg.data.variant == "pause" and ratio is not None and abs(ratio - cfg.pauses.ratio) > 1e-9:
         raise DataError(f"{where}: the pause shards were made with pause_ratio={ratio} but pauses.ratio="
-                        f"{cfg.pauses.ratio}; set pauses.ratio={ratio} or rebuild the data with --pause-ratio")
+                        f"{cfg.pauses.ratio}; set pauses.ratio={ratio}, rebuild the data with --pause-ratio, or "
+                        "inject the pauses as the std shards are read (pauses.source=online)")
 
 
-def shard_sizes(prefixes: Sequence[str]) -> list[tuple[int, int]]:
-    """(windows, tokens) of each shard, read from its index (megatron-core's own reader)."""
+def reads_online(cfg: Config) -> bool:
+    """Whether PausePT injects its pauses as the std shards are read (pauses.source=online; the config refuses
+    it with data.variant=std)."""
+    return cfg.pauses.source == "online"
+
+
+def shard_indices(manifest: dict, prefixes: Sequence[str], *, data_path: str, where: str) -> dict[str, int]:
+    """Each std shard prefix's data-prep shard index (it seeds the shard's pauses), from the manifest."""
+    by_prefix = {os.path.join(data_path, r["std"]): r["shard_index"]
+                 for r in manifest.get("shards", []) if r.get("std")}
+    missing = [p for p in prefixes if p not in by_prefix]
+    if missing:
+        raise DataError(f"{where}: no shard record for {missing[0]}: the manifest does not match the shards")
+    return {p: by_prefix[p] for p in prefixes}
+
+
+def shard_sizes(prefixes: Sequence[str], *, pause_ratio: Optional[float] = None,
+                seq_length: Optional[int] = None) -> list[tuple[int, int]]:
+    """(windows, tokens) of each shard, read from its index (megatron-core's own reader).
+
+    With `pause_ratio`: the tokens its windows hold once pauses are injected at that ratio (online PausePT).
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     sizes = []
     for prefix in prefixes:
         index = IndexedDataset(prefix)  # held while its lengths are read: deleting it unmaps them
-        sizes.append((len(index.sequence_lengths), int(index.sequence_lengths.sum())))
+        lengths = index.sequence_lengths
+        if pause_ratio is not None:
+            lengths = paused_lengths(lengths, seq_length=seq_length, ratio=pause_ratio)
+        sizes.append((len(lengths), int(lengths.sum())))
     return sizes
 
 
@@ -129,11 +158,21 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     manifest = read_manifest(cfg.data.path)
-    check_manifest(manifest, cfg=cfg, tokenizer=tokenizer, where=os.path.join(cfg.data.path, MANIFEST))
-    prefixes = shard_prefixes(cfg.data.path, cfg.data.variant)
-    sizes = shard_sizes(prefixes)
+    where = os.path.join(cfg.data.path, MANIFEST)
+    check_manifest(manifest, cfg=cfg, tokenizer=tokenizer, where=where)
+    online = reads_online(cfg)
+    prefixes = shard_prefixes(cfg.data.path, "std" if online else cfg.data.variant)
+    dataset_class, config_class, pause_settings = GPTDataset, GPTDatasetConfig, {}
+    if online:  # the pause shards' windows at pauses.ratio: their lengths, blend weights and indices too
+        from pause_megatron.online_pauses import PausedGPTDataset, PausedGPTDatasetConfig
+
+        dataset_class, config_class = PausedGPTDataset, PausedGPTDatasetConfig
+        pause_settings = dict(pause_id=tokenizer.pause_id, pause_ratio=cfg.pauses.ratio, pause_seed=manifest["seed"],
+                              shard_indices=shard_indices(manifest, prefixes, data_path=cfg.data.path, where=where))
+    sizes = shard_sizes(prefixes, **(dict(pause_ratio=cfg.pauses.ratio, seq_length=cfg.model.seq_length)
+                                     if online else {}))
     total_tokens = sum(tokens for _, tokens in sizes)
-    config = GPTDatasetConfig(
+    config = config_class(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_length,
         blend=(prefixes, [tokens / total_tokens for _, tokens in sizes]),
@@ -144,15 +183,16 @@ def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_sam
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,  # causal mask comes from the layer spec
+        **pause_settings,
     )
     _check_split_parts(prefixes, sizes, config.split_matrix, {0: train_samples, 1: valid_samples}, cfg.data.split)
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+        dataset_class, [train_samples, valid_samples, 0], lambda: True, config
     ).build()
     for name, dataset, needed in (("train", train, train_samples), ("validation", valid, valid_samples)):
         served = 0 if dataset is None else len(dataset)
         if served < needed:
-            raise DataError(f"{cfg.data.path}/{cfg.data.variant}: the {name} split (data.split={cfg.data.split}) "
+            raise DataError(f"{os.path.dirname(prefixes[0])}: the {name} split (data.split={cfg.data.split}) "
                             f"serves {served} samples but the run needs {needed}")
     return train, valid
 

@@ -53,6 +53,25 @@ def inject_pauses(
     return out[:seq_length]
 
 
+def window_rng(*, seed: int, shard_index: int, window_index: int) -> np.random.Generator:
+    """The generator that places the pauses of one pretraining window: a function of the window alone.
+
+    Data prep (offline pause shards) and the online source (pauses injected as the std shards are read)
+    both seed `inject_pauses` with it, so the two yield the same windows.
+    """
+    return np.random.default_rng([seed, shard_index, window_index])
+
+
+def paused_lengths(lengths: np.ndarray, *, seq_length: int, ratio: float = PRETRAIN_PAUSE_RATIO) -> np.ndarray:
+    """The lengths `inject_pauses` gives windows of `lengths` tokens: min(length + M, seq_length).
+
+    The pause count depends on the length only, not on where the pauses go, so the lengths are known without
+    reading or injecting any token.
+    """
+    m = num_pretrain_pauses(seq_length=seq_length, ratio=ratio)
+    return np.minimum(np.asarray(lengths) + m, seq_length).astype(np.asarray(lengths).dtype)
+
+
 def pause_loss_mask(labels, *, pause_id: int, pad_id: int | None = None):
     """1.0 where the label is a real token, 0.0 where the target is `<pause>` (S_ignore) or padding.
 

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pause_megatron.config import ConfigError, TrackingConfig, flat_dict, load_config
-from pause_megatron.pauses import PAPER_M_FT
+from pause_megatron.pauses import PAPER_M_FT, num_pretrain_pauses
 from pause_megatron.tasks import TASKS
 
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
@@ -89,6 +89,10 @@ class AblationSpec:
     m_inf_variants: list[str] = field(default_factory=lambda: ["PausePT_PauseFT", "StdPT_PauseFT"])
     prepend: bool = False  # PausePT with prepended pauses (finetune + evaluate), against appending
     filler: list[int] = field(default_factory=list)  # '.' x M at inference on StdPT_StdFT
+    # PausePT pretrained at these pause ratios too (pauses.source=online: one data prep serves them all), each
+    # finetuned and evaluated as the PausePT variants are. The main runs are the sweep's other points (StdPT at 0,
+    # PausePT at its pauses.ratio): a ratio with their M_pt, or another listed ratio's, is refused.
+    pause_ratio: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -146,9 +150,15 @@ def _identity(stage: Stage, deps: list[Stage]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Keys added after runs were made, at the value that does what those runs did: left out of the identity at that
+# value, so that adding them sets no finished stage aside.
+NEW_AT_OLD_BEHAVIOUR = {"pauses.source": "offline"}
+
+
 def _config_inputs(cfg) -> dict:
-    """The resolved config as dotted keys, without IGNORED ones."""
-    return {k: v for k, v in flat_dict(cfg).items() if not k.startswith(IGNORED)}
+    """The resolved config as dotted keys, without IGNORED ones (nor NEW_AT_OLD_BEHAVIOUR ones at that value)."""
+    return {k: v for k, v in flat_dict(cfg).items()
+            if not k.startswith(IGNORED) and NEW_AT_OLD_BEHAVIOUR.get(k, object()) != v}
 
 
 def _manifest_inputs(path: Optional[str]) -> Optional[dict]:
@@ -206,6 +216,17 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     if recipe.ablations.prepend and "PausePT_PauseFT" not in recipe.variants:
         raise ConfigError(f"{path}: ablations.prepend compares prepended with appended pauses of PausePT_PauseFT; "
                           f"add PausePT_PauseFT to variants (now {recipe.variants})")
+    keys: dict[str, float] = {}
+    for ratio in recipe.ablations.pause_ratio:
+        if not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"{path}: ablations.pause_ratio: every ratio must be in [0, 1), got {ratio}")
+        if f"{ratio:g}" in keys:  # the stage key pretrain/pause-r<ratio:g> names one run
+            raise ConfigError(f"{path}: ablations.pause_ratio: {keys[f'{ratio:g}']} and {ratio} are one run "
+                              f"(pretrain/pause-r{ratio:g}); list each ratio once")
+        keys[f"{ratio:g}"] = ratio
+    if recipe.ablations.pause_ratio and not any(v.startswith("PausePT_") for v in recipe.variants):
+        raise ConfigError(f"{path}: ablations.pause_ratio finetunes each ratio as the PausePT variants are; add "
+                          f"PausePT_PauseFT or PausePT_StdFT to variants (now {recipe.variants})")
     if recipe.launch.executor not in ("local", "slurm"):
         raise ConfigError(f"{path}: launch.executor must be 'local' or 'slurm', got {recipe.launch.executor!r}")
     return recipe
@@ -270,64 +291,88 @@ def full_plan(r: Recipe) -> list[Stage]:
         stages.append(Stage("data", "data", [], f"{out}/data", [], inputs=_data_inputs(r.data)))
         data_deps = ["data"]
 
-    pretrained = {}
-    for pt in sorted({v.split("_")[0] for v in r.variants} | {v.split("_")[0] for v in r.ablations.m_inf_variants
-                                                              if r.ablations.m_inf}):
+    # The pretrained models: "StdPT", "PausePT" (the main ones) and "PausePT-r<ratio>" (the pause-ratio sweep,
+    # online pauses) -> (stage key, pause ratio or None for StdPT).
+    pretrained: dict[str, tuple[str, Optional[float]]] = {}
+    main_pts = sorted({v.split("_")[0] for v in r.variants} | {v.split("_")[0] for v in r.ablations.m_inf_variants
+                                                               if r.ablations.m_inf})
+    # The sweep adds ratios to the main runs': 0 is StdPT and the main PausePT's ratio is that run, so a ratio
+    # whose M_pt (pauses.num_pretrain_pauses) is one of theirs, or another sweep ratio's, is refused.
+    sweep = [("PausePT", ratio) for ratio in r.ablations.pause_ratio]
+    m_pt: dict[int, str] = {}
+    for pt, ratio in [(pt, None) for pt in main_pts] + sweep:
         variant = "pause" if pt == "PausePT" else "std"
-        key = f"pretrain/{variant}"
+        model = pt if ratio is None else f"{pt}-r{ratio:g}"
+        key = f"pretrain/{variant}" if ratio is None else f"pretrain/pause-r{ratio:g}"
         d = f"{out}/{key}"
+        online = [] if ratio is None else ["pauses.source=online", f"pauses.ratio={ratio}"]
         overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
-                     *_tracking_overrides(r), *r.pretrain.overrides, _run_name(key)]
-        argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
-                *overrides, *common, "--tag", f"pretrain={pt}"]
+                     *_tracking_overrides(r), *r.pretrain.overrides, *online, _run_name(key)]
         cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
+        if variant == "pause":
+            m = num_pretrain_pauses(seq_length=cfg.model.seq_length, ratio=cfg.pauses.ratio)
+            if ratio is not None and (m == 0 or m in m_pt):
+                raise ConfigError(
+                    f"ablations.pause_ratio: {ratio} gives M_pt = round({ratio} x {cfg.model.seq_length}) = {m} "
+                    f"pauses per window, as " + ("StdPT does (the StdPT variants are ratio 0 in the report)"
+                                                 if m == 0 else f"{m_pt[m]} does") + "; drop it from the list")
+            m_pt[m] = f"the main PausePT (pauses.ratio={cfg.pauses.ratio})" if ratio is None else f"ratio {ratio}"
+        tags = {"pretrain": pt, **({"pause_ratio": f"{cfg.pauses.ratio:g}"} if variant == "pause" else {})}
+        argv = ["-m", "pause_megatron.pretrain", *(["--config", r.pretrain.config] if r.pretrain.config else []),
+                *overrides, *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
         inputs = {"config": _config_inputs(cfg)}
         if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
             inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            {"pretrain": pt}, _estimate(cfg, gpus(r.pretrain.nodes)), inputs))
-        pretrained[pt] = f"{d}/checkpoints"
+                            tags, _estimate(cfg, gpus(r.pretrain.nodes)), inputs))
+        pretrained[model] = (key, cfg.pauses.ratio if variant == "pause" else None)
 
     f = r.finetune
     pretrained_model = dataclasses.asdict(load_config(r.pretrain.config, r.pretrain.overrides, hardware=False).model)
-    finetunes = []  # (variant, placement, m, ablation)
+    finetunes = []  # (variant, placement, m, ablation, pretrained model)
+    sweep_models = [m for m in pretrained if m.startswith("PausePT-r")]
     for v in r.variants:
         pt, ft = v.split("_")
         if ft == "StdFT":
-            finetunes.append((v, "none", 0, "main"))
+            finetunes.append((v, "none", 0, "main", pt))
         else:
-            finetunes += [(v, "append", m, "main") for m in f.m_ft]
+            finetunes += [(v, "append", m, "main", pt) for m in f.m_ft]
     if r.ablations.prepend:
-        finetunes += [("PausePT_PauseFT", "prepend", m, "prepend") for m in f.m_ft]
+        finetunes += [("PausePT_PauseFT", "prepend", m, "prepend", "PausePT") for m in f.m_ft]
     for v in r.ablations.m_inf_variants if r.ablations.m_inf else []:
-        finetunes += [(v, "append", m, "main") for m in f.m_ft if (v, "append", m, "main") not in finetunes]
+        pt = v.split("_")[0]
+        finetunes += [(v, "append", m, "main", pt) for m in f.m_ft if (v, "append", m, "main", pt) not in finetunes]
+    finetunes += [(v, placement, m, "pause_ratio", model) for model in sweep_models
+                  for v, placement, m, ablation, pt in list(finetunes) if pt == "PausePT" and ablation == "main"]
 
     task_dir = [f"data.task_dir={f.task_dir}"] if f.task_dir else []
     data_dir = ["--data-dir", f.task_dir] if f.task_dir else []
     limit = ["--limit", str(r.evaluate.limit)] if r.evaluate.limit else []
     task_files = {task: _task_files(f.task_dir, task) for task in f.tasks}  # read once, not once per stage
-    for v, placement, m, ablation in finetunes:
-        pt = v.split("_")[0]
+    for v, placement, m, ablation, pt in finetunes:
+        pretrain_key, pause_ratio = pretrained[pt]
         for task in f.tasks:
             for seed in f.seeds:
                 key = f"finetune/{pt}/{task}/{placement}{m}/seed{seed}"
                 d = f"{out}/{key}"
                 tags = {"variant": v, "task": task, "seed": str(seed), "m_ft": str(m), "placement": placement,
                         "ablation": ablation}
-                overrides = [f"task={task}", f"train.init_from={pretrained[pt]}", f"pauses.m_ft={m}",
+                if pause_ratio is not None:
+                    tags["pause_ratio"] = f"{pause_ratio:g}"
+                overrides = [f"task={task}", f"train.init_from={out}/{pretrain_key}/checkpoints", f"pauses.m_ft={m}",
                              f"pauses.placement={placement}", f"train.seed={seed}", f"train.output_dir={d}",
                              *task_dir, *_tracking_overrides(r), *f.overrides, _run_name(key)]
                 argv = ["-m", "pause_megatron.finetune", *(["--config", f.config] if f.config else []), *overrides,
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
-                stages.append(Stage(key, "finetune", argv, d, [f"pretrain/{'pause' if pt == 'PausePT' else 'std'}"],
+                stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
                                     f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
-                if placement == "append" and v in r.ablations.m_inf_variants:
+                if placement == "append" and v in r.ablations.m_inf_variants and ablation == "main":
                     evals += [("append", mi, "m_inf") for mi in r.ablations.m_inf if mi <= m and mi != m]
-                if v == "StdPT_StdFT":
+                if v == "StdPT_StdFT" and ablation == "main":
                     evals += [("filler", mi, "filler") for mi in r.ablations.filler]
                 for ev_place, m_inf, ev_ablation in evals:
                     ekey = f"evaluate/{pt}/{task}/{placement}{m}/seed{seed}/{ev_place}{m_inf}"

@@ -44,8 +44,13 @@ def evaluation_rows(tracking, identities: set) -> dict[str, dict]:
         newest[t["stage_identity"]] = {
             "variant": t["variant"], "task": task, "seed": int(t["seed"]), "m_ft": int(t["m_ft"]),
             "m_inf": int(t["m_inf"]), "placement": t["placement"], "ablation": t["ablation"],
-            "metric": metric, "value": value * PERCENT}
+            "pause_ratio": _ratio(t), "metric": metric, "value": value * PERCENT}
     return newest
+
+
+def _ratio(tags: dict) -> Optional[float]:
+    """The pretraining pause ratio of a PausePT model's evaluation (None for StdPT)."""
+    return float(tags["pause_ratio"]) if tags.get("pause_ratio") is not None else None
 
 
 class ReportError(RuntimeError):
@@ -67,7 +72,7 @@ def row_from_result(tags: dict, path: str) -> Optional[dict]:
         return None
     return {"variant": tags["variant"], "task": task, "seed": int(tags["seed"]), "m_ft": int(tags["m_ft"]),
             "m_inf": int(tags["m_inf"]), "placement": tags["placement"], "ablation": tags["ablation"],
-            "metric": metric, "value": value * PERCENT}
+            "pause_ratio": _ratio(tags), "metric": metric, "value": value * PERCENT}
 
 
 def planned_rows(tracking, stages: list) -> list[dict]:
@@ -185,6 +190,50 @@ def prepend_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratio_series(rows: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, float, float]]]:
+    """(variant, task, M_ft) -> [(pause ratio, mean, std)] when the recipe sweeps the ratio: the PausePT models
+    of the main run and the sweep, and StdPT as ratio 0 (PausePT with no pauses is StdPT: StdPT_PauseFT is the
+    point at 0 of PausePT_PauseFT), finetuned and evaluated alike (M_inf = M_ft, the main placement)."""
+    if not any(r["ablation"] == "pause_ratio" for r in rows):
+        return {}
+    pts: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["ablation"] not in ("main", "pause_ratio") or r["m_inf"] != r["m_ft"]:
+            continue
+        pt, ft = r["variant"].split("_")
+        ratio = 0.0 if pt == "StdPT" else r.get("pause_ratio")
+        if ratio is not None:
+            pts[(f"PausePT_{ft}", r["task"], r["m_ft"])][ratio].append(r["value"])
+    return {k: [(ratio, *_mean_std(v)) for ratio, v in sorted(by.items())] for k, by in sorted(pts.items())
+            if len(by) > 1}
+
+
+def plot_ratio(series: dict, path: str) -> Optional[str]:
+    """Score against the pretraining pause ratio, one panel per task, one line per variant and M_ft."""
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({task for _, task, _ in series})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (v, t, m), pts in series.items():
+            if t == task:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{v} (M_ft={m})" if m else v)
+        ax.set_title(task)
+        ax.set_xlabel("pretraining pause ratio (M_pt / N; 0: StdPT)")
+        ax.set_ylabel(f"{TASKS[task].metric} (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_m_inf(series: dict, path: str) -> Optional[str]:
     if not series:
         return None
@@ -238,7 +287,8 @@ def plot_m_ft(rows: list[dict], path: str) -> Optional[str]:
 
 
 def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> str:
-    """Write <output_dir>/report/{report.md, m_inf.png, m_ft.png} from MLflow; log them on the parent run.
+    """Write <output_dir>/report/{report.md, m_inf.png, m_ft.png, pause_ratio.png} from MLflow; log them on the
+    parent run.
 
     Raises ReportError when a planned evaluation has no score (see the module's docstring).
     """
@@ -262,6 +312,14 @@ def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> s
         parts += [f"| {v} | {t} | " + ", ".join(f"{mi}: {mean:.1f}" for mi, mean, _ in pts) + " |"
                   for (v, t), pts in sorted(series.items())]
         parts += ["", "![M_inf](m_inf.png)"]
+    ratios = ratio_series(rows)
+    if ratios:
+        parts += ["", "## Pretraining pause ratio (PausePT)", "",
+                  "M_pt / N; ratio 0 is StdPT (pretrained without pauses), finetuned alike.", "",
+                  "| variant | task | M_ft | ratio: score |", "|---|---|---|---|"]
+        parts += [f"| {v} | {t} | {m} | " + ", ".join(f"{x:g}: {mean:.1f} ± {std:.1f}" for x, mean, std in pts) + " |"
+                  for (v, t, m), pts in ratios.items()]
+        parts += ["", "![pause ratio](pause_ratio.png)"]
     prepend = prepend_table(rows)
     if prepend:
         parts += ["", "## Appending vs prepending pauses (PausePT_PauseFT)", "", prepend]
@@ -272,7 +330,8 @@ def build_report(recipe, *, parent_run_id: Optional[str] = None, log=print) -> s
     text = "\n".join(parts) + "\n"
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(text)
-    plots = [plot_m_inf(series, os.path.join(out, "m_inf.png")), plot_m_ft(rows, os.path.join(out, "m_ft.png"))]
+    plots = [plot_m_inf(series, os.path.join(out, "m_inf.png")), plot_m_ft(rows, os.path.join(out, "m_ft.png")),
+             plot_ratio(ratios, os.path.join(out, "pause_ratio.png"))]
     if parent_run_id:
         from mlflow.tracking import MlflowClient
 
