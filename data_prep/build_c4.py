@@ -357,11 +357,25 @@ def _batched(items: Iterable, size: int) -> Iterator[tuple]:
         yield batch
 
 
-def _hf_tasks(*, path: str, config: str, split: str, docs_per_shard: int) -> Iterator[ShardTask]:
-    """One task per `docs_per_shard` streamed records; shard i is named <dataset>-<config>-<split>.<i:05d>."""
+def _hf_tasks(*, path: str, config: str, split: str, docs_per_shard: int,
+              shard_range: tuple[int, int] | None = None, ended: list | None = None) -> Iterator[ShardTask]:
+    """One task per `docs_per_shard` streamed records; shard i is named <dataset>-<config>-<split>.<i:05d>.
+
+    With a shard range, the records before its start are passed over untouched (no shard is made of them) and
+    the stream is read no further than its end, plus one record to learn whether the dataset goes on: `ended`
+    (if given) gets True appended when the stream ended inside the range.
+    """
     prefix = f"{path.rsplit('/', 1)[-1]}-{config}-{split}"
     records = hf_records(path=path, config=config, split=split)
-    for index, chunk in enumerate(_batched(records, docs_per_shard)):
+    start, stop = shard_range or (0, None)
+    records = itertools.islice(records, start * docs_per_shard, None)
+    if stop is not None:
+        window = list(itertools.islice(records, (stop - start) * docs_per_shard + 1))
+        if ended is not None and len(window) <= (stop - start) * docs_per_shard:
+            ended.append(True)
+        records = iter(window[:(stop - start) * docs_per_shard])
+    for offset, chunk in enumerate(_batched(records, docs_per_shard)):
+        index = start + offset
         where = f"{path}:{config}:{split}[{index * docs_per_shard}:{index * docs_per_shard + len(chunk)}]"
         yield ShardTask(name=f"{prefix}.{index:05d}", index=index, input=where, input_bytes=None, records=chunk)
 
@@ -437,7 +451,8 @@ def _tasks_and_sample(args) -> tuple[Iterable[ShardTask], Callable[[], list[str]
     """The run's shard tasks (a list for files, a lazy stream for --hf) and how to draw the tokenizer sample."""
     if args.hf:
         tasks = _hf_tasks(
-            path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard
+            path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard,
+            shard_range=args.shard_range, ended=args.hf_ended
         )
         return tasks, functools.partial(_hf_sample, args)
     try:
@@ -475,6 +490,7 @@ def _prepare_output(args, *, tokenizer: PauseTokenizer) -> None:
 def build(args) -> int:
     """The build subcommand; returns the exit code."""
     started = time.perf_counter()
+    args.hf_ended = []  # --hf: gets True once the stream is known to have ended
     tasks, sample = _tasks_and_sample(args)
     # Everything that can refuse the run happens before anything is written.
     manifest = mf.read_json(os.path.join(args.output, mf.MANIFEST))
@@ -519,7 +535,13 @@ def build(args) -> int:
     )
     failures = run_shards(todo(), settings=settings, workers=args.workers, on_record=on_record)
     # Complete only when every input has a record: a --shard-range run that leaves others to other tasks is not.
-    complete = not failures and all(name in records for name in every)
+    # An --hf stream read only up to a range's end is complete only if it ended there and every earlier shard
+    # (built by other runs) has its record.
+    if args.hf and args.shard_range:
+        prefix = f"{args.hf.rsplit('/', 1)[-1]}-{args.hf_config}-{args.hf_split}"
+        every += [f"{prefix}.{i:05d}" for i in range(args.shard_range[0])]
+    complete = (not failures and all(name in records for name in every)
+                and (not args.hf or not args.shard_range or bool(args.hf_ended)))
     mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=complete))
     _print_summary(new_records, skipped=skipped, failures=failures, seconds=time.perf_counter() - started)
     return EXIT_BAD_INPUT if failures else 0

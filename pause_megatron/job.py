@@ -70,7 +70,7 @@ class ResumeRefused(ValueError):
 # rest changes where and how often things are logged or saved, or the parallel layout (checkpoints reshard).
 RESUMABLE_PREFIXES = ("tracking.", "parallel.")
 RESUMABLE_KEYS = {"train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps",
-                  "train.save_interval", "train.output_dir", "train.init_from"}
+                  "train.save_interval", "train.keep_checkpoints", "train.output_dir", "train.init_from"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -18,6 +18,7 @@ from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import MANIFEST, DataError, build_pretrain_datasets, load_tokenizer
 from pause_megatron.job import add_tracking_args, run_job, tags_from
 from pause_megatron.tokenizer import TokenizerMismatch
+from pause_megatron.train import catch_stop_signals
 
 
 def parse_args(argv: Optional[list[str]] = None):
@@ -31,6 +32,7 @@ def parse_args(argv: Optional[list[str]] = None):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    catch_stop_signals()
     args = parse_args(argv)
     try:  # every config error is reported before any process group starts
         cfg = load_config(args.config, args.overrides, world_size=runtime.world_size_from_env())

@@ -43,9 +43,11 @@ from pause_megatron.tasks import TASKS
 
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
 STAGES = ("data", "pretrain", "finetune", "evaluate", "report")
+GPU_STAGES = ("pretrain", "finetune", "evaluate")  # Megatron ranks, one per GPU
 MARKER = "stage.json"
 RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when MLflow has none)
 ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
+CHECKPOINT_BYTES_PER_PARAM = 16  # --dry-run disk: fp32 weights and main params' Adam moments (+ bf16 copy), roughly
 H100_BF16_TFLOPS = 989.4
 
 
@@ -57,7 +59,8 @@ class DataSpec:
     sample_docs_per_file: int = 300
     seq_length: int = 2048
     vocab_size: int = 32000
-    workers: int = 2
+    workers: int = 2  # also the data job's CPUs on Slurm
+    time: str = "24:00:00"  # the data job's time limit on Slurm
 
 
 @dataclass
@@ -94,8 +97,11 @@ class AblationSpec:
 @dataclass
 class LaunchSpec:
     executor: str = "local"  # "local" (torchrun here) or "slurm" (sbatch, one job per stage)
-    nproc: int = 1  # local: ranks per stage
-    gpus_per_node: int = 8  # slurm
+    nproc: int = 1  # local: ranks per stage; slurm with gpus_per_node 0: ranks per node
+    gpus_per_node: int = 8  # slurm: GPUs (one rank each) per node of a training/evaluation stage; 0: the CPU
+    cpus_per_task: int = 8  # slurm: CPUs per rank of a training/evaluation stage
+    signal: str = "USR1@300"  # slurm: warn a training/evaluation job this long before its limit (it saves, requeues)
+    max_jobs: int = 500  # slurm: submit while fewer of your jobs are queued (MaxSubmitJobs); run again for the rest
     sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--partition=gpu", "--account=x"]
     python: Optional[str] = None  # the Python to run stages with (default: this one)
 
@@ -128,6 +134,7 @@ class Stage:
     time: str = "01:00:00"
     tags: dict = field(default_factory=dict)
     estimate_s: Optional[float] = None
+    disk_bytes: Optional[float] = None  # checkpoints kept at the end (--dry-run)
     inputs: dict = field(default_factory=dict)  # what decides the result (resolved config, data, ...)
     identity: str = ""  # set by plan(): inputs and the dependencies' identities, hashed
 
@@ -137,7 +144,7 @@ class Stage:
 # are written, never read back, by an uninterrupted run). train.output_dir is the stage's own place.
 # train.init_from is a pretraining stage's output path: its identity, a dependency's, stands for it.
 IGNORED = ("tracking.", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval",
-           "train.output_dir", "train.init_from")
+           "train.keep_checkpoints", "train.output_dir", "train.init_from")
 SMALL_FILE = 64 << 20  # task files up to this size are hashed by content, larger ones by name, size and mtime
 
 
@@ -259,15 +266,29 @@ def _data_inputs(d: DataSpec) -> dict:
     return inputs
 
 
+def ranks_per_node(r: Recipe) -> int:
+    """Ranks per node of a training/evaluation stage: a GPU each on Slurm (launch.nproc on a CPU cluster)."""
+    return r.launch.gpus_per_node if r.launch.executor == "slurm" and r.launch.gpus_per_node > 0 else r.launch.nproc
+
+
+def _disk(cfg) -> float:
+    """Bytes of the checkpoints a training stage keeps at its end."""
+    t, m = cfg.train, cfg.model
+    h = m.hidden_size  # attention 4h^2 and MLP 2hf per layer; the embedding (and an untied output layer) hV
+    params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * 32128
+    saves = -(-t.steps // t.save_interval) if t.save_interval else 1
+    return params * CHECKPOINT_BYTES_PER_PARAM * (min(saves, t.keep_checkpoints) if t.keep_checkpoints else saves)
+
+
 def full_plan(r: Recipe) -> list[Stage]:
     """Every stage of the recipe, whatever `stages` selects, in an order that respects dependencies."""
     out = r.output_dir
-    gpus = lambda nodes: nodes * (r.launch.gpus_per_node if r.launch.executor == "slurm" else r.launch.nproc)  # noqa
+    gpus = lambda nodes: nodes * ranks_per_node(r)  # noqa
     common = ["--tag", f"recipe={r.name}"]
     stages: list[Stage] = []
     data_deps = []
     if r.data.input:
-        stages.append(Stage("data", "data", [], f"{out}/data", [], inputs=_data_inputs(r.data)))
+        stages.append(Stage("data", "data", [], f"{out}/data", [], time=r.data.time, inputs=_data_inputs(r.data)))
         data_deps = ["data"]
 
     pretrained = {}
@@ -285,7 +306,7 @@ def full_plan(r: Recipe) -> list[Stage]:
         if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
             inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            {"pretrain": pt}, _estimate(cfg, gpus(r.pretrain.nodes)), inputs))
+                            {"pretrain": pt}, _estimate(cfg, gpus(r.pretrain.nodes)), _disk(cfg), inputs))
         pretrained[pt] = f"{d}/checkpoints"
 
     f = r.finetune
@@ -321,7 +342,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [f"pretrain/{'pause' if pt == 'PausePT' else 'std'}"],
-                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)),
+                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)), _disk(cfg),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
@@ -366,7 +387,7 @@ def missing_dependencies(r: Recipe, everything: list[Stage]) -> list[str]:
     lines, seen = [], set()
     for s in everything:
         for d in s.deps if s.key in selected else ():
-            if d not in selected and d not in seen and not is_done(by_key[d]):
+            if d not in selected and d not in seen and not is_done(by_key[d]) and not restorable(by_key[d]):
                 seen.add(d)
                 changed = os.path.exists(os.path.join(by_key[d].out, MARKER))
                 lines.append(f"{s.key} needs stage {d}, which has not finished"
@@ -389,11 +410,12 @@ def is_done(stage: Stage) -> bool:
     return bool(marker and marker.get("done") and marker.get("identity") == stage.identity)
 
 
-def write_marker(out: str, key: str, identity: str, *, done: bool) -> None:
+def write_marker(out: str, key: str, identity: str, *, done: bool, job: Optional[str] = None) -> None:
+    """`job`: the Slurm job that runs this identity (a rerun of the recipe leaves it alone while it is queued)."""
     os.makedirs(out, exist_ok=True)
     tmp = os.path.join(out, f".{MARKER}.tmp")
     with open(tmp, "w") as fh:
-        json.dump({"key": key, "identity": identity, "done": done}, fh)
+        json.dump({"key": key, "identity": identity, "done": done, **({"job": job} if job else {})}, fh)
     os.replace(tmp, os.path.join(out, MARKER))
 
 
@@ -427,9 +449,15 @@ def _finished_aside(stage: Stage) -> Optional[str]:
     return None
 
 
+def restorable(stage: Stage) -> bool:
+    """Whether restore() would put back a finished output of this identity."""
+    # The data stage's shards live at data.path, outside its folder: moving the folder moves no data.
+    return stage.kind != "data" and _finished_aside(stage) is not None
+
+
 def restore(stage: Stage, *, log=print) -> bool:
     """Put back an earlier finished output of this identity (setting the present one aside); True if done so."""
-    if stage.kind == "data":  # its shards live at data.path, outside its folder: moving the folder moves no data
+    if not restorable(stage):
         return False
     found = _finished_aside(stage)
     if found is None:
@@ -510,6 +538,10 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
         for line in missing:
             log(f"error: {line}")
         return 2
+    selected = {s.key for s in stages}
+    for s in everything:  # finished dependencies left out of `stages` that were set aside: put them back
+        if s.key not in selected and any(s.key in t.deps for t in stages) and not is_done(s):
+            restore(s, log=log)
     parent = _parent_run(r) if r.tracking.enabled else None
     if r.launch.executor == "slurm":
         return _submit_all(r, stages, python=python, parent=parent, recipe_path=recipe_path,
@@ -546,58 +578,119 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
     return 0
 
 
+def _stage_job(r: Recipe, stage: Stage, *, python: str, parent: Optional[str], recipe_path: str,
+               overrides: list[str]) -> tuple[list[list[str]], dict, Optional[bool]]:
+    """A stage's srun steps (module and arguments), its resources by kind, and whether it runs on the CPU on
+    purpose (True), needs a GPU (False) or has no Megatron rank (None)."""
+    if stage.kind == "data":
+        steps = [cmd[2:] for cmd in _data_commands(r, python)]  # [python, "-m", module, ...] -> module, ...
+        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.data.workers), None
+    if stage.kind == "report":
+        steps = [["pause_megatron.cli", "recipe", "report", recipe_path, *overrides]]
+        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=1), None
+    argv = list(stage.argv) + (["--parent-run-id", parent] if parent else [])
+    gpus = r.launch.gpus_per_node
+    return [argv[1:]], dict(nodes=stage.nodes, ntasks_per_node=ranks_per_node(r), gpus_per_node=gpus,
+                            cpus_per_task=r.launch.cpus_per_task), gpus == 0
+
+
 def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional[str], recipe_path: str,
                 overrides: list[str], log) -> int:
-    """One sbatch job per stage that is not done, chained with afterok dependencies.
+    """One sbatch job per stage that is not done and not queued or running already, chained with afterok.
 
-    Each job ends by marking its stage done with the identity planned here, at submission: the recipe file
-    may have changed by the time the job ends.
+    A stage whose recorded job is still queued or running is left alone (its dependents wait for that job);
+    if that job runs an earlier identity, the stage and its dependents wait for a later `recipe run`. Each job
+    ends by marking its stage done with the identity planned here, at submission: the recipe file may have
+    changed by the time the job ends. Submission stops when launch.max_jobs of your jobs are queued.
     """
-    jobs: dict[str, str] = {}
-    for stage in stages:
-        if is_done(stage) or restore(stage, log=log):
+    from pause_megatron import slurm
+
+    try:
+        active = slurm.active_jobs()
+    except slurm.SlurmError as exc:
+        log(f"error: {exc}; nothing was submitted (a stage might still be queued or running)")
+        return 1
+    queued = len(active)
+    jobs: dict[str, str] = {}  # stage key -> the job its dependents wait for
+    held: set[str] = set()
+    submitted = 0
+    for i, stage in enumerate(stages):
+        if is_done(stage):
             log(f"skip {stage.key} (done)")
             continue
+        marker = read_marker(stage.out) or {}
+        job = marker.get("job")
+        if job in active:
+            if marker.get("identity") == stage.identity:
+                jobs[stage.key] = job
+                log(f"wait {stage.key}: job {job} is {active[job].lower()}")
+            else:
+                held.add(stage.key)
+                log(f"hold {stage.key}: job {job} is still {active[job].lower()} with an earlier configuration; "
+                    f"wait for it or scancel it, then run the recipe again")
+            continue
+        if any(d in held for d in stage.deps):
+            held.add(stage.key)
+            log(f"hold {stage.key}: a stage it needs is held")
+            continue
+        if restore(stage, log=log):
+            log(f"skip {stage.key} (done)")
+            continue
+        if queued >= r.launch.max_jobs:
+            log(f"{len(stages) - i} stages not submitted yet: {queued} of your jobs are queued, launch.max_jobs is "
+                f"{r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
+            break
         claim(stage, log=log)
-        deps = [jobs[d] for d in stage.deps if d in jobs]
-        mark = shlex.join([python, "-m", "pause_megatron.recipe", "mark", stage.out, stage.key, stage.identity])
-        if stage.kind == "data":
-            body = " && ".join(shlex.join(c) for c in _data_commands(r, python))
-            nodes, ntasks = 1, 1
-        elif stage.kind == "report":
-            body = shlex.join([python, "-m", "pause_megatron.cli", "recipe", "report", recipe_path, *overrides])
-            nodes, ntasks = 1, 1
-        else:
-            argv = list(stage.argv) + (["--parent-run-id", parent] if parent else [])
-            body = "srun --kill-on-bad-exit=1 " + shlex.join([python, *argv])
-            nodes, ntasks = stage.nodes, r.launch.gpus_per_node
-        cmd = ["sbatch", "--parsable", f"--job-name={r.name}:{stage.kind}", f"--nodes={nodes}",
-               f"--ntasks-per-node={ntasks}", f"--time={stage.time}", f"--output={stage.out}/slurm-%j.out",
-               *([f"--gpus-per-node={r.launch.gpus_per_node}"] if ntasks > 1 else []), *r.launch.sbatch_args,
-               *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []), f"--wrap={body} && {mark}"]
+        steps, res, cpu = _stage_job(r, stage, python=python, parent=parent, recipe_path=recipe_path,
+                                     overrides=overrides)
+        mark = ["-m", "pause_megatron.recipe", "mark", stage.out, stage.key, stage.identity]
+        script = os.path.join(stage.out, "slurm_job.sh")
+        with open(script, "w") as fh:
+            fh.write(slurm.job_script(steps=steps, mark=mark, home=os.getcwd(), python=python, cpu=cpu,
+                                      title=f"recipe {r.name}, stage {stage.key}, identity {stage.identity}"))
+        cmd = slurm.sbatch_command(
+            script, name=f"{r.name}:{stage.kind}", out_dir=os.path.abspath(stage.out), time=stage.time,
+            signal=r.launch.signal, deps=[jobs[d] for d in stage.deps if d in jobs], extra=r.launch.sbatch_args,
+            workdir=os.getcwd(), **res)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             log(f"sbatch failed for {stage.key}: {proc.stderr.strip()}")
             return proc.returncode
         jobs[stage.key] = proc.stdout.strip().split(";")[0]
+        write_marker(stage.out, stage.key, stage.identity, done=False, job=jobs[stage.key])
+        queued += 1
+        submitted += 1
         log(f"submitted {stage.key}: job {jobs[stage.key]}")
+    log(f"{submitted} jobs submitted, {len(jobs) - submitted} stages already queued or running")
     return 0
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 def print_plan(r: Recipe, *, log=print) -> None:
-    """--dry-run: every stage with its variant, GPUs and estimated time; nothing runs."""
+    """--dry-run: every stage with its variant, GPUs, estimated hours and checkpoint disk; nothing runs."""
     stages = plan(r)
-    per_gpu = r.launch.gpus_per_node if r.launch.executor == "slurm" else r.launch.nproc
+    per_node = ranks_per_node(r)
     log(f"recipe {r.name}: {len(stages)} stages, executor {r.launch.executor}")
-    log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'estimate':>10s}")
-    total = 0.0
+    log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
+    gpu_hours, disk = 0.0, 0.0
     for s in stages:
-        g = s.nodes * per_gpu if s.kind in ("pretrain", "finetune", "evaluate") else 0
-        est = f"{s.estimate_s / 3600:8.1f} h" if s.estimate_s else "         -"
-        total += (s.estimate_s or 0.0) * max(g, 1)
+        g = s.nodes * per_node if s.kind in GPU_STAGES else 0
+        est = f"{s.estimate_s / 3600:8.1f}" if s.estimate_s else "       -"
+        gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
+        disk += s.disk_bytes or 0.0
+        size = _size(s.disk_bytes) if s.disk_bytes else "-"
         done = " (done)" if is_done(s) else ""
-        log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est}")
-    log(f"estimated GPU-hours for the training stages: {total / 3600:,.0f} (at {ASSUMED_MFU:.0%} MFU on H100)")
+        log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est} {size:>9s}")
+    log(f"total: {gpu_hours:,.0f} GPU-hours for the training stages (at {ASSUMED_MFU:.0%} MFU on H100); "
+        f"{_size(disk)} of checkpoints kept (train.keep_checkpoints bounds it; "
+        f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter each)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

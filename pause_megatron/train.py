@@ -205,6 +205,22 @@ def eval_step(state: TrainState, microbatches: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # The loop: the same for pretraining and finetuning; only where the batches come from differs.
 
+_EARLY_STOP: list[str] = []  # stop signals that came before the loop started (catch_stop_signals)
+
+
+def catch_stop_signals() -> None:
+    """From a training job's start: a stop signal that comes before the loop (Slurm's time-limit warning can come
+    early, a preemption any time) is remembered, and the loop saves after its first step, instead of the signal
+    killing the process with nothing saved."""
+    import signal
+
+    def handler(signum, frame):
+        _EARLY_STOP.append(signal.Signals(signum).name)
+
+    for name in GracefulStop.SIGNALS:
+        signal.signal(getattr(signal, name), handler)
+
+
 class GracefulStop:
     """SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) ask for save-and-exit.
 
@@ -217,8 +233,8 @@ class GracefulStop:
         import signal
 
         self.cuda = cuda  # NCCL reduces CUDA tensors only
-        self.requested = False
-        self.signal_name: Optional[str] = None
+        self.requested = bool(_EARLY_STOP)
+        self.signal_name: Optional[str] = _EARLY_STOP[0] if _EARLY_STOP else None
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
 
@@ -323,7 +339,7 @@ def fit(
                 bar.update(1)
             stopped = stop.agreed()
             if stopped or (t.save_interval and state.step % t.save_interval == 0):
-                checkpoint.save(state, ckpt_root, extra=checkpoint_extra)
+                checkpoint.save(state, ckpt_root, extra=checkpoint_extra, keep=t.keep_checkpoints)
                 saved_at = state.step
             if stopped:
                 if rank0:
@@ -331,7 +347,7 @@ def fit(
                           f"checkpoint saved in {ckpt_root}", flush=True)
                 break
         if not stopped and saved_at != state.step:
-            checkpoint.save(state, ckpt_root, extra=checkpoint_extra)
+            checkpoint.save(state, ckpt_root, extra=checkpoint_extra, keep=t.keep_checkpoints)
     finally:
         bar.close()
         if metrics_file:

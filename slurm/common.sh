@@ -31,6 +31,8 @@ export PYTHONUNBUFFERED=1
 
 EXIT_STOPPED=75  # pause_megatron.job.EXIT_STOPPED: saved after SIGUSR1/SIGTERM, resume by running again
 
+# Arrays are expanded as ${a[@]+"${a[@]}"}: "${a[@]}" of an empty array fails under `set -u` on bash < 4.4.
+
 # run_ranks MODULE [ARGS...]: one srun step, one task per rank, all nodes of the allocation.
 run_ranks() {
   local container=()
@@ -39,21 +41,28 @@ run_ranks() {
                --container-workdir="$PAUSE_HOME")
   fi
   echo "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} ranks, $PAUSE_PYTHON -m $*"
-  (cd "$PAUSE_HOME" && srun --kill-on-bad-exit=1 "${container[@]}" "$PAUSE_PYTHON" -m "$@")
+  (cd "$PAUSE_HOME" && srun --kill-on-bad-exit=1 ${container[@]+"${container[@]}"} "$PAUSE_PYTHON" -m "$@")
 }
 
-# train MODULE: run a training module with the recipe and overrides; requeue the job if it stopped early.
+# run_step MODULE [ARGS...]: run_ranks, and end the job script unless the step finished. A step stopped by
+# the time-limit signal or a preemption (exit 75, checkpoint saved) requeues the job, which resumes from that
+# checkpoint; the script exits at once, so nothing after the step runs on a partial result.
+run_step() {
+  local rc=0
+  run_ranks "$@" || rc=$?
+  if [ "$rc" -eq "$EXIT_STOPPED" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "stopped before the end (checkpoint saved): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  if [ "$rc" -ne 0 ]; then exit "$rc"; fi
+}
+
+# train MODULE: run a training module with the recipe and overrides (run_step: requeued if it stopped early).
 train() {
   local module=$1 overrides=()
   read -r -a overrides <<< "$PAUSE_OVERRIDES"
   if [ -n "${PAUSE_DATA:-}" ]; then overrides+=("data.path=$PAUSE_DATA"); fi
   if [ -n "${PAUSE_OUTPUT:-}" ]; then overrides+=("train.output_dir=$PAUSE_OUTPUT"); fi
-  local rc=0
-  run_ranks "$module" --config "$PAUSE_CONFIG" "${overrides[@]}" || rc=$?
-  if [ "$rc" -eq "$EXIT_STOPPED" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-    echo "stopped before the end (checkpoint saved): requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-    return 0
-  fi
-  return "$rc"
+  run_step "$module" --config "$PAUSE_CONFIG" ${overrides[@]+"${overrides[@]}"}
 }

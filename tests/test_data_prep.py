@@ -360,3 +360,28 @@ def test_reading_yields_the_text_of_each_line_in_order(corpus):
     report = InputReport(where=path)
     assert list(read_c4_file(path, report=report)) == documents_of(path)
     assert report.lines == DOCS_PER_FILE and not report.bad_lines
+
+
+def test_hf_shard_range_reads_the_stream_only_up_to_its_end(monkeypatch, corpus, tokenizer_path, tmp_path):
+    """--hf with --shard-range 1:2 passes over shard 0's records and stops after shard 1 (plus one record to
+    learn whether the stream goes on); the stream is counted as it is read."""
+    paths = sorted(os.path.join(corpus, p) for p in os.listdir(corpus))
+    records = [json.loads(line) for p in paths for line in gzip.open(p, "rt", encoding="utf-8")]
+    read = []
+
+    def stream(**_):
+        for r in records:
+            read.append(r)
+            yield r
+
+    monkeypatch.setattr(build_c4, "hf_records", stream)
+    out = str(tmp_path / "out")
+    argv = ["build", "--hf", "allenai/c4", "--hf-docs-per-shard", str(DOCS_PER_FILE), "--output", out,
+            "--tokenizer", tokenizer_path, "--seed", str(SEED)]
+    assert build_c4.main([*argv, "--shard-range", "1:2"]) == 0
+    assert len(read) == 2 * DOCS_PER_FILE + 1 < len(records)
+    assert [r["name"] for r in manifest(out)["shards"]] == ["c4-en-train.00001"]
+    assert manifest(out)["complete"] is False
+    read.clear()
+    assert build_c4.main([*argv, "--shard-range", f"0:{NUM_FILES + 5}"]) == 0  # the rest; the stream ends inside
+    assert manifest(out)["complete"] is True and len(manifest(out)["shards"]) == NUM_FILES

@@ -1,0 +1,82 @@
+"""Submitting recipe stages to Slurm: one batch script per stage, run through slurm/common.sh.
+
+Each stage's job script sources `slurm/common.sh` (the launch path the sbatch scripts in slurm/ use) and runs
+its command with `run_step`: one srun step for every rank; a step that stopped at the time limit or on
+preemption (exit 75, checkpoint saved) requeues the job, which resumes; any other failure ends the job, and
+`--kill-on-invalid-dep=yes` then cancels what depends on it. The last line marks the stage done.
+
+Submission is plain `sbatch`: recipe stages are shell commands with per-stage dependencies and resources, which
+is what sbatch takes directly. submitit submits pickled Python callables, one executor's resources at a time,
+and would run beside (not through) slurm/common.sh; job arrays share one set of resources and their
+dependencies are per array, not per stage. Job limits (MaxSubmitJobs) are met by throttling: `recipe run`
+submits until `launch.max_jobs` of your jobs are queued and stops; running it again later submits the rest and
+never a stage whose job is still queued or running.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import subprocess
+from typing import Optional
+
+# Job states in which a job may still run or write (squeue's long names).
+ACTIVE = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                    "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "SPECIAL_EXIT", "RESV_DEL_HOLD"})
+COMMON_SH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm", "common.sh")
+
+
+class SlurmError(RuntimeError):
+    pass
+
+
+def active_jobs() -> dict[str, str]:
+    """Your jobs that are queued or running: job id -> state. An error if squeue cannot tell (then nothing
+    may be submitted: a stage might be running)."""
+    cmd = ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmError(f"{shlex.join(cmd)}: {exc}") from None
+    if proc.returncode != 0:
+        raise SlurmError(f"{shlex.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    jobs = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] in ACTIVE:
+            jobs[parts[0]] = parts[1]
+    return jobs
+
+
+def job_script(*, steps: list[list[str]], mark: list[str], home: str, python: str, cpu: Optional[bool],
+               title: str) -> str:
+    """A stage's batch script. `steps`: module and arguments, each one srun step; `mark`: the command that
+    marks the stage done. cpu: True runs on the CPU emulation on purpose, False refuses to run without a GPU,
+    None (data, report) has no Megatron rank."""
+    if not os.path.exists(COMMON_SH):
+        raise SlurmError(f"{COMMON_SH} not found: the Slurm executor runs stages through the project checkout's "
+                         "slurm/common.sh")
+    lines = ["#!/bin/bash", f"# {title}", "set -euo pipefail",
+             f"export PAUSE_HOME={shlex.quote(home)} PAUSE_PYTHON={shlex.quote(python)}"]
+    if cpu is True:
+        lines.append("export PAUSE_MEGATRON_CPU=1")
+    elif cpu is False:
+        lines.append("export PAUSE_REQUIRE_GPU=1")
+    lines.append(f"source {shlex.quote(COMMON_SH)}")
+    lines += ["run_step " + shlex.join(step) for step in steps]
+    lines.append('cd "$PAUSE_HOME" && "$PAUSE_PYTHON" ' + shlex.join(mark))
+    return "\n".join(lines) + "\n"
+
+
+def sbatch_command(script: str, *, name: str, out_dir: str, nodes: int, ntasks_per_node: int, gpus_per_node: int,
+                   cpus_per_task: int, time: str, signal: str, deps: list[str], extra: list[str],
+                   workdir: str) -> list[str]:
+    """sbatch's arguments for one stage. `gpus_per_node` is asked whenever it is above 0 (a GPU stage on one
+    GPU too); `--kill-on-invalid-dep=yes` cancels the stage when a stage it waits for fails."""
+    return ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={workdir}", f"--nodes={nodes}",
+            f"--ntasks-per-node={ntasks_per_node}", f"--cpus-per-task={cpus_per_task}",
+            *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node > 0 else []), f"--time={time}",
+            f"--output={out_dir}/slurm-%j.out", "--open-mode=append", "--requeue", f"--signal={signal}",
+            "--kill-on-invalid-dep=yes", *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []),
+            *extra, script]

@@ -1,0 +1,218 @@
+"""The recipe's Slurm executor (issue 19): resources by stage kind, throttled submission, stages whose jobs are
+queued or running left alone, the launch path shared with slurm/ (requeue after a stop), the array script's checks.
+
+Unit tests run `recipe run` with a fake `sbatch` (records its arguments, answers a job id) and a fake `squeue`
+(prints the jobs a test says are queued); the real-cluster scenarios are in tests/test_slurm.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+from test_recipe import MICRO, write_recipe
+
+FAKE_SBATCH = """#!/bin/sh
+n=$(ls "$SBATCH_LOG" 2>/dev/null | wc -l)
+mkdir -p "$SBATCH_LOG"
+for a in "$@"; do printf '%s\\n' "$a"; done > "$SBATCH_LOG/job$n"
+echo "$((1000 + n))"
+"""
+FAKE_SQUEUE = """#!/bin/sh
+cat "$SQUEUE_JOBS" 2>/dev/null || true
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_LOG", str(tmp_path / "jobs"))
+    monkeypatch.setenv("SQUEUE_JOBS", str(tmp_path / "squeue.txt"))
+    return tmp_path
+
+
+def _queued(tmp_path, jobs: dict) -> None:
+    (tmp_path / "squeue.txt").write_text("".join(f"{j} {state}\n" for j, state in jobs.items()))
+
+
+def _submitted(tmp_path) -> dict:
+    """job id -> (stage key read from the script's marker line, sbatch arguments)."""
+    out = {}
+    for i in range(len(list((tmp_path / "jobs").glob("job*")))):
+        args = (tmp_path / "jobs" / f"job{i}").read_text().splitlines()
+        key = open(args[-1]).read().splitlines()[-1].split()[-2]
+        out[str(1000 + i)] = (key, args)
+    return out
+
+
+def _run(tmp_path, changes=None, **launch):
+    from pause_megatron.recipe import load_recipe, run
+
+    path = write_recipe(tmp_path, launch={"executor": "slurm", "gpus_per_node": 1, **launch},
+                        tracking={"enabled": False}, **(changes or {}))
+    lines = []
+    code = run(load_recipe(path), recipe_path=path, log=lines.append)
+    return code, lines
+
+
+def test_resources_follow_the_stage_kind_and_one_gpu_is_asked_for(fake_slurm):
+    code, lines = _run(fake_slurm, gpus_per_node=1, cpus_per_task=3)
+    assert code == 0, lines
+    jobs = _submitted(fake_slurm)
+    for key, args in jobs.values():
+        script = open(args[-1]).read()
+        gpu = key.startswith(("pretrain/", "finetune/", "evaluate/"))
+        assert ("--gpus-per-node=1" in args) == gpu, (key, args)
+        assert ("export PAUSE_REQUIRE_GPU=1" in script) == gpu, key
+        assert "--kill-on-invalid-dep=yes" in args and "--requeue" in args
+        assert "source " in script and "slurm/common.sh" in script and "run_step " in script
+        if key == "data":
+            assert "--cpus-per-task=2" in args and "--time=24:00:00" in args  # data.workers, data.time
+        if gpu:
+            assert "--cpus-per-task=3" in args and "--signal=USR1@300" in args
+
+
+def test_a_gpu_stage_without_a_gpu_refuses_to_run_on_the_cpu(fake_slurm):
+    code = ("from pause_megatron.config import load_config; from pause_megatron.runtime import init_distributed;"
+            "init_distributed(load_config(None, [], hardware=False))")
+    env = {k: v for k, v in os.environ.items() if k != "PAUSE_MEGATRON_CPU"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env={**env, "PAUSE_REQUIRE_GPU": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0 and "asked for GPUs" in proc.stderr and "gpus_per_node=0" in proc.stderr
+
+
+def test_cpu_stages_on_slurm_run_nproc_ranks_per_node_on_purpose(fake_slurm):
+    ft = {**MICRO["finetune"], "overrides": [*MICRO["finetune"]["overrides"], "train.global_batch_size=4"]}
+    code, lines = _run(fake_slurm, {"finetune": ft}, gpus_per_node=0, nproc=2)
+    assert code == 0, lines
+    for key, args in _submitted(fake_slurm).values():
+        if key.startswith("pretrain/"):
+            assert "--ntasks-per-node=2" in args and not any(a.startswith("--gpus") for a in args)
+            assert "export PAUSE_MEGATRON_CPU=1" in open(args[-1]).read()
+
+
+def test_submission_is_throttled_and_resumes_without_duplicates(fake_slurm):
+    _queued(fake_slurm, {"99": "RUNNING"})  # another job of this user
+    code, lines = _run(fake_slurm, max_jobs=3)
+    assert code == 0 and any("launch.max_jobs is 3" in line for line in lines), lines
+    first = _submitted(fake_slurm)
+    assert [k for k, _ in first.values()] == ["data", "pretrain/pause"]
+    # later: 99 ended, the two recipe jobs are still queued
+    _queued(fake_slurm, {"1000": "RUNNING", "1001": "PENDING"})
+    code, lines = _run(fake_slurm, max_jobs=3)
+    assert code == 0
+    jobs = _submitted(fake_slurm)
+    keys = [k for k, _ in jobs.values()]
+    assert keys == ["data", "pretrain/pause", "pretrain/std"]  # one more, nothing twice
+    assert "--dependency=afterok:1000" in jobs["1002"][1]  # waits for the data job still queued
+    _queued(fake_slurm, {j: "PENDING" for j in jobs})
+    code, lines = _run(fake_slurm, max_jobs=100)
+    keys = [k for k, _ in _submitted(fake_slurm).values()]
+    assert code == 0 and len(keys) == len(set(keys)) == 10, keys
+    ft = next(args for k, args in _submitted(fake_slurm).values() if k == "finetune/PausePT/piqa/append1/seed0")
+    assert "--dependency=afterok:1001" in ft
+
+
+def test_a_rerun_while_jobs_are_queued_submits_nothing_and_moves_nothing(fake_slurm):
+    assert _run(fake_slurm)[0] == 0
+    jobs = _submitted(fake_slurm)
+    _queued(fake_slurm, {j: "PENDING" for j in jobs})
+    code, lines = _run(fake_slurm)
+    assert code == 0 and len(_submitted(fake_slurm)) == len(jobs), lines
+    # the recipe changed while the pretraining job is queued: its folder is neither set aside nor resubmitted
+    from pause_megatron.recipe import load_recipe, run
+
+    pre = {**MICRO["pretrain"], "overrides": [*MICRO["pretrain"]["overrides"], "optim.lr=5e-3"]}
+    path = write_recipe(fake_slurm, launch={"executor": "slurm", "gpus_per_node": 1}, tracking={"enabled": False},
+                        pretrain=pre)
+    lines = []
+    assert run(load_recipe(path), recipe_path=path, log=lines.append) == 0
+    assert len(_submitted(fake_slurm)) == len(jobs), lines
+    assert not list((fake_slurm / "out").glob("pretrain/*.replaced-*"))
+    assert any(line.startswith("hold pretrain/pause: job") for line in lines), lines
+
+
+def test_a_dependency_left_out_but_restorable_is_not_missing(tmp_path, monkeypatch):
+    from pause_megatron.recipe import full_plan, load_recipe, mark_done, missing_dependencies
+
+    monkeypatch.chdir(ROOT)
+    r = load_recipe(write_recipe(tmp_path, stages=["finetune"], data={**MICRO["data"], "input": None}))
+    everything = full_plan(r)
+    pre = next(s for s in everything if s.key == "pretrain/pause")
+    mark_done(pre)
+    os.rename(pre.out, f"{pre.out}.replaced-{pre.identity}")  # set aside by a run of another configuration
+    assert [line for line in missing_dependencies(r, everything) if "pretrain/pause" in line] == []
+    assert any("pretrain/std" in line for line in missing_dependencies(r, everything))
+
+
+def test_dry_run_prints_gpus_hours_and_disk(tmp_path):
+    from test_recipe_reuse import cli
+
+    pre = {**MICRO["pretrain"], "overrides": [*MICRO["pretrain"]["overrides"][:-1], "train.save_interval=2"]}
+    proc = cli("run", write_recipe(tmp_path, pretrain=pre), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("stage"))
+    assert header.split()[-3:] == ["GPUs", "hours", "disk"]
+    total = next(line for line in proc.stdout.splitlines() if line.startswith("total:"))
+    assert "GPU-hours" in total and "B of checkpoints" in total
+    kept = cli("run", write_recipe(tmp_path, pretrain={
+        **pre, "overrides": [*pre["overrides"], "train.keep_checkpoints=1"]}), "--dry-run")
+    units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+    def disk(out):
+        value, unit = next(line for line in out.splitlines() if line.startswith("pretrain/pause")).split()[-2:]
+        return float(value) * units[unit]
+
+    assert disk(kept.stdout) * 3 == pytest.approx(disk(proc.stdout), rel=0.05)  # 6 steps, a save every 2: 3 kept
+
+
+# ---- slurm/finetune_eval_array.sh with fake srun/scontrol: what runs after a stop, and the array's size ------
+
+FAKE_SRUN = """#!/bin/sh
+echo "srun $*" >> "$CALLS"
+case "$*" in *pause_megatron.finetune*) exit "${FINETUNE_EXIT:-0}";; esac
+"""
+FAKE_SCONTROL = """#!/bin/sh
+echo "scontrol $*" >> "$CALLS"
+"""
+
+
+def _array(tmp_path, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+           "PAUSE_HOME": str(ROOT), "PAUSE_INIT": "x", "PAUSE_OUTPUT": str(tmp_path / "ft"), "SLURM_JOB_ID": "77",
+           "SLURM_ARRAY_TASK_ID": "3", **env}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "finetune_eval_array.sh")], env=env, capture_output=True,
+                          text=True)
+    return proc, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_array_task_stopped_at_its_limit_requeues_and_evaluates_nothing(tmp_path):
+    proc, calls = _array(tmp_path, FINETUNE_EXIT="75")
+    assert proc.returncode == 0, proc.stderr
+    assert any("pause_megatron.finetune" in c for c in calls) and "scontrol requeue 77" in calls
+    assert not any("pause_megatron.evaluate" in c for c in calls)
+    (tmp_path / "finished").mkdir()
+    proc, calls = _array(tmp_path / "finished")  # a finetune that ends: its evaluation follows
+    assert proc.returncode == 0 and any("pause_megatron.evaluate" in c for c in calls)
+
+
+def test_an_array_smaller_than_the_sweep_is_refused(tmp_path):
+    proc, calls = _array(tmp_path, SLURM_ARRAY_TASK_COUNT="5")
+    assert proc.returncode == 2 and "9 tasks x 5 seeds = 45" in proc.stderr and calls == []
+    proc, calls = _array(tmp_path, SLURM_ARRAY_TASK_COUNT="5", PAUSE_ARRAY_PART="1")
+    assert proc.returncode == 0, proc.stderr
