@@ -10,6 +10,11 @@ used in pretraining: the id is in every tokenizer, so nothing special is needed.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below: a stop signal during start-up is kept, not fatal
+    from pause_megatron import stop_signals
+
+    stop_signals.catch()
+
 import argparse
 import sys
 from typing import Optional
@@ -22,7 +27,6 @@ from pause_megatron.data import DataError, FinetuneDataset
 from pause_megatron.job import add_tracking_args, run_job, tags_from
 from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples
 from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch
-from pause_megatron.train import catch_stop_signals
 
 
 def finetune_config(config_path: Optional[str], overrides: list[str]):
@@ -56,7 +60,6 @@ def build_datasets(cfg, tokenizer: PauseTokenizer):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    catch_stop_signals()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a YAML recipe file")
     ap.add_argument("overrides", nargs="*", help="dotted overrides: task=squad pauses.m_ft=10 ...")

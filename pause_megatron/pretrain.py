@@ -6,6 +6,11 @@ checkpoint in `train.output_dir` if there is one.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below: a stop signal during start-up is kept, not fatal
+    from pause_megatron import stop_signals
+
+    stop_signals.catch()
+
 import argparse
 import os
 import sys
@@ -18,7 +23,6 @@ from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import MANIFEST, DataError, build_pretrain_datasets, load_tokenizer
 from pause_megatron.job import add_tracking_args, run_job, tags_from
 from pause_megatron.tokenizer import TokenizerMismatch
-from pause_megatron.train import catch_stop_signals
 
 
 def parse_args(argv: Optional[list[str]] = None):
@@ -32,7 +36,6 @@ def parse_args(argv: Optional[list[str]] = None):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    catch_stop_signals()
     args = parse_args(argv)
     try:  # every config error is reported before any process group starts
         cfg = load_config(args.config, args.overrides, world_size=runtime.world_size_from_env())

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from pause_megatron import stop_signals
 from pause_megatron.config import Config
 from pause_megatron.model import build_model_chunks, prepare_chunks
 from pause_megatron.perf import memory_gb, model_flops_per_token, peak_tflops  # MFU convention: see perf.py
@@ -205,36 +206,21 @@ def eval_step(state: TrainState, microbatches: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # The loop: the same for pretraining and finetuning; only where the batches come from differs.
 
-_EARLY_STOP: list[str] = []  # stop signals that came before the loop started (catch_stop_signals)
-
-
-def catch_stop_signals() -> None:
-    """From a training job's start: a stop signal that comes before the loop (Slurm's time-limit warning can come
-    early, a preemption any time) is remembered, and the loop saves after its first step, instead of the signal
-    killing the process with nothing saved."""
-    import signal
-
-    def handler(signum, frame):
-        _EARLY_STOP.append(signal.Signals(signum).name)
-
-    for name in GracefulStop.SIGNALS:
-        signal.signal(getattr(signal, name), handler)
-
-
 class GracefulStop:
     """SIGTERM / SIGUSR1 (what Slurm sends before a time limit or a preemption) ask for save-and-exit.
 
     Every rank must agree to stop at the same step, so the flag is all-reduced (MAX) after each step.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = stop_signals.NAMES
 
     def __init__(self, *, cuda: bool):
         import signal
 
         self.cuda = cuda  # NCCL reduces CUDA tensors only
-        self.requested = bool(_EARLY_STOP)
-        self.signal_name: Optional[str] = _EARLY_STOP[0] if _EARLY_STOP else None
+        # A signal caught during start-up (stop_signals.catch) counts: the loop saves after its first step.
+        self.requested = bool(stop_signals.received)
+        self.signal_name: Optional[str] = stop_signals.received[0] if stop_signals.received else None
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
 

@@ -216,3 +216,15 @@ def test_an_array_smaller_than_the_sweep_is_refused(tmp_path):
     assert proc.returncode == 2 and "9 tasks x 5 seeds = 45" in proc.stderr and calls == []
     proc, calls = _array(tmp_path, SLURM_ARRAY_TASK_COUNT="5", PAUSE_ARRAY_PART="1")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_retention_keeps_the_newest_n_up_to_latest(tmp_path):
+    from pause_megatron.checkpoint import prune
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"iter_{step:07d}").mkdir()
+    (tmp_path / "tokenizer.model").write_text("x")
+    # a save at step 6 that `latest` names: 8 (left by another run) is not this save's to judge
+    assert [os.path.basename(p) for p in prune(str(tmp_path), keep=2, newest=6)] == ["iter_0000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", "iter_0000006", "iter_0000008",
+                                                          "tokenizer.model"]
