@@ -125,6 +125,21 @@ def test_sigusr1_saves_and_the_rerun_resumes(tiny_c4, tmp_path):
     assert max(metrics(tmp_path)) == stopped_at + 2
 
 
+def test_a_stop_signal_during_start_up_is_kept_and_honoured_after_the_first_step(tiny_c4, tmp_path):
+    """Slurm's warning can come while the job still imports torch and Megatron: it must not kill the process
+    with nothing saved. A lone rank gets SIGUSR1 0.5 s after it started."""
+    cmd = [sys.executable, "-m", "pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={tmp_path}",
+           *BASE, "train.steps=400"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by SIGUSR1 at step 1" in out
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+
+
 def test_checkpoint_saved_at_tp2_gives_the_same_loss_at_tp1(tiny_c4, tmp_path):
     """The reloaded model (TP=2 and TP=1) gives the validation loss the trained TP=2 model had in memory.
 
