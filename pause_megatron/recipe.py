@@ -637,7 +637,7 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
             log(f"skip {stage.key} (done)")
             continue
         if queued >= r.launch.max_jobs:
-            log(f"{len(stages) - i} stages not submitted yet: {queued} of your jobs are queued, launch.max_jobs is "
+            log(f"up to {len(stages) - i} stages not submitted yet: {queued} of your jobs are queued, launch.max_jobs is "
                 f"{r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
             break
         claim(stage, log=log)
@@ -650,7 +650,7 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
                                       title=f"recipe {r.name}, stage {stage.key}, identity {stage.identity}"))
         cmd = slurm.sbatch_command(
             script, name=f"{r.name}:{stage.kind}", out_dir=os.path.abspath(stage.out), time=stage.time,
-            signal=r.launch.signal, deps=[jobs[d] for d in stage.deps if d in jobs], extra=r.launch.sbatch_args,
+            signal=r.launch.signal if stage.kind in GPU_STAGES else None, deps=[jobs[d] for d in stage.deps if d in jobs], extra=r.launch.sbatch_args,
             workdir=os.getcwd(), **res)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

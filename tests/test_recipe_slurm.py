@@ -77,6 +77,7 @@ def test_resources_follow_the_stage_kind_and_one_gpu_is_asked_for(fake_slurm):
         assert "source " in script and "slurm/common.sh" in script and "run_step " in script
         if key == "data":
             assert "--cpus-per-task=2" in args and "--time=24:00:00" in args  # data.workers, data.time
+            assert not any(a.startswith("--signal") for a in args)  # data_prep has no handler: it resumes
         if gpu:
             assert "--cpus-per-task=3" in args and "--signal=USR1@300" in args
 
