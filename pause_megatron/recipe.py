@@ -19,7 +19,11 @@ identity, not finished) resumes from its checkpoints; one whose identity changed
 output directory is kept as `<out>.replaced-<old identity>` (`.2`, `.3`, ... if that name is taken). An
 output set aside earlier that finished with the identity now planned is put back instead of rerunning. A
 subset of stages (`stages=[...]`) runs only when every stage it depends on, and does not run itself, has
-finished.
+finished (or can be put back so).
+
+On Slurm (`_submit_all`, `pause_megatron.slurm`), a stage whose recorded job is still queued or running is
+never resubmitted or set aside; a failed stage cancels its dependents, and running the recipe again submits
+only what has not finished and is not in the queue.
 """
 
 from __future__ import annotations
