@@ -104,8 +104,9 @@ class LaunchSpec:
     nproc: int = 1  # local: ranks per stage; slurm with gpus_per_node 0: ranks per node
     gpus_per_node: int = 8  # slurm: GPUs (one rank each) per node of a training/evaluation stage; 0: the CPU
     cpus_per_task: int = 8  # slurm: CPUs per rank of a training/evaluation stage
-    signal: str = "USR1@300"  # slurm: warn a training/evaluation job this long before its limit (it saves, requeues)
+    signal: str = "USR1@300"  # slurm: warn a training job this long before its limit (it saves, requeues)
     max_jobs: int = 500  # slurm: submit while fewer of your jobs are queued (MaxSubmitJobs); run again for the rest
+    max_requeues: int = 3  # slurm: requeues in a row after a stop that saved no progress (then the job fails)
     sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--partition=gpu", "--account=x"]
     python: Optional[str] = None  # the Python to run stages with (default: this one)
 
@@ -543,13 +544,16 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             log(f"error: {line}")
         return 2
     selected = {s.key for s in stages}
-    for s in everything:  # finished dependencies left out of `stages` that were set aside: put them back
-        if s.key not in selected and any(s.key in t.deps for t in stages) and not is_done(s):
-            restore(s, log=log)
+    # Finished dependencies left out of `stages` that were set aside: put back (on Slurm only after squeue
+    # says no job is writing the folder that would be moved).
+    left_out = [s for s in everything if s.key not in selected and any(s.key in t.deps for t in stages)]
     parent = _parent_run(r) if r.tracking.enabled else None
     if r.launch.executor == "slurm":
         return _submit_all(r, stages, python=python, parent=parent, recipe_path=recipe_path,
-                           overrides=list(overrides), log=log)
+                           overrides=list(overrides), log=log, left_out=left_out)
+    for s in left_out:
+        if not is_done(s):
+            restore(s, log=log)
     for i, stage in enumerate(stages, 1):
         if is_done(stage) or restore(stage, log=log):
             log(f"[{i}/{len(stages)}] skip {stage.key} (done)")
@@ -598,14 +602,25 @@ def _stage_job(r: Recipe, stage: Stage, *, python: str, parent: Optional[str], r
                             cpus_per_task=r.launch.cpus_per_task), gpus == 0
 
 
+def _stage_job_id(stage: Stage, active: dict) -> Optional[str]:
+    """The queued or running job that writes this stage's folder: the one its marker records, else one whose
+    comment names the folder (its id was never recorded: an old marker, or sbatch timed out after Slurm took it)."""
+    job = (read_marker(stage.out) or {}).get("job")
+    if job in active:
+        return job
+    out = os.path.abspath(stage.out)
+    return next((j for j, info in active.items() if info.out == out), None)
+
+
 def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional[str], recipe_path: str,
-                overrides: list[str], log) -> int:
+                overrides: list[str], log, left_out: list[Stage] = ()) -> int:
     """One sbatch job per stage that is not done and not queued or running already, chained with afterok.
 
-    A stage whose recorded job is still queued or running is left alone (its dependents wait for that job);
-    if that job runs an earlier identity, the stage and its dependents wait for a later `recipe run`. Each job
-    ends by marking its stage done with the identity planned here, at submission: the recipe file may have
-    changed by the time the job ends. Submission stops when launch.max_jobs of your jobs are queued.
+    A stage whose job is still queued or running is left alone (its dependents wait for that job); if that job
+    runs another identity, the stage and its dependents are held until a later `recipe run`, and its folder is
+    never moved (nor is a left-out dependency's, `left_out`, put back over a running job's). Each job ends by
+    marking its stage done with the identity planned here, at submission: the recipe file may have changed by
+    the time the job ends. Submission stops when launch.max_jobs of your jobs are queued.
     """
     from pause_megatron import slurm
 
@@ -617,20 +632,30 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
     queued = len(active)
     jobs: dict[str, str] = {}  # stage key -> the job its dependents wait for
     held: set[str] = set()
+    for dep in left_out:
+        if is_done(dep):
+            continue
+        job = _stage_job_id(dep, active)
+        if job is not None:
+            held.add(dep.key)
+            log(f"hold {dep.key} (not in stages): job {job} is still {active[job].state.lower()} in its folder; "
+                f"wait for it or scancel it, then run the recipe again")
+        else:
+            restore(dep, log=log)
     submitted = 0
     for i, stage in enumerate(stages):
         if is_done(stage):
             log(f"skip {stage.key} (done)")
             continue
-        marker = read_marker(stage.out) or {}
-        job = marker.get("job")
-        if job in active:
-            if marker.get("identity") == stage.identity:
+        job = _stage_job_id(stage, active)
+        if job is not None:
+            identity = active[job].identity or (read_marker(stage.out) or {}).get("identity")
+            if identity == stage.identity:
                 jobs[stage.key] = job
-                log(f"wait {stage.key}: job {job} is {active[job].lower()}")
+                log(f"wait {stage.key}: job {job} is {active[job].state.lower()}")
             else:
                 held.add(stage.key)
-                log(f"hold {stage.key}: job {job} is still {active[job].lower()} with an earlier configuration; "
+                log(f"hold {stage.key}: job {job} is still {active[job].state.lower()} with another configuration; "
                     f"wait for it or scancel it, then run the recipe again")
             continue
         if any(d in held for d in stage.deps):
@@ -651,11 +676,15 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
         script = os.path.join(stage.out, "slurm_job.sh")
         with open(script, "w") as fh:
             fh.write(slurm.job_script(steps=steps, mark=mark, home=os.getcwd(), python=python, cpu=cpu,
-                                      title=f"recipe {r.name}, stage {stage.key}, identity {stage.identity}"))
+                                      title=f"recipe {r.name}, stage {stage.key}, identity {stage.identity}",
+                                      max_requeues=r.launch.max_requeues))
+        # Only training stops cleanly at the time-limit warning (it saves); an evaluation keeps nothing, and a
+        # rerun with the same limit would be stopped again: it gets no warning (preemption still requeues it).
         cmd = slurm.sbatch_command(
-            script, name=f"{r.name}:{stage.kind}", out_dir=os.path.abspath(stage.out), time=stage.time,
-            signal=r.launch.signal if stage.kind in GPU_STAGES else None, deps=[jobs[d] for d in stage.deps if d in jobs], extra=r.launch.sbatch_args,
-            workdir=os.getcwd(), **res)
+            script, name=f"{r.name}:{stage.key}", out_dir=os.path.abspath(stage.out), time=stage.time,
+            signal=r.launch.signal if stage.kind in ("pretrain", "finetune") else None,
+            deps=[jobs[d] for d in stage.deps if d in jobs], extra=r.launch.sbatch_args, workdir=os.getcwd(),
+            comment=slurm.stage_comment(stage.identity, stage.out), **res)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             log(f"sbatch failed for {stage.key}: {proc.stderr.strip()}")

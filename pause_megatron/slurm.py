@@ -15,10 +15,11 @@ never a stage whose job is still queued or running.
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import shlex
 import subprocess
+from dataclasses import dataclass
 from typing import Optional
 
 # Job states in which a job may still run or write (squeue's long names).
@@ -31,10 +32,26 @@ class SlurmError(RuntimeError):
     pass
 
 
-def active_jobs() -> dict[str, str]:
-    """Your jobs that are queued or running: job id -> state. An error if squeue cannot tell (then nothing
-    may be submitted: a stage might be running)."""
-    cmd = ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %T"]
+COMMENT = "pause-megatron"  # --comment=pause-megatron <identity> <output directory>: a stage's job, found by squeue
+
+
+def stage_comment(identity: str, out: str) -> str:
+    return f"{COMMENT} {identity} {os.path.abspath(out)}"
+
+
+@dataclass
+class Job:
+    state: str
+    identity: Optional[str] = None  # from the job's comment: the stage identity it runs, and where
+    out: Optional[str] = None
+
+
+def active_jobs() -> dict[str, Job]:
+    """Your jobs that are queued or running: job id -> Job. Array elements count one each (-r), hidden
+    partitions too (--all). An error if squeue cannot tell (then nothing may be submitted: a stage might be
+    running). The user is this process's uid, not $USER (which the environment may set to anything)."""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    cmd = ["squeue", "-h", "-r", "--all", "-u", user, "-o", "%i %T %k"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -43,17 +60,22 @@ def active_jobs() -> dict[str, str]:
         raise SlurmError(f"{shlex.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     jobs = {}
     for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1] in ACTIVE:
-            jobs[parts[0]] = parts[1]
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and parts[1] in ACTIVE:
+            comment = parts[2].split(None, 2) if len(parts) == 3 else []
+            if len(comment) == 3 and comment[0] == COMMENT:
+                jobs[parts[0]] = Job(parts[1], comment[1], comment[2])
+            else:
+                jobs[parts[0]] = Job(parts[1])
     return jobs
 
 
 def job_script(*, steps: list[list[str]], mark: list[str], home: str, python: str, cpu: Optional[bool],
-               title: str) -> str:
+               title: str, max_requeues: int = 3) -> str:
     """A stage's batch script. `steps`: module and arguments, each one srun step; `mark`: the command that
-    marks the stage done. cpu: True runs on the CPU emulation on purpose, False refuses to run without a GPU,
-    None (data, report) has no Megatron rank."""
+    marks the stage done. cpu: True runs on the CPU emulation on purpose, False refuses to run without a GPU
+    (whatever PAUSE_MEGATRON_CPU the submitting shell exported), None (data, report) has no Megatron rank.
+    max_requeues: how many times in a row the job is requeued after a stop that saved no progress."""
     if not os.path.exists(COMMON_SH):
         raise SlurmError(f"{COMMON_SH} not found: the Slurm executor runs stages through the project checkout's "
                          "slurm/common.sh")
@@ -62,7 +84,8 @@ def job_script(*, steps: list[list[str]], mark: list[str], home: str, python: st
     if cpu is True:
         lines.append("export PAUSE_MEGATRON_CPU=1")
     elif cpu is False:
-        lines.append("export PAUSE_REQUIRE_GPU=1")
+        lines.append("export PAUSE_REQUIRE_GPU=1 PAUSE_MEGATRON_CPU=0")
+    lines.append(f"export PAUSE_MAX_REQUEUES={int(max_requeues)}")
     lines.append(f"source {shlex.quote(COMMON_SH)}")
     lines += ["run_step " + shlex.join(step) for step in steps]
     lines.append('cd "$PAUSE_HOME" && "$PAUSE_PYTHON" ' + shlex.join(mark))
@@ -71,11 +94,12 @@ def job_script(*, steps: list[list[str]], mark: list[str], home: str, python: st
 
 def sbatch_command(script: str, *, name: str, out_dir: str, nodes: int, ntasks_per_node: int, gpus_per_node: int,
                    cpus_per_task: int, time: str, signal: Optional[str], deps: list[str], extra: list[str],
-                   workdir: str) -> list[str]:
+                   workdir: str, comment: str) -> list[str]:
     """sbatch's arguments for one stage. `gpus_per_node` is asked whenever it is above 0 (a GPU stage on one
     GPU too); `signal` (e.g. USR1@300) for stages that stop cleanly on it; `--kill-on-invalid-dep=yes` cancels
-    the stage when a stage it waits for fails."""
-    return ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={workdir}", f"--nodes={nodes}",
+    the stage when a stage it waits for fails; `comment` (stage_comment) lets a rerun find the job even when
+    its id was never recorded (sbatch timed out after Slurm took the job)."""
+    return ["sbatch", "--parsable", f"--job-name={name}", f"--comment={comment}", f"--chdir={workdir}", f"--nodes={nodes}",
             f"--ntasks-per-node={ntasks_per_node}", f"--cpus-per-task={cpus_per_task}",
             *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node > 0 else []), f"--time={time}",
             f"--output={out_dir}/slurm-%j.out", "--open-mode=append", "--requeue", *([f"--signal={signal}"] if signal else []),

@@ -22,6 +22,7 @@ for a in "$@"; do printf '%s\\n' "$a"; done > "$SBATCH_LOG/job$n"
 echo "$((1000 + n))"
 """
 FAKE_SQUEUE = """#!/bin/sh
+echo "$@" > "$SQUEUE_JOBS.args"
 cat "$SQUEUE_JOBS" 2>/dev/null || true
 """
 
@@ -41,7 +42,9 @@ def fake_slurm(tmp_path, monkeypatch):
 
 
 def _queued(tmp_path, jobs: dict) -> None:
-    (tmp_path / "squeue.txt").write_text("".join(f"{j} {state}\n" for j, state in jobs.items()))
+    """jobs: id -> state, or id -> (state, comment) as squeue's `%i %T %k` prints them."""
+    (tmp_path / "squeue.txt").write_text("".join(
+        f"{j} {state}\n" if isinstance(state, str) else f"{j} {state[0]} {state[1]}\n" for j, state in jobs.items()))
 
 
 def _submitted(tmp_path) -> dict:
@@ -72,14 +75,18 @@ def test_resources_follow_the_stage_kind_and_one_gpu_is_asked_for(fake_slurm):
         script = open(args[-1]).read()
         gpu = key.startswith(("pretrain/", "finetune/", "evaluate/"))
         assert ("--gpus-per-node=1" in args) == gpu, (key, args)
-        assert ("export PAUSE_REQUIRE_GPU=1" in script) == gpu, key
+        # a GPU stage cannot be talked onto the CPU by a PAUSE_MEGATRON_CPU=1 the submitting shell exported
+        assert ("export PAUSE_REQUIRE_GPU=1 PAUSE_MEGATRON_CPU=0" in script) == gpu, key
         assert "--kill-on-invalid-dep=yes" in args and "--requeue" in args
+        assert "--open-mode=append" in args  # a requeued job appends to its log instead of overwriting it
+        assert "export PAUSE_MAX_REQUEUES=3" in script
         assert "source " in script and "slurm/common.sh" in script and "run_step " in script
         if key == "data":
             assert "--cpus-per-task=2" in args and "--time=24:00:00" in args  # data.workers, data.time
-            assert not any(a.startswith("--signal") for a in args)  # data_prep has no handler: it resumes
         if gpu:
-            assert "--cpus-per-task=3" in args and "--signal=USR1@300" in args
+            assert "--cpus-per-task=3" in args
+        # only training saves at the time-limit warning; data_prep and evaluation would only start over
+        assert ("--signal=USR1@300" in args) == key.startswith(("pretrain/", "finetune/")), (key, args)
 
 
 def test_a_gpu_stage_without_a_gpu_refuses_to_run_on_the_cpu(fake_slurm):
@@ -140,6 +147,62 @@ def test_a_rerun_while_jobs_are_queued_submits_nothing_and_moves_nothing(fake_sl
     assert len(_submitted(fake_slurm)) == len(jobs), lines
     assert not list((fake_slurm / "out").glob("pretrain/*.replaced-*"))
     assert any(line.startswith("hold pretrain/pause: job") for line in lines), lines
+
+
+def test_a_left_out_dependency_is_not_put_back_over_a_running_job(fake_slurm):
+    """Configuration A finished its pretraining; B (another learning rate) then submitted its own, now running
+    in the same folders. A with stages=[finetune] must not move B's folders to restore A's output: held."""
+    from pause_megatron.recipe import full_plan, load_recipe, mark_done, read_marker
+
+    no_data = {**MICRO["data"], "input": None}
+    a = load_recipe(write_recipe(fake_slurm, stages=["pretrain"], data=no_data))
+    for s in full_plan(a):
+        if s.kind == "pretrain":
+            mark_done(s)
+    pre_b = {**MICRO["pretrain"], "overrides": [*MICRO["pretrain"]["overrides"], "optim.lr=5e-3"]}
+    code, lines = _run(fake_slurm, {"stages": ["pretrain"], "data": no_data, "pretrain": pre_b})
+    assert code == 0 and len(_submitted(fake_slurm)) == 2, lines  # A's outputs set aside, B's jobs queued
+    _queued(fake_slurm, {"1000": "RUNNING", "1001": "RUNNING"})
+    code, lines = _run(fake_slurm, {"stages": ["finetune"], "data": no_data})
+    assert code == 0, lines
+    out = fake_slurm / "out" / "pretrain"
+    assert read_marker(str(out / "pause"))["job"] == "1000" and read_marker(str(out / "std"))["job"] == "1001"
+    assert not any("restored" in line for line in lines), lines
+    assert any(line.startswith("hold pretrain/pause (not in stages): job 1000") for line in lines), lines
+    assert len(_submitted(fake_slurm)) == 2  # the finetunes wait for a later run
+    # B's jobs ended (finished or not): now A's outputs are put back and its finetunes submitted
+    _queued(fake_slurm, {})
+    code, lines = _run(fake_slurm, {"stages": ["finetune"], "data": no_data})
+    assert code == 0 and sum("restored its finished output" in line for line in lines) == 2, lines
+    assert len(list((fake_slurm / "jobs").glob("job*"))) == 2 + 3  # three finetunes; B's job scripts went aside with its folders
+
+
+def test_a_job_named_by_its_comment_counts_as_the_stages_job(fake_slurm, monkeypatch):
+    """A stage's job whose id was never recorded (sbatch timed out after Slurm took it; an older stage.json) is
+    found by its --comment: not submitted twice. squeue lists array elements (-r) and hidden partitions (--all)
+    of this uid's user, not $USER's."""
+    import pwd
+
+    from pause_megatron.recipe import load_recipe, plan, write_marker
+    from pause_megatron.slurm import stage_comment
+
+    path = write_recipe(fake_slurm, launch={"executor": "slurm", "gpus_per_node": 1}, tracking={"enabled": False})
+    pre = next(s for s in plan(load_recipe(path)) if s.key == "pretrain/pause")
+    write_marker(pre.out, pre.key, pre.identity, done=False)  # claimed, but sbatch's answer was lost
+    _queued(fake_slurm, {"555_3": ("RUNNING", stage_comment(pre.identity, pre.out)), "556": "PENDING"})
+    monkeypatch.setenv("USER", "someone-else")
+    code, lines = _run(fake_slurm, max_jobs=100)
+    assert code == 0 and "wait pretrain/pause: job 555_3 is running" in lines, lines
+    jobs = _submitted(fake_slurm)
+    keys = [k for k, _ in jobs.values()]
+    assert "pretrain/pause" not in keys and len(keys) == 9
+    ft = next(args for k, args in jobs.values() if k == "finetune/PausePT/piqa/append1/seed0")
+    assert "--dependency=afterok:555_3" in ft
+    std = next(s for s in plan(load_recipe(path)) if s.key == "pretrain/std")
+    assert f"--comment={stage_comment(std.identity, std.out)}" in next(a for k, a in jobs.values() if k == std.key)
+    assert any(a == "--job-name=micro:finetune/PausePT/piqa/append1/seed0" for a in ft)
+    args = (fake_slurm / "squeue.txt.args").read_text().split()
+    assert "-r" in args and "--all" in args and args[args.index("-u") + 1] == pwd.getpwuid(os.getuid()).pw_name
 
 
 def test_a_dependency_left_out_but_restorable_is_not_missing(tmp_path, monkeypatch):
