@@ -292,9 +292,12 @@ def _stop_on_signal() -> None:
 
     from pause_megatron.job import EXIT_STOPPED
 
+    from pause_megatron.stop_signals import write_stop_file
+
     def handler(signum, frame):
         print(f"evaluation stopped by {signal.Signals(signum).name}: exit {EXIT_STOPPED} (run again to redo it)",
               file=sys.stderr, flush=True)
+        write_stop_file("")  # nothing saved: run_step requeues it only a few times (PAUSE_MAX_REQUEUES)
         os._exit(EXIT_STOPPED)
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -344,6 +347,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump({**report, "samples": samples}, f, indent=1)
+        # The scores are written: a stop signal now only waits for the MLflow run (made here, seconds) to end
+        # instead of leaving it RUNNING.
+        import signal
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: print(f"{signal.Signals(signum).name} after the scores were "
+                                                           "written: finishing", file=sys.stderr, flush=True))
         _track(cfg, report, args.output, tags=tags_from(args), parent_run_id=args.parent_run_id)
     runtime.destroy()
     return 0

@@ -677,7 +677,7 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
         with open(script, "w") as fh:
             fh.write(slurm.job_script(steps=steps, mark=mark, home=os.getcwd(), python=python, cpu=cpu,
                                       title=f"recipe {r.name}, stage {stage.key}, identity {stage.identity}",
-                                      max_requeues=r.launch.max_requeues))
+                                      stop_dir=os.path.abspath(stage.out), max_requeues=r.launch.max_requeues))
         # Only training stops cleanly at the time-limit warning (it saves); an evaluation keeps nothing, and a
         # rerun with the same limit would be stopped again: it gets no warning (preemption still requeues it).
         cmd = slurm.sbatch_command(

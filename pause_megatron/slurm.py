@@ -71,11 +71,12 @@ def active_jobs() -> dict[str, Job]:
 
 
 def job_script(*, steps: list[list[str]], mark: list[str], home: str, python: str, cpu: Optional[bool],
-               title: str, max_requeues: int = 3) -> str:
+               title: str, stop_dir: str, max_requeues: int = 3) -> str:
     """A stage's batch script. `steps`: module and arguments, each one srun step; `mark`: the command that
     marks the stage done. cpu: True runs on the CPU emulation on purpose, False refuses to run without a GPU
     (whatever PAUSE_MEGATRON_CPU the submitting shell exported), None (data, report) has no Megatron rank.
-    max_requeues: how many times in a row the job is requeued after a stop that saved no progress."""
+    max_requeues: how many times in a row the job is requeued after a stop that saved no progress; stop_dir:
+    where run_step keeps what a stopped step saved (the stage's folder)."""
     if not os.path.exists(COMMON_SH):
         raise SlurmError(f"{COMMON_SH} not found: the Slurm executor runs stages through the project checkout's "
                          "slurm/common.sh")
@@ -85,7 +86,7 @@ def job_script(*, steps: list[list[str]], mark: list[str], home: str, python: st
         lines.append("export PAUSE_MEGATRON_CPU=1")
     elif cpu is False:
         lines.append("export PAUSE_REQUIRE_GPU=1 PAUSE_MEGATRON_CPU=0")
-    lines.append(f"export PAUSE_MAX_REQUEUES={int(max_requeues)}")
+    lines.append(f"export PAUSE_MAX_REQUEUES={int(max_requeues)} PAUSE_STOP_DIR={shlex.quote(stop_dir)}")
     lines.append(f"source {shlex.quote(COMMON_SH)}")
     lines += ["run_step " + shlex.join(step) for step in steps]
     lines.append('cd "$PAUSE_HOME" && "$PAUSE_PYTHON" ' + shlex.join(mark))

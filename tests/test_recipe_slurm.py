@@ -292,3 +292,98 @@ def test_retention_keeps_the_newest_n_up_to_latest(tmp_path):
     assert [os.path.basename(p) for p in prune(str(tmp_path), keep=2, newest=6)] == ["iter_0000002"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", "iter_0000006", "iter_0000008",
                                                           "tokenizer.model"]
+
+
+# ---- slurm/common.sh run_step: when a stopped step is requeued -------------------------------------------------
+
+STEP_SRUN = """#!/bin/sh
+echo "srun $*" >> "$CALLS"
+if [ -n "${SAVED+x}" ]; then printf '%s' "$SAVED" > "$PAUSE_STOP_FILE"; fi
+exit "${RC:-0}"
+"""
+
+
+def _step(tmp_path, **env):
+    """One `run_step` of a job script (sourcing common.sh) with a fake srun: SAVED (if given) is what the ranks
+    write to the stop file, RC srun's exit code. Returns (exit code, scontrol calls, srun's environment)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", STEP_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.unlink(missing_ok=True)
+    script = f"set -euo pipefail; source {ROOT}/slurm/common.sh; run_step pause_megatron.pretrain; echo after"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+           "PAUSE_HOME": str(ROOT), "PAUSE_STOP_DIR": str(tmp_path / "stage"), "SLURM_JOB_ID": "88", **env}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return proc.returncode, [c for c in lines if c.startswith("scontrol")], proc
+
+
+def test_a_stopped_step_requeues_on_its_stop_file_even_when_srun_says_137(tmp_path):
+    # several ranks: srun killed the others and reports 137; the stop file says the step saved step 4
+    code, scontrol, proc = _step(tmp_path, SAVED="4", RC="137")
+    assert code == 0 and scontrol == ["scontrol requeue 88"] and "after" not in proc.stdout, proc.stderr
+    # a crash (no stop file) is a failure, not a requeue
+    code, scontrol, _ = _step(tmp_path, RC="137")
+    assert code == 137 and scontrol == []
+
+
+def test_requeues_without_progress_stop_after_max_requeues(tmp_path):
+    """Training that saves a newer step each time is requeued every time; stops that save nothing newer (an
+    evaluation saves nothing at all) are requeued PAUSE_MAX_REQUEUES times in a row, then the job fails."""
+    for saved in ("2", "4", "6", "8", "10"):
+        assert _step(tmp_path, SAVED=saved, RC="75", PAUSE_MAX_REQUEUES="2")[:2] == (0, ["scontrol requeue 88"])
+    assert _step(tmp_path, SAVED="10", RC="75", PAUSE_MAX_REQUEUES="2")[:2] == (0, ["scontrol requeue 88"])
+    assert _step(tmp_path, SAVED="10", RC="75", PAUSE_MAX_REQUEUES="2")[:2] == (0, ["scontrol requeue 88"])
+    code, scontrol, proc = _step(tmp_path, SAVED="10", RC="75", PAUSE_MAX_REQUEUES="2")
+    assert code == 75 and scontrol == [] and "3 times in a row" in proc.stderr
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    results = [_step(evaluation, SAVED="", RC="75")[:2] for _ in range(4)]
+    assert results == [(0, ["scontrol requeue 88"])] * 3 + [(75, [])]
+    # a step that finishes clears the count
+    assert _step(evaluation)[0] == 0 and not list((evaluation / "stage").glob(".stop-88*"))
+
+
+def test_srun_gets_the_jobs_cpus_per_task(tmp_path):
+    """Slurm 22.05-23.02: srun does not inherit sbatch's --cpus-per-task; common.sh passes it on."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text('#!/bin/sh\necho "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK" >> "$CALLS"\n')
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    calls = tmp_path / "calls"
+    script = f"set -euo pipefail; source {ROOT}/slurm/common.sh; run_step pause_megatron.pretrain"
+    subprocess.run(["bash", "-c", script], check=True, capture_output=True, env={
+        **os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "CALLS": str(calls),
+        "PAUSE_HOME": str(ROOT), "SLURM_CPUS_PER_TASK": "6", "PAUSE_STOP_DIR": str(tmp_path)})
+    assert calls.read_text().split() == ["SRUN_CPUS_PER_TASK=6"]
+
+
+def test_evaluation_stops_on_usr1_with_exit_75_and_a_stop_file(tmp_path):
+    """evaluate.main installs its stop handler before its slow work: a SIGUSR1 then (here: while it reads the
+    task files) ends it with exit 75 and an empty stop file (nothing saved), not Python's default death."""
+    stop = tmp_path / "stop"
+    code = ("import os, signal, sys; import pause_megatron.tasks as t;"
+            "t.load_examples = lambda *a, **k: os.kill(os.getpid(), signal.SIGUSR1) or __import__('time').sleep(30);"
+            "from pause_megatron.evaluate import main; sys.exit(main(['--checkpoint', 'x', '--tasks', 'piqa']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PAUSE_STOP_FILE": str(stop)})
+    assert proc.returncode == 75, proc.stderr
+    assert "evaluation stopped by SIGUSR1" in proc.stderr and stop.read_text() == ""
+
+
+def test_an_inherited_cpu_switch_cannot_put_a_gpu_stage_on_the_cpu(fake_slurm, monkeypatch):
+    """The job script of a GPU stage sets PAUSE_MEGATRON_CPU=0 after whatever the submitting shell exported
+    (sbatch passes the environment on): the GPU check in runtime then refuses to run without a GPU."""
+    monkeypatch.setenv("PAUSE_MEGATRON_CPU", "1")
+    code, lines = _run(fake_slurm, {"stages": ["data", "pretrain"]})
+    assert code == 0, lines
+    args = next(a for k, a in _submitted(fake_slurm).values() if k == "pretrain/pause")
+    script = open(args[-1]).read()
+    exports = script.split("source ")[0]  # what the script sets before common.sh and the steps
+    probe = ("from pause_megatron.config import load_config; from pause_megatron.runtime import init_distributed;"
+             "init_distributed(load_config(None, [], hardware=False))")
+    proc = subprocess.run(["bash", "-c", f"{exports}\nexec {sys.executable} -c {probe!r}"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode != 0 and "asked for GPUs" in proc.stderr, proc.stderr[-2000:]
