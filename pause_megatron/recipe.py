@@ -277,12 +277,13 @@ def ranks_per_node(r: Recipe) -> int:
 
 
 def _disk(cfg) -> float:
-    """Bytes of the checkpoints a training stage keeps at its end."""
+    """Bytes of the checkpoints a training stage holds at its peak (during its last save)."""
     t, m = cfg.train, cfg.model
     h = m.hidden_size  # attention 4h^2 and MLP 2hf per layer; the embedding (and an untied output layer) hV
     params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * 32128
     saves = -(-t.steps // t.save_interval) if t.save_interval else 1
-    return params * CHECKPOINT_BYTES_PER_PARAM * (min(saves, t.keep_checkpoints) if t.keep_checkpoints else saves)
+    # With retention, a save writes its checkpoint before the oldest kept one goes: keep + 1 at that moment.
+    return params * CHECKPOINT_BYTES_PER_PARAM * (min(saves, t.keep_checkpoints + 1) if t.keep_checkpoints else saves)
 
 
 def full_plan(r: Recipe) -> list[Stage]:

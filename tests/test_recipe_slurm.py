@@ -236,7 +236,8 @@ def test_dry_run_prints_gpus_hours_and_disk(tmp_path):
         value, unit = next(line for line in out.splitlines() if line.startswith("pretrain/pause")).split()[-2:]
         return float(value) * units[unit]
 
-    assert disk(kept.stdout) * 3 == pytest.approx(disk(proc.stdout), rel=0.05)  # 6 steps, a save every 2: 3 kept
+    # 6 steps, a save every 2: 3 kept; keeping 1, a save still holds 2 at once (the new one before the old goes)
+    assert disk(kept.stdout) * 3 == pytest.approx(disk(proc.stdout) * 2, rel=0.05)
 
 
 # ---- slurm/finetune_eval_array.sh with fake srun/scontrol: what runs after a stop, and the array's size ------
@@ -282,16 +283,34 @@ def test_an_array_smaller_than_the_sweep_is_refused(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_retention_keeps_the_newest_n_up_to_latest(tmp_path):
-    from pause_megatron.checkpoint import prune
+def test_retention_keeps_the_newest_n_complete_checkpoints_up_to_latest(tmp_path):
+    from pause_megatron.checkpoint import COMPLETE, prune
 
-    for step in (2, 4, 6, 8):
-        (tmp_path / f"iter_{step:07d}").mkdir()
-    (tmp_path / "tokenizer.model").write_text("x")
-    # a save at step 6 that `latest` names: 8 (left by another run) is not this save's to judge
-    assert [os.path.basename(p) for p in prune(str(tmp_path), keep=2, newest=6)] == ["iter_0000002"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004", "iter_0000006", "iter_0000008",
-                                                          "tokenizer.model"]
+    def make(root, complete, partial=()):
+        root.mkdir()
+        for step in complete:
+            (root / f"iter_{step:07d}").mkdir()
+            (root / f"iter_{step:07d}" / COMPLETE).write_text("")
+        for step in partial:
+            (root / f"iter_{step:07d}").mkdir()
+        (root / "tokenizer.model").write_text("x")
+        return root
+
+    def left(root):
+        return sorted(p.name for p in root.iterdir())
+
+    # a save at step 6 that `latest` names: 8 (left by another run) is not this save's to judge; 2 goes
+    root = make(tmp_path / "a", complete=(2, 4, 6, 8))
+    assert [os.path.basename(p) for p in prune(str(root), keep=2, newest=6)] == ["iter_0000002"]
+    assert left(root) == ["iter_0000004", "iter_0000006", "iter_0000008", "tokenizer.model"]
+    # a save cut short at 4 does not count among the 2 kept, and goes: a newer complete one (6) is there
+    root = make(tmp_path / "b", complete=(2, 6), partial=(4,))
+    prune(str(root), keep=2, newest=6)
+    assert left(root) == ["iter_0000002", "iter_0000006", "tokenizer.model"]
+    # nothing complete besides: an incomplete folder older than the newest complete one goes, none newer
+    root = make(tmp_path / "c", complete=(4,), partial=(2, 6))
+    prune(str(root), keep=1, newest=6)
+    assert left(root) == ["iter_0000004", "iter_0000006", "tokenizer.model"]
 
 
 # ---- slurm/common.sh run_step: when a stopped step is requeued -------------------------------------------------
