@@ -218,11 +218,15 @@ class GracefulStop:
         import signal
 
         self.cuda = cuda  # NCCL reduces CUDA tensors only
-        # A signal caught during start-up (stop_signals.catch) counts: the loop saves after its first step.
-        self.requested = bool(stop_signals.received)
-        self.signal_name: Optional[str] = stop_signals.received[0] if stop_signals.received else None
+        self.requested = False
+        self.signal_name: Optional[str] = None
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
+        # A signal caught during start-up (stop_signals.catch) counts: the loop saves after its first step. Read
+        # after the handlers are ours: one that came in between is then either in `received` or handled here.
+        if stop_signals.received:
+            self.requested = True
+            self.signal_name = stop_signals.received[0]
 
     def _handler(self, signum, frame):
         import signal
