@@ -139,7 +139,7 @@ class Stage:
     time: str = "01:00:00"
     tags: dict = field(default_factory=dict)
     estimate_s: Optional[float] = None
-    disk_bytes: Optional[float] = None  # checkpoints kept at the end (--dry-run)
+    disk_bytes: Optional[tuple[float, float]] = None  # --dry-run: checkpoints kept at the end, and at the peak
     inputs: dict = field(default_factory=dict)  # what decides the result (resolved config, data, ...)
     identity: str = ""  # set by plan(): inputs and the dependencies' identities, hashed
 
@@ -276,14 +276,15 @@ def ranks_per_node(r: Recipe) -> int:
     return r.launch.gpus_per_node if r.launch.executor == "slurm" and r.launch.gpus_per_node > 0 else r.launch.nproc
 
 
-def _disk(cfg) -> float:
-    """Bytes of the checkpoints a training stage holds at its peak (during its last save)."""
+def _disk(cfg) -> tuple[float, float]:
+    """Bytes of the checkpoints a training stage keeps at its end, and at its peak: with retention, a save
+    writes the new checkpoint before the oldest kept one goes (keep + 1 at that moment)."""
     t, m = cfg.train, cfg.model
     h = m.hidden_size  # attention 4h^2 and MLP 2hf per layer; the embedding (and an untied output layer) hV
     params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * 32128
     saves = -(-t.steps // t.save_interval) if t.save_interval else 1
-    # With retention, a save writes its checkpoint before the oldest kept one goes: keep + 1 at that moment.
-    return params * CHECKPOINT_BYTES_PER_PARAM * (min(saves, t.keep_checkpoints + 1) if t.keep_checkpoints else saves)
+    keep = t.keep_checkpoints or saves
+    return params * CHECKPOINT_BYTES_PER_PARAM * min(saves, keep), params * CHECKPOINT_BYTES_PER_PARAM * min(saves, keep + 1)
 
 
 def full_plan(r: Recipe) -> list[Stage]:
@@ -708,23 +709,26 @@ def _size(n: float) -> str:
 
 
 def print_plan(r: Recipe, *, log=print) -> None:
-    """--dry-run: every stage with its variant, GPUs, estimated hours and checkpoint disk; nothing runs."""
+    """--dry-run: every stage with its variant, GPUs, estimated hours and checkpoint disk (at its peak, during
+    a save); nothing runs."""
     stages = plan(r)
     per_node = ranks_per_node(r)
     log(f"recipe {r.name}: {len(stages)} stages, executor {r.launch.executor}")
     log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
-    gpu_hours, disk = 0.0, 0.0
+    gpu_hours, disk, extra = 0.0, 0.0, 0.0
     for s in stages:
         g = s.nodes * per_node if s.kind in GPU_STAGES else 0
         est = f"{s.estimate_s / 3600:8.1f}" if s.estimate_s else "       -"
         gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
-        disk += s.disk_bytes or 0.0
-        size = _size(s.disk_bytes) if s.disk_bytes else "-"
+        end, peak = s.disk_bytes or (0.0, 0.0)
+        disk, extra = disk + end, max(extra, peak - end)
+        size = _size(peak) if peak else "-"
         done = " (done)" if is_done(s) else ""
         log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est} {size:>9s}")
     log(f"total: {gpu_hours:,.0f} GPU-hours for the training stages (at {ASSUMED_MFU:.0%} MFU on H100); "
-        f"{_size(disk)} of checkpoints kept (train.keep_checkpoints bounds it; "
-        f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter each)")
+        f"{_size(disk)} of checkpoints kept at the end (train.keep_checkpoints bounds it; "
+        f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter each), and up to {_size(extra)} more for each stage "
+        "saving at the same time (the disk column: a stage's peak, during a save)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -63,7 +63,8 @@ def dist_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             world_size=int(environ["SLURM_NTASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
             master_addr=environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"]),
-            # A port per job, so that two jobs sharing a first node do not collide; below Linux's ephemeral
+            # A port per job (jobs sharing a first node collide only if their ids differ by a multiple of
+            # JOB_PORTS: then set MASTER_PORT), below Linux's ephemeral
             # range (32768-60999), where any process's outgoing connection may hold it.
             master_port=int(environ.get("MASTER_PORT", JOB_PORT_BASE + job_id % JOB_PORTS)),
         )
