@@ -89,15 +89,6 @@ def test_resources_follow_the_stage_kind_and_one_gpu_is_asked_for(fake_slurm):
         assert ("--signal=USR1@300" in args) == key.startswith(("pretrain/", "finetune/")), (key, args)
 
 
-def test_a_gpu_stage_without_a_gpu_refuses_to_run_on_the_cpu(fake_slurm):
-    code = ("from pause_megatron.config import load_config; from pause_megatron.runtime import init_distributed;"
-            "init_distributed(load_config(None, [], hardware=False))")
-    env = {k: v for k, v in os.environ.items() if k != "PAUSE_MEGATRON_CPU"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, env={**env, "PAUSE_REQUIRE_GPU": "1", "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode != 0 and "asked for GPUs" in proc.stderr and "gpus_per_node=0" in proc.stderr
-
-
 def test_cpu_stages_on_slurm_run_nproc_ranks_per_node_on_purpose(fake_slurm):
     ft = {**MICRO["finetune"], "overrides": [*MICRO["finetune"]["overrides"], "train.global_batch_size=4"]}
     code, lines = _run(fake_slurm, {"finetune": ft}, gpus_per_node=0, nproc=2)
@@ -392,9 +383,9 @@ def test_evaluation_stops_on_usr1_with_exit_75_and_a_stop_file(tmp_path):
     assert "evaluation stopped by SIGUSR1" in proc.stderr and stop.read_text() == ""
 
 
-def test_an_inherited_cpu_switch_cannot_put_a_gpu_stage_on_the_cpu(fake_slurm, monkeypatch):
-    """The job script of a GPU stage sets PAUSE_MEGATRON_CPU=0 after whatever the submitting shell exported
-    (sbatch passes the environment on): the GPU check in runtime then refuses to run without a GPU."""
+def test_a_gpu_stage_without_a_gpu_refuses_to_run_on_the_cpu_whatever_the_shell_exported(fake_slurm, monkeypatch):
+    """The job script of a GPU stage asks for a GPU and sets PAUSE_MEGATRON_CPU=0 after whatever the submitting
+    shell exported (sbatch passes the environment on): runtime's GPU check then refuses to run on the CPU."""
     monkeypatch.setenv("PAUSE_MEGATRON_CPU", "1")
     code, lines = _run(fake_slurm, {"stages": ["data", "pretrain"]})
     assert code == 0, lines
@@ -405,4 +396,5 @@ def test_an_inherited_cpu_switch_cannot_put_a_gpu_stage_on_the_cpu(fake_slurm, m
              "init_distributed(load_config(None, [], hardware=False))")
     proc = subprocess.run(["bash", "-c", f"{exports}\nexec {sys.executable} -c {probe!r}"], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode != 0 and "asked for GPUs" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "asked for GPUs" in proc.stderr and "gpus_per_node=0" in proc.stderr, \
+        proc.stderr[-2000:]
