@@ -284,7 +284,8 @@ def _disk(cfg) -> tuple[float, float]:
     params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * 32128
     saves = -(-t.steps // t.save_interval) if t.save_interval else 1
     keep = t.keep_checkpoints or saves
-    return params * CHECKPOINT_BYTES_PER_PARAM * min(saves, keep), params * CHECKPOINT_BYTES_PER_PARAM * min(saves, keep + 1)
+    each = params * CHECKPOINT_BYTES_PER_PARAM
+    return each * min(saves, keep), each * min(saves, keep + 1)
 
 
 def full_plan(r: Recipe) -> list[Stage]:
@@ -668,8 +669,8 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
             log(f"skip {stage.key} (done)")
             continue
         if queued >= r.launch.max_jobs:
-            log(f"up to {len(stages) - i} stages not submitted yet: {queued} of your jobs are queued, launch.max_jobs is "
-                f"{r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
+            log(f"up to {len(stages) - i} stages not submitted yet: {queued} of your jobs are queued, "
+                f"launch.max_jobs is {r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
             break
         claim(stage, log=log)
         steps, res, cpu = _stage_job(r, stage, python=python, parent=parent, recipe_path=recipe_path,

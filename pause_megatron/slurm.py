@@ -100,9 +100,11 @@ def sbatch_command(script: str, *, name: str, out_dir: str, nodes: int, ntasks_p
     GPU too); `signal` (e.g. USR1@300) for stages that stop cleanly on it; `--kill-on-invalid-dep=yes` cancels
     the stage when a stage it waits for fails; `comment` (stage_comment) lets a rerun find the job even when
     its id was never recorded (sbatch timed out after Slurm took the job)."""
-    return ["sbatch", "--parsable", f"--job-name={name}", f"--comment={comment}", f"--chdir={workdir}", f"--nodes={nodes}",
+    return ["sbatch", "--parsable", f"--job-name={name}", f"--comment={comment}", f"--chdir={workdir}",
+            f"--nodes={nodes}",
             f"--ntasks-per-node={ntasks_per_node}", f"--cpus-per-task={cpus_per_task}",
             *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node > 0 else []), f"--time={time}",
-            f"--output={out_dir}/slurm-%j.out", "--open-mode=append", "--requeue", *([f"--signal={signal}"] if signal else []),
+            f"--output={out_dir}/slurm-%j.out", "--open-mode=append", "--requeue",
+            *([f"--signal={signal}"] if signal else []),
             "--kill-on-invalid-dep=yes", *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []),
             *extra, script]

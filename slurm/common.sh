@@ -75,7 +75,8 @@ run_step() {
       exit "$EXIT_STOPPED"
     fi
     echo "$count $saved" > "$stop.requeues"
-    echo "stopped before the end (exit $rc, ${saved:+checkpoint at step $saved}${saved:-nothing saved}): requeueing job $SLURM_JOB_ID"
+    echo "stopped before the end (exit $rc, ${saved:+checkpoint at step $saved}${saved:-nothing saved}):" \
+         "requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi

@@ -165,7 +165,8 @@ def test_a_left_out_dependency_is_not_put_back_over_a_running_job(fake_slurm):
     _queued(fake_slurm, {})
     code, lines = _run(fake_slurm, {"stages": ["finetune"], "data": no_data})
     assert code == 0 and sum("restored its finished output" in line for line in lines) == 2, lines
-    assert len(list((fake_slurm / "jobs").glob("job*"))) == 2 + 3  # three finetunes; B's job scripts went aside with its folders
+    # three finetunes (B's job scripts went aside with its folders)
+    assert len(list((fake_slurm / "jobs").glob("job*"))) == 2 + 3
 
 
 def test_a_job_named_by_its_comment_counts_as_the_stages_job(fake_slurm, monkeypatch):
