@@ -353,13 +353,36 @@ def _batched(items: Iterable, size: int) -> Iterator[tuple]:
         yield batch
 
 
-def _hf_tasks(*, path: str, config: str, split: str, docs_per_shard: int) -> Iterator[ShardTask]:
-    """One task per `docs_per_shard` streamed records; shard i is named <dataset>-<config>-<split>.<i:05d>."""
+def _hf_tasks(*, path: str, config: str, split: str, docs_per_shard: int,
+              shard_range: tuple[int, int] | None = None, on_end: Callable[[int], None] | None = None
+              ) -> Iterator[ShardTask]:
+    """One task per `docs_per_shard` streamed records; shard i is named <dataset>-<config>-<split>.<i:05d>.
+
+    Lazy: one shard's records in memory at a time. With a shard range, the records before its start are passed
+    over untouched (counted, not tokenized) and the stream is read no further than its end, plus one record to
+    learn whether the dataset goes on. `on_end(n)` is called when the stream is seen to end: it has n shards.
+    """
     prefix = f"{path.rsplit('/', 1)[-1]}-{config}-{split}"
-    records = hf_records(path=path, config=config, split=split)
-    for index, chunk in enumerate(_batched(records, docs_per_shard)):
+    records = iter(hf_records(path=path, config=config, split=split))
+    start, stop = shard_range or (0, None)
+    passed = sum(1 for _ in itertools.islice(records, start * docs_per_shard))
+    index = start
+    if passed < start * docs_per_shard:  # the stream ends before the range
+        index = -(-passed // docs_per_shard)
+    while stop is None or index < stop:
+        chunk = tuple(itertools.islice(records, docs_per_shard))
+        if not chunk:
+            break
         where = f"{path}:{config}:{split}[{index * docs_per_shard}:{index * docs_per_shard + len(chunk)}]"
         yield ShardTask(name=f"{prefix}.{index:05d}", index=index, input=where, input_bytes=None, records=chunk)
+        index += 1
+        if len(chunk) < docs_per_shard:
+            break
+    else:  # the range's end: does the stream go on?
+        if next(records, None) is not None:
+            return
+    if on_end is not None:
+        on_end(index)
 
 
 def _in_range(task: ShardTask, shard_range: tuple[int, int] | None) -> bool:
@@ -412,11 +435,21 @@ def run_config(tokenizer: PauseTokenizer, *, args, tokenizer_source: dict) -> di
     }
 
 
+STREAM_END = "stream_end.json"  # --hf: how many shards the stream makes, once a run has seen it end
+
+
+def _record_stream_end(out_dir: str, shards: int) -> None:
+    """Kept beside the manifest, which the runs of one array build each rewrite: any run may be the one that saw
+    the end, and whichever finishes last decides whether the build is complete."""
+    os.makedirs(out_dir, exist_ok=True)
+    mf.write_json_atomic(os.path.join(out_dir, STREAM_END), {"shards": shards})
+
+
 def _remove_outputs(out_dir: str) -> None:
     """Remove what a build writes in OUT (and nothing else that may live there)."""
     for folder in (*mf.VARIANTS, mf.RECORDS):
         shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
-    _remove(os.path.join(out_dir, f) for f in (mf.MANIFEST, mf.TOKENIZER))
+    _remove(os.path.join(out_dir, f) for f in (mf.MANIFEST, mf.TOKENIZER, STREAM_END))
 
 
 def _sample_size(args) -> int:
@@ -433,7 +466,8 @@ def _tasks_and_sample(args) -> tuple[Iterable[ShardTask], Callable[[], list[str]
     """The run's shard tasks (a list for files, a lazy stream for --hf) and how to draw the tokenizer sample."""
     if args.hf:
         tasks = _hf_tasks(
-            path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard
+            path=args.hf, config=args.hf_config, split=args.hf_split, docs_per_shard=args.hf_docs_per_shard,
+            shard_range=args.shard_range, on_end=functools.partial(_record_stream_end, args.output)
         )
         return tasks, functools.partial(_hf_sample, args)
     try:
@@ -516,6 +550,14 @@ def build(args) -> int:
     failures = run_shards(todo(), settings=settings, workers=args.workers, on_record=on_record)
     # Complete only when every input has a record: a --shard-range run that leaves others to other tasks is not.
     complete = not failures and all(name in records for name in every)
+    if args.hf and args.shard_range:
+        # A stream read only up to a range's end: complete once some run saw the stream end (whichever) and
+        # every shard up to there has its record (the other runs' included, read back from OUT).
+        records = {**mf.read_records(args.output), **records}
+        end = mf.read_json(os.path.join(args.output, STREAM_END))
+        prefix = f"{args.hf.rsplit('/', 1)[-1]}-{args.hf_config}-{args.hf_split}"
+        complete = (not failures and end is not None
+                    and all(f"{prefix}.{i:05d}" in records for i in range(end["shards"])))
     mf.write_json_atomic(manifest_path, mf.assemble_manifest(config, records, complete=complete))
     _print_summary(new_records, skipped=skipped, failures=failures, seconds=time.perf_counter() - started)
     return EXIT_BAD_INPUT if failures else 0

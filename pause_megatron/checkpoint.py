@@ -195,11 +195,12 @@ def _start_writer_queue_shielded() -> None:
             signal.signal(sig, handler)
 
 
-def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
+def save(state: TrainState, root: str, *, extra: Optional[dict] = None, keep: int = 0) -> str:
     """Save everything needed to resume at `state.step`; collective (every rank calls it).
 
     A step that `latest` already names is complete: it is kept as it is, never deleted and written again
-    (a crash mid-rewrite would leave `latest` naming nothing).
+    (a crash mid-rewrite would leave `latest` naming nothing). keep > 0: once `latest` names this step, only
+    the newest `keep` complete iterations stay (`prune`; the final one of a run is always among them).
     """
     path = iteration_dir(root, state.step)
     if latest_checkpoint(root) == path:
@@ -227,8 +228,26 @@ def save(state: TrainState, root: str, *, extra: Optional[dict] = None) -> str:
         with open(tmp, "w") as f:
             f.write(os.path.basename(path) + "\n")
         os.replace(tmp, os.path.join(root, LATEST))
+        if keep > 0:
+            prune(root, keep=keep, newest=state.step)
     torch.distributed.barrier()
     return path
+
+
+def prune(root: str, *, keep: int, newest: int) -> list[str]:
+    """Delete what the newest `keep` complete iterations up to step `newest` (which `latest` names) make
+    redundant: older complete ones, and incomplete ones (a save cut short) older than the newest complete one.
+    Never leaves fewer than `keep` complete iterations; returns the deleted paths."""
+    steps = sorted(int(name[5:]) for name in os.listdir(root)
+                   if name.startswith("iter_") and name[5:].isdigit() and int(name[5:]) <= newest)
+    complete = [s for s in steps if is_complete(iteration_dir(root, s))]
+    if not complete:
+        return []
+    kept = set(complete[-keep:])
+    doomed = [iteration_dir(root, s) for s in steps if s not in kept and s < complete[-1]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def load(state: TrainState, path: str, *, weights_only: bool = False) -> dict:

@@ -104,6 +104,7 @@ class TrainConfig:
     eval_interval: int = 0  # 0: no validation
     eval_steps: int = 2
     save_interval: int = 0  # 0: save only at the end (and when stopped by SIGTERM/SIGUSR1)
+    keep_checkpoints: int = 0  # keep the newest N checkpoints (older ones deleted once `latest` moved); 0: all
     output_dir: str = "runs/default"  # checkpoints/, metrics.jsonl and the dataset index cache go here
     init_from: Optional[str] = None  # a checkpoint whose weights (any TP/PP layout) start this run
 

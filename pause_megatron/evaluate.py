@@ -283,6 +283,27 @@ def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optiona
     return scores, records
 
 
+def _stop_on_signal() -> None:
+    """SIGUSR1/SIGTERM (Slurm's time-limit warning, a preemption): stop with exit 75 so that the job is requeued.
+
+    An evaluation keeps nothing between requests, so there is nothing to save: the requeued job starts it again.
+    """
+    import signal
+
+    from pause_megatron.job import EXIT_STOPPED
+
+    from pause_megatron.stop_signals import write_stop_file
+
+    def handler(signum, frame):
+        print(f"evaluation stopped by {signal.Signals(signum).name}: exit {EXIT_STOPPED} (run again to redo it)",
+              file=sys.stderr, flush=True)
+        write_stop_file("")  # nothing saved: run_step requeues it only a few times (PAUSE_MAX_REQUEUES)
+        os._exit(EXIT_STOPPED)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a checkpoint root (its `latest`) or iteration directory")
@@ -295,6 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     add_tracking_args(ap)
     args = ap.parse_args(argv)
+    _stop_on_signal()
     overrides = [o for o in args.overrides if not o.startswith("tasks=")]
     tasks_arg = args.tasks or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tasks=")), None)
 
@@ -325,6 +347,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump({**report, "samples": samples}, f, indent=1)
+        # The scores are written: a stop signal now only waits for the MLflow run (made here, seconds) to end
+        # instead of leaving it RUNNING.
+        import signal
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: print(f"{signal.Signals(signum).name} after the scores were "
+                                                           "written: finishing", file=sys.stderr, flush=True))
         _track(cfg, report, args.output, tags=tags_from(args), parent_run_id=args.parent_run_id)
     runtime.destroy()
     return 0

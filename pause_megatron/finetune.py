@@ -10,6 +10,11 @@ used in pretraining: the id is in every tokenizer, so nothing special is needed.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below: a stop signal during start-up is kept, not fatal
+    from pause_megatron import stop_signals
+
+    stop_signals.catch()
+
 import argparse
 import sys
 from typing import Optional

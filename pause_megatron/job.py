@@ -70,7 +70,7 @@ class ResumeRefused(ValueError):
 # rest changes where and how often things are logged or saved, or the parallel layout (checkpoints reshard).
 RESUMABLE_PREFIXES = ("tracking.", "parallel.")
 RESUMABLE_KEYS = {"train.steps", "train.log_interval", "train.eval_interval", "train.eval_steps",
-                  "train.save_interval", "train.output_dir", "train.init_from"}
+                  "train.save_interval", "train.keep_checkpoints", "train.output_dir", "train.init_from"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -202,6 +202,10 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
                      valid_batches=batches(valid_ds) if valid_ds is not None and len(valid_ds) else None,
                      tracker=tracker, vocab_size=vocab, checkpoint_extra=extra)
         status, code = ("KILLED", EXIT_STOPPED) if result["stopped"] else ("FINISHED", 0)
+        if result["stopped"]:
+            from pause_megatron.stop_signals import write_stop_file
+
+            write_stop_file(str(result["step"]))
         if rank0:
             print(json.dumps({"final_step": result["step"], **result["last"]}), flush=True)
     finally:

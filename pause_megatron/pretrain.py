@@ -6,6 +6,11 @@ checkpoint in `train.output_dir` if there is one.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below: a stop signal during start-up is kept, not fatal
+    from pause_megatron import stop_signals
+
+    stop_signals.catch()
+
 import argparse
 import os
 import sys

@@ -19,7 +19,11 @@ identity, not finished) resumes from its checkpoints; one whose identity changed
 output directory is kept as `<out>.replaced-<old identity>` (`.2`, `.3`, ... if that name is taken). An
 output set aside earlier that finished with the identity now planned is put back instead of rerunning. A
 subset of stages (`stages=[...]`) runs only when every stage it depends on, and does not run itself, has
-finished.
+finished (or can be put back so).
+
+On Slurm (`_submit_all`, `pause_megatron.slurm`), a stage whose recorded job is still queued or running is
+never resubmitted or set aside; a failed stage cancels its dependents, and running the recipe again submits
+only what has not finished and is not in the queue.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ from pause_megatron.tasks import TASKS
 
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
 STAGES = ("data", "pretrain", "finetune", "evaluate", "report")
+GPU_STAGES = ("pretrain", "finetune", "evaluate")  # Megatron ranks, one per GPU
 MARKER = "stage.json"
 RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when MLflow has none)
 ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
+CHECKPOINT_BYTES_PER_PARAM = 16  # --dry-run disk: fp32 weights and main params' Adam moments (+ bf16 copy), roughly
 H100_BF16_TFLOPS = 989.4
 
 
@@ -57,7 +63,8 @@ class DataSpec:
     sample_docs_per_file: int = 300
     seq_length: int = 2048
     vocab_size: int = 32000
-    workers: int = 2
+    workers: int = 2  # also the data job's CPUs on Slurm
+    time: str = "24:00:00"  # the data job's time limit on Slurm
 
 
 @dataclass
@@ -98,8 +105,12 @@ class AblationSpec:
 @dataclass
 class LaunchSpec:
     executor: str = "local"  # "local" (torchrun here) or "slurm" (sbatch, one job per stage)
-    nproc: int = 1  # local: ranks per stage
-    gpus_per_node: int = 8  # slurm
+    nproc: int = 1  # local: ranks per stage; slurm with gpus_per_node 0: ranks per node
+    gpus_per_node: int = 8  # slurm: GPUs (one rank each) per node of a training/evaluation stage; 0: the CPU
+    cpus_per_task: int = 8  # slurm: CPUs per rank of a training/evaluation stage
+    signal: str = "USR1@300"  # slurm: warn a training job this long before its limit (it saves, requeues)
+    max_jobs: int = 500  # slurm: submit while fewer of your jobs are queued (MaxSubmitJobs); run again for the rest
+    max_requeues: int = 3  # slurm: requeues in a row after a stop that saved no progress (then the job fails)
     sbatch_args: list[str] = field(default_factory=list)  # e.g. ["--partition=gpu", "--account=x"]
     python: Optional[str] = None  # the Python to run stages with (default: this one)
 
@@ -132,6 +143,7 @@ class Stage:
     time: str = "01:00:00"
     tags: dict = field(default_factory=dict)
     estimate_s: Optional[float] = None
+    disk_bytes: Optional[tuple[float, float]] = None  # --dry-run: checkpoints kept at the end, and at the peak
     inputs: dict = field(default_factory=dict)  # what decides the result (resolved config, data, ...)
     identity: str = ""  # set by plan(): inputs and the dependencies' identities, hashed
 
@@ -141,7 +153,7 @@ class Stage:
 # are written, never read back, by an uninterrupted run). train.output_dir is the stage's own place.
 # train.init_from is a pretraining stage's output path: its identity, a dependency's, stands for it.
 IGNORED = ("tracking.", "train.log_interval", "train.eval_interval", "train.eval_steps", "train.save_interval",
-           "train.output_dir", "train.init_from")
+           "train.keep_checkpoints", "train.output_dir", "train.init_from")
 SMALL_FILE = 64 << 20  # task files up to this size are hashed by content, larger ones by name, size and mtime
 
 
@@ -280,15 +292,32 @@ def _data_inputs(d: DataSpec) -> dict:
     return inputs
 
 
+def ranks_per_node(r: Recipe) -> int:
+    """Ranks per node of a training/evaluation stage: a GPU each on Slurm (launch.nproc on a CPU cluster)."""
+    return r.launch.gpus_per_node if r.launch.executor == "slurm" and r.launch.gpus_per_node > 0 else r.launch.nproc
+
+
+def _disk(cfg) -> tuple[float, float]:
+    """Bytes of the checkpoints a training stage keeps at its end, and at its peak: with retention, a save
+    writes the new checkpoint before the oldest kept one goes (keep + 1 at that moment)."""
+    t, m = cfg.train, cfg.model
+    h = m.hidden_size  # attention 4h^2 and MLP 2hf per layer; the embedding (and an untied output layer) hV
+    params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * 32128
+    saves = -(-t.steps // t.save_interval) if t.save_interval else 1
+    keep = t.keep_checkpoints or saves
+    each = params * CHECKPOINT_BYTES_PER_PARAM
+    return each * min(saves, keep), each * min(saves, keep + 1)
+
+
 def full_plan(r: Recipe) -> list[Stage]:
     """Every stage of the recipe, whatever `stages` selects, in an order that respects dependencies."""
     out = r.output_dir
-    gpus = lambda nodes: nodes * (r.launch.gpus_per_node if r.launch.executor == "slurm" else r.launch.nproc)  # noqa
+    gpus = lambda nodes: nodes * ranks_per_node(r)  # noqa
     common = ["--tag", f"recipe={r.name}"]
     stages: list[Stage] = []
     data_deps = []
     if r.data.input:
-        stages.append(Stage("data", "data", [], f"{out}/data", [], inputs=_data_inputs(r.data)))
+        stages.append(Stage("data", "data", [], f"{out}/data", [], time=r.data.time, inputs=_data_inputs(r.data)))
         data_deps = ["data"]
 
     # The pretrained models: "StdPT", "PausePT" (the main ones) and "PausePT-r<ratio>" (the pause-ratio sweep,
@@ -324,7 +353,7 @@ def full_plan(r: Recipe) -> list[Stage]:
         if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
             inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            tags, _estimate(cfg, gpus(r.pretrain.nodes)), inputs))
+                            tags, _estimate(cfg, gpus(r.pretrain.nodes)), _disk(cfg), inputs))
         pretrained[model] = (key, cfg.pauses.ratio if variant == "pause" else None)
 
     f = r.finetune
@@ -366,7 +395,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
-                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)),
+                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)), _disk(cfg),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
@@ -411,7 +440,7 @@ def missing_dependencies(r: Recipe, everything: list[Stage]) -> list[str]:
     lines, seen = [], set()
     for s in everything:
         for d in s.deps if s.key in selected else ():
-            if d not in selected and d not in seen and not is_done(by_key[d]):
+            if d not in selected and d not in seen and not is_done(by_key[d]) and not restorable(by_key[d]):
                 seen.add(d)
                 changed = os.path.exists(os.path.join(by_key[d].out, MARKER))
                 lines.append(f"{s.key} needs stage {d}, which has not finished"
@@ -434,11 +463,12 @@ def is_done(stage: Stage) -> bool:
     return bool(marker and marker.get("done") and marker.get("identity") == stage.identity)
 
 
-def write_marker(out: str, key: str, identity: str, *, done: bool) -> None:
+def write_marker(out: str, key: str, identity: str, *, done: bool, job: Optional[str] = None) -> None:
+    """`job`: the Slurm job that runs this identity (a rerun of the recipe leaves it alone while it is queued)."""
     os.makedirs(out, exist_ok=True)
     tmp = os.path.join(out, f".{MARKER}.tmp")
     with open(tmp, "w") as fh:
-        json.dump({"key": key, "identity": identity, "done": done}, fh)
+        json.dump({"key": key, "identity": identity, "done": done, **({"job": job} if job else {})}, fh)
     os.replace(tmp, os.path.join(out, MARKER))
 
 
@@ -472,9 +502,15 @@ def _finished_aside(stage: Stage) -> Optional[str]:
     return None
 
 
+def restorable(stage: Stage) -> bool:
+    """Whether restore() would put back a finished output of this identity."""
+    # The data stage's shards live at data.path, outside its folder: moving the folder moves no data.
+    return stage.kind != "data" and _finished_aside(stage) is not None
+
+
 def restore(stage: Stage, *, log=print) -> bool:
     """Put back an earlier finished output of this identity (setting the present one aside); True if done so."""
-    if stage.kind == "data":  # its shards live at data.path, outside its folder: moving the folder moves no data
+    if not restorable(stage):
         return False
     found = _finished_aside(stage)
     if found is None:
@@ -555,10 +591,17 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
         for line in missing:
             log(f"error: {line}")
         return 2
+    selected = {s.key for s in stages}
+    # Finished dependencies left out of `stages` that were set aside: put back (on Slurm only after squeue
+    # says no job is writing the folder that would be moved).
+    left_out = [s for s in everything if s.key not in selected and any(s.key in t.deps for t in stages)]
     parent = _parent_run(r) if r.tracking.enabled else None
     if r.launch.executor == "slurm":
         return _submit_all(r, stages, python=python, parent=parent, recipe_path=recipe_path,
-                           overrides=list(overrides), log=log)
+                           overrides=list(overrides), log=log, left_out=left_out)
+    for s in left_out:
+        if not is_done(s):
+            restore(s, log=log)
     for i, stage in enumerate(stages, 1):
         if is_done(stage) or restore(stage, log=log):
             log(f"[{i}/{len(stages)}] skip {stage.key} (done)")
@@ -591,58 +634,147 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
     return 0
 
 
-def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional[str], recipe_path: str,
-                overrides: list[str], log) -> int:
-    """One sbatch job per stage that is not done, chained with afterok dependencies.
+def _stage_job(r: Recipe, stage: Stage, *, python: str, parent: Optional[str], recipe_path: str,
+               overrides: list[str]) -> tuple[list[list[str]], dict, Optional[bool]]:
+    """A stage's srun steps (module and arguments), its resources by kind, and whether it runs on the CPU on
+    purpose (True), needs a GPU (False) or has no Megatron rank (None)."""
+    if stage.kind == "data":
+        steps = [cmd[2:] for cmd in _data_commands(r, python)]  # [python, "-m", module, ...] -> module, ...
+        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.data.workers), None
+    if stage.kind == "report":
+        steps = [["pause_megatron.cli", "recipe", "report", recipe_path, *overrides]]
+        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=1), None
+    argv = list(stage.argv) + (["--parent-run-id", parent] if parent else [])
+    gpus = r.launch.gpus_per_node
+    return [argv[1:]], dict(nodes=stage.nodes, ntasks_per_node=ranks_per_node(r), gpus_per_node=gpus,
+                            cpus_per_task=r.launch.cpus_per_task), gpus == 0
 
-    Each job ends by marking its stage done with the identity planned here, at submission: the recipe file
-    may have changed by the time the job ends.
+
+def _stage_job_id(stage: Stage, active: dict) -> Optional[str]:
+    """The queued or running job that writes this stage's folder: the one its marker records, else one whose
+    comment names the folder (its id was never recorded: an old marker, or sbatch timed out after Slurm took it)."""
+    job = (read_marker(stage.out) or {}).get("job")
+    if job in active:
+        return job
+    out = os.path.abspath(stage.out)
+    return next((j for j, info in active.items() if info.out == out), None)
+
+
+def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional[str], recipe_path: str,
+                overrides: list[str], log, left_out: list[Stage] = ()) -> int:
+    """One sbatch job per stage that is not done and not queued or running already, chained with afterok.
+
+    A stage whose job is still queued or running is left alone (its dependents wait for that job); if that job
+    runs another identity, the stage and its dependents are held until a later `recipe run`, and its folder is
+    never moved (nor is a left-out dependency's, `left_out`, put back over a running job's). Each job ends by
+    marking its stage done with the identity planned here, at submission: the recipe file may have changed by
+    the time the job ends. Submission stops when launch.max_jobs of your jobs are queued.
     """
-    jobs: dict[str, str] = {}
-    for stage in stages:
-        if is_done(stage) or restore(stage, log=log):
+    from pause_megatron import slurm
+
+    try:
+        active = slurm.active_jobs()
+    except slurm.SlurmError as exc:
+        log(f"error: {exc}; nothing was submitted (a stage might still be queued or running)")
+        return 1
+    queued = len(active)
+    jobs: dict[str, str] = {}  # stage key -> the job its dependents wait for
+    held: set[str] = set()
+    for dep in left_out:
+        if is_done(dep):
+            continue
+        job = _stage_job_id(dep, active)
+        if job is not None:
+            held.add(dep.key)
+            log(f"hold {dep.key} (not in stages): job {job} is still {active[job].state.lower()} in its folder; "
+                f"wait for it or scancel it, then run the recipe again")
+        else:
+            restore(dep, log=log)
+    submitted = 0
+    for i, stage in enumerate(stages):
+        if is_done(stage):
             log(f"skip {stage.key} (done)")
             continue
+        job = _stage_job_id(stage, active)
+        if job is not None:
+            identity = active[job].identity or (read_marker(stage.out) or {}).get("identity")
+            if identity == stage.identity:
+                jobs[stage.key] = job
+                log(f"wait {stage.key}: job {job} is {active[job].state.lower()}")
+            else:
+                held.add(stage.key)
+                log(f"hold {stage.key}: job {job} is still {active[job].state.lower()} with another configuration; "
+                    f"wait for it or scancel it, then run the recipe again")
+            continue
+        if any(d in held for d in stage.deps):
+            held.add(stage.key)
+            log(f"hold {stage.key}: a stage it needs is held")
+            continue
+        if restore(stage, log=log):
+            log(f"skip {stage.key} (done)")
+            continue
+        if queued >= r.launch.max_jobs:
+            log(f"up to {len(stages) - i} stages not submitted yet: {queued} of your jobs are queued, "
+                f"launch.max_jobs is {r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
+            break
         claim(stage, log=log)
-        deps = [jobs[d] for d in stage.deps if d in jobs]
-        mark = shlex.join([python, "-m", "pause_megatron.recipe", "mark", stage.out, stage.key, stage.identity])
-        if stage.kind == "data":
-            body = " && ".join(shlex.join(c) for c in _data_commands(r, python))
-            nodes, ntasks = 1, 1
-        elif stage.kind == "report":
-            body = shlex.join([python, "-m", "pause_megatron.cli", "recipe", "report", recipe_path, *overrides])
-            nodes, ntasks = 1, 1
-        else:
-            argv = list(stage.argv) + (["--parent-run-id", parent] if parent else [])
-            body = "srun --kill-on-bad-exit=1 " + shlex.join([python, *argv])
-            nodes, ntasks = stage.nodes, r.launch.gpus_per_node
-        cmd = ["sbatch", "--parsable", f"--job-name={r.name}:{stage.kind}", f"--nodes={nodes}",
-               f"--ntasks-per-node={ntasks}", f"--time={stage.time}", f"--output={stage.out}/slurm-%j.out",
-               *([f"--gpus-per-node={r.launch.gpus_per_node}"] if ntasks > 1 else []), *r.launch.sbatch_args,
-               *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []), f"--wrap={body} && {mark}"]
+        steps, res, cpu = _stage_job(r, stage, python=python, parent=parent, recipe_path=recipe_path,
+                                     overrides=overrides)
+        mark = ["-m", "pause_megatron.recipe", "mark", stage.out, stage.key, stage.identity]
+        script = os.path.join(stage.out, "slurm_job.sh")
+        with open(script, "w") as fh:
+            fh.write(slurm.job_script(steps=steps, mark=mark, home=os.getcwd(), python=python, cpu=cpu,
+                                      title=f"recipe {r.name}, stage {stage.key}, identity {stage.identity}",
+                                      stop_dir=os.path.abspath(stage.out), max_requeues=r.launch.max_requeues))
+        # Only training stops cleanly at the time-limit warning (it saves); an evaluation keeps nothing, and a
+        # rerun with the same limit would be stopped again: it gets no warning (preemption still requeues it).
+        cmd = slurm.sbatch_command(
+            script, name=f"{r.name}:{stage.key}", out_dir=os.path.abspath(stage.out), time=stage.time,
+            signal=r.launch.signal if stage.kind in ("pretrain", "finetune") else None,
+            deps=[jobs[d] for d in stage.deps if d in jobs], extra=r.launch.sbatch_args, workdir=os.getcwd(),
+            comment=slurm.stage_comment(stage.identity, stage.out), **res)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             log(f"sbatch failed for {stage.key}: {proc.stderr.strip()}")
             return proc.returncode
         jobs[stage.key] = proc.stdout.strip().split(";")[0]
+        write_marker(stage.out, stage.key, stage.identity, done=False, job=jobs[stage.key])
+        queued += 1
+        submitted += 1
         log(f"submitted {stage.key}: job {jobs[stage.key]}")
+    log(f"{submitted} jobs submitted, {len(jobs) - submitted} stages already queued or running")
     return 0
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 def print_plan(r: Recipe, *, log=print) -> None:
-    """--dry-run: every stage with its variant, GPUs and estimated time; nothing runs."""
+    """--dry-run: every stage with its variant, GPUs, estimated hours and checkpoint disk (at its peak, during
+    a save); nothing runs."""
     stages = plan(r)
-    per_gpu = r.launch.gpus_per_node if r.launch.executor == "slurm" else r.launch.nproc
+    per_node = ranks_per_node(r)
     log(f"recipe {r.name}: {len(stages)} stages, executor {r.launch.executor}")
-    log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'estimate':>10s}")
-    total = 0.0
+    log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
+    gpu_hours, disk, extra = 0.0, 0.0, 0.0
     for s in stages:
-        g = s.nodes * per_gpu if s.kind in ("pretrain", "finetune", "evaluate") else 0
-        est = f"{s.estimate_s / 3600:8.1f} h" if s.estimate_s else "         -"
-        total += (s.estimate_s or 0.0) * max(g, 1)
+        g = s.nodes * per_node if s.kind in GPU_STAGES else 0
+        est = f"{s.estimate_s / 3600:8.1f}" if s.estimate_s else "       -"
+        gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
+        end, peak = s.disk_bytes or (0.0, 0.0)
+        disk, extra = disk + end, max(extra, peak - end)
+        size = _size(peak) if peak else "-"
         done = " (done)" if is_done(s) else ""
-        log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est}")
-    log(f"estimated GPU-hours for the training stages: {total / 3600:,.0f} (at {ASSUMED_MFU:.0%} MFU on H100)")
+        log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est} {size:>9s}")
+    log(f"total: {gpu_hours:,.0f} GPU-hours for the training stages (at {ASSUMED_MFU:.0%} MFU on H100); "
+        f"{_size(disk)} of checkpoints kept at the end (train.keep_checkpoints bounds it; "
+        f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter each), and up to {_size(extra)} more for each stage "
+        "saving at the same time (the disk column: a stage's peak, during a save)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

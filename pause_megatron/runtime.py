@@ -43,6 +43,9 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
+JOB_PORT_BASE, JOB_PORTS = 20000, 12000  # Slurm jobs' rendezvous ports: 20000-31999
+
+
 def dist_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Read rank and rendezvous from torchrun's variables, else Slurm's (one task per rank), else single."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
@@ -60,8 +63,10 @@ def dist_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
             world_size=int(environ["SLURM_NTASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
             master_addr=environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"]),
-            # A port per job, so that two jobs sharing a first node do not collide.
-            master_port=int(environ.get("MASTER_PORT", 20000 + job_id % 20000)),
+            # A port per job (jobs sharing a first node collide only if their ids differ by a multiple of
+            # JOB_PORTS: then set MASTER_PORT), below Linux's ephemeral
+            # range (32768-60999), where any process's outgoing connection may hold it.
+            master_port=int(environ.get("MASTER_PORT", JOB_PORT_BASE + job_id % JOB_PORTS)),
         )
     # A lone process (python -m ..., a test): any free local port will do.
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
@@ -87,6 +92,11 @@ def init_distributed(cfg: Config, *, timeout_minutes: int = 30) -> DistEnv:
 
     env = dist_env()
     cuda = use_cuda()
+    if not cuda and os.environ.get("PAUSE_REQUIRE_GPU") == "1" and os.environ.get("PAUSE_MEGATRON_CPU") != "1":
+        # A recipe's GPU stage: running on the CPU emulation instead would be silently wrong (and slow).
+        raise SystemExit(f"error: this job asked for GPUs but rank {env.rank} on "
+                         f"{os.environ.get('SLURMD_NODENAME') or 'this node'} sees none (torch.cuda.is_available() "
+                         "is False); set launch.gpus_per_node=0 to run on the CPU on purpose")
     if not cuda:
         cpu_emulation.enable()
     else:

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from pause_megatron import stop_signals
 from pause_megatron.config import Config
 from pause_megatron.model import build_model_chunks, prepare_chunks
 from pause_megatron.perf import memory_gb, model_flops_per_token, peak_tflops  # MFU convention: see perf.py
@@ -211,7 +212,7 @@ class GracefulStop:
     Every rank must agree to stop at the same step, so the flag is all-reduced (MAX) after each step.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = stop_signals.NAMES
 
     def __init__(self, *, cuda: bool):
         import signal
@@ -221,6 +222,11 @@ class GracefulStop:
         self.signal_name: Optional[str] = None
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
+        # A signal caught during start-up (stop_signals.catch) counts: the loop saves after its first step. Read
+        # after the handlers are ours: one that came in between is then either in `received` or handled here.
+        if stop_signals.received:
+            self.requested = True
+            self.signal_name = stop_signals.received[0]
 
     def _handler(self, signum, frame):
         import signal
@@ -323,7 +329,7 @@ def fit(
                 bar.update(1)
             stopped = stop.agreed()
             if stopped or (t.save_interval and state.step % t.save_interval == 0):
-                checkpoint.save(state, ckpt_root, extra=checkpoint_extra)
+                checkpoint.save(state, ckpt_root, extra=checkpoint_extra, keep=t.keep_checkpoints)
                 saved_at = state.step
             if stopped:
                 if rank0:
@@ -331,7 +337,7 @@ def fit(
                           f"checkpoint saved in {ckpt_root}", flush=True)
                 break
         if not stopped and saved_at != state.step:
-            checkpoint.save(state, ckpt_root, extra=checkpoint_extra)
+            checkpoint.save(state, ckpt_root, extra=checkpoint_extra, keep=t.keep_checkpoints)
     finally:
         bar.close()
         if metrics_file:

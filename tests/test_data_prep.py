@@ -360,3 +360,61 @@ def test_reading_yields_the_text_of_each_line_in_order(corpus):
     report = InputReport(where=path)
     assert list(read_c4_file(path, report=report)) == documents_of(path)
     assert report.lines == DOCS_PER_FILE and not report.bad_lines
+
+
+def test_hf_shard_range_reads_the_stream_only_up_to_its_end(monkeypatch, corpus, tokenizer_path, tmp_path):
+    """--hf with --shard-range: the records before the range are passed over, the stream is read up to the
+    range's end plus one record (to learn whether it goes on), and the ranges of an array build may finish in
+    any order: the build is complete once every shard up to the stream's end is there, whichever run saw it."""
+    paths = sorted(os.path.join(corpus, p) for p in os.listdir(corpus))
+    records = [json.loads(line) for p in paths for line in gzip.open(p, "rt", encoding="utf-8")]
+    per_shard = 20
+    shards = len(records) // per_shard
+    assert shards == 6 and len(records) % per_shard == 0
+    read = []
+
+    def stream(**_):
+        for r in records:
+            read.append(r)
+            yield r
+
+    monkeypatch.setattr(build_c4, "hf_records", stream)
+    out = str(tmp_path / "out")
+    argv = ["build", "--hf", "allenai/c4", "--hf-docs-per-shard", str(per_shard), "--output", out,
+            "--tokenizer", tokenizer_path, "--seed", str(SEED)]
+
+    def build(first, last):
+        read.clear()
+        assert build_c4.main([*argv, "--shard-range", f"{first}:{last}"]) == 0
+        return manifest(out)
+
+    built = build(1, 2)
+    assert len(read) == 2 * per_shard + 1 < len(records)
+    assert [r["name"] for r in built["shards"]] == ["c4-en-train.00001"] and built["complete"] is False
+    assert build(3, shards + 5)["complete"] is False  # the stream ends in this range; shards 0 and 2 missing
+    # shards 0 and 1 are there, as many as the range 0:1 needs, but the stream goes on past them: not complete
+    assert build(0, 1)["complete"] is False
+    built = build(2, 3)  # the last missing shard, in a range that does not hold the stream's end
+    assert len(read) == 3 * per_shard + 1
+    assert built["complete"] is True and len(built["shards"]) == shards
+
+
+def test_hf_shard_range_streams_lazily(monkeypatch):
+    """A range's records are read shard by shard as the build takes them, never the whole range at once."""
+    read = []
+
+    def stream(**_):
+        for i in range(1000):
+            read.append(i)
+            yield {"text": str(i)}
+
+    monkeypatch.setattr(build_c4, "hf_records", stream)
+    ends = []
+    tasks = build_c4._hf_tasks(path="c4", config="en", split="train", docs_per_shard=10, shard_range=(2, 50),
+                               on_end=ends.append)
+    first = next(tasks)
+    assert first.index == 2 and len(read) == 30 and [r["text"] for r in first.records][0] == "20"
+    rest = list(tasks)
+    assert len(rest) == 47 and len(read) == 501 and ends == []  # up to the range's end, plus one record
+    assert list(build_c4._hf_tasks(path="c4", config="en", split="train", docs_per_shard=10, shard_range=(95, 200),
+                                   on_end=ends.append))[-1].index == 99 and ends == [100]

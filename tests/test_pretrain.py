@@ -120,9 +120,30 @@ def test_sigusr1_saves_and_the_rerun_resumes(tiny_c4, tmp_path):
     assert stopped_at < 400
     with open(tmp_path / "checkpoints" / "latest") as f:
         assert f.read().strip() == f"iter_{stopped_at:07d}"
-    rerun = pretrain(tiny_c4, tmp_path, f"train.steps={stopped_at + 2}", "train.save_interval=2", nproc=2)
+    rerun = pretrain(tiny_c4, tmp_path, f"train.steps={stopped_at + 2}", "train.save_interval=2",
+                     "train.keep_checkpoints=2", nproc=2)
     assert f"at step {stopped_at}" in rerun.stdout
     assert max(metrics(tmp_path)) == stopped_at + 2
+    # retention (train.keep_checkpoints reaches fit's saves): the two newest of the run's saves are left
+    kept = sorted((tmp_path / "checkpoints").glob("iter_*"))
+    assert len(kept) == 2 and kept[-1].name == f"iter_{stopped_at + 2:07d}", kept
+
+
+def test_a_stop_signal_during_start_up_is_kept_and_honoured_after_the_first_step(tiny_c4, tmp_path):
+    """Slurm's warning can come while the job still imports torch and Megatron: it must not kill the process
+    with nothing saved. A lone rank gets SIGUSR1 0.5 s after it started."""
+    cmd = [sys.executable, "-m", "pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={tmp_path}",
+           *BASE, "train.steps=400"]
+    stop = tmp_path / "stop"  # what slurm/common.sh run_step reads to requeue the job
+    proc = subprocess.Popen(cmd, env={**subprocess_env(), "PAUSE_STOP_FILE": str(stop)}, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by SIGUSR1 at step 1" in out
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+    assert stop.read_text() == "1"
 
 
 def test_checkpoint_saved_at_tp2_gives_the_same_loss_at_tp1(tiny_c4, tmp_path):

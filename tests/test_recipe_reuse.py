@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -202,22 +203,16 @@ def test_a_stage_subset_refuses_dependencies_that_have_not_finished(tmp_path):
         assert not (tmp_path / "out").exists()  # nothing ran
 
 
-FAKE_SBATCH = """#!/bin/sh
-# Records its arguments (one per line, NUL-separated jobs) and answers a job id, as `sbatch --parsable` does.
-n=$(ls "$SBATCH_LOG" 2>/dev/null | wc -l)
-mkdir -p "$SBATCH_LOG"
-for a in "$@"; do printf '%s\\n' "$a"; done > "$SBATCH_LOG/job$n"
-echo "$((1000 + n))"
-"""
-
-
 def test_slurm_mark_job_writes_the_identity_known_at_submission(tmp_path, monkeypatch):
+    from test_recipe_slurm import FAKE_SBATCH, FAKE_SQUEUE
+
     from pause_megatron.recipe import is_done, load_recipe, plan, run
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
-    (bin_dir / "sbatch").chmod(0o755)
+    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SBATCH_LOG", str(tmp_path / "jobs"))
     slurm = {"executor": "slurm", "gpus_per_node": 1}
@@ -228,12 +223,13 @@ def test_slurm_mark_job_writes_the_identity_known_at_submission(tmp_path, monkey
     # The recipe is edited while the jobs wait in the queue; then the pretraining job ends and marks its stage.
     edited = {**MICRO["pretrain"], "overrides": [*MICRO["pretrain"]["overrides"], "optim.lr=5e-3"]}
     write_recipe(tmp_path, launch=slurm, tracking={"enabled": False}, pretrain=edited)
-    jobs = [(tmp_path / "jobs" / f"job{i}").read_text().splitlines() for i in range(len(submitted))]
-    wrap = next(a for job in jobs for a in job if a.startswith("--wrap=") and "pause_megatron.pretrain" in a
-                and "data.variant=pause" in a)
-    mark = wrap.split(" && ")[-1]
-    proc = subprocess.run(mark, shell=True, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    scripts = [(tmp_path / "jobs" / f"job{i}").read_text().splitlines()[-1] for i in range(len(submitted))]
+    script = next(open(p).read() for p in scripts if "pause_megatron.pretrain" in open(p).read()
+                  and "data.variant=pause" in open(p).read())
+    mark = script.splitlines()[-1]  # the job's last line, after its training step
+    proc = subprocess.run(["bash", "-c", mark], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PAUSE_HOME": str(ROOT),
+                               "PAUSE_PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     ran = next(s for s in submitted if s.key == "pretrain/pause")
     assert is_done(ran)  # what ran is marked: the identity planned at submission

@@ -22,6 +22,10 @@ def test_slurm_variables_one_task_per_rank():
                     "SLURM_JOB_NODELIST": "gpu[010-013]", "SLURM_JOB_ID": "4242"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 8, 1, "gpu010")
     assert env.master_port == 20000 + 4242
+    # every job's port lies below the ephemeral range 32768-60999 (outgoing connections take ports there)
+    ports = {dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1",
+                       "SLURM_JOB_ID": str(j)}).master_port for j in range(0, 100000, 7)}
+    assert min(ports) >= 20000 and max(ports) < 32768
 
 
 def test_a_lone_process_gets_a_free_port():
