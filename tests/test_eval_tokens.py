@@ -138,7 +138,7 @@ def test_prepended_pauses_survive_evaluation_truncation(tok):
 
 
 def test_greedy_decoding_emits_neither_padded_ids_nor_pauses(tok):
-    from pause_megatron.evaluate import continuation_logprob, greedy_generate
+    from pause_megatron.decoding import continuation_logprob, greedy_generate
 
     padded = 128 * ((tok.vocab_size + 127) // 128) + 128
     scores = torch.arange(padded, dtype=torch.float32)  # the padded ids, then <pause> (the last piece), lead

@@ -1,0 +1,76 @@
+"""Batched against one-at-a-time evaluation through lm-eval's own requests, on one checkpoint (run by the tests).
+
+Prints one JSON object per request kind: multiple choice (piqa, hellaswag: lm-eval's loglikelihood requests),
+generation with stop strings (nq_open, gsm8k, lambada: generate_until), rolling log-likelihood (texts of
+several windows). Each holds the batch-1 and the batched answers; generation also the reference the
+stop-aware decoder must reproduce (every row decoded to max_gen_toks at batch 1, then cut at its `until`
+strings) and how many rows a stop string ended early.
+"""
+
+import argparse
+import json
+
+import torch
+
+from pause_megatron import runtime
+from pause_megatron.decoding import greedy_generate
+from pause_megatron.evaluate import load_for_inference, make_lm
+
+M = 2  # pauses
+
+
+def requests(task_name: str, data_dir: str):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from pause_megatron.tasks import get_task, lm_eval_config
+
+    task = get_task_dict([lm_eval_config(get_task(task_name), data_dir=data_dir)], TaskManager())[f"pause_{task_name}"]
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    return task.instances
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--batch-size", default="3")
+    ap.add_argument("--max-gen-toks", type=int, default=24)
+    args = ap.parse_args()
+    model, cfg, tok = load_for_inference(args.checkpoint)
+    lms = {name: make_lm(model, tok, m_inf=M, max_length=cfg.model.seq_length, device=torch.device("cpu"),
+                         batch_size=size) for name, size in (("single", 1), ("batched", args.batch_size))}
+    out = {}
+
+    mc = [inst for t in ("piqa", "hellaswag") for inst in requests(t, args.data_dir)]
+    out["multiple_choice"] = {name: [list(r) for r in lm.loglikelihood(mc, disable_tqdm=True)]
+                              for name, lm in lms.items()}
+
+    gen = [inst for t in ("nq_open", "gsm8k", "lambada") for inst in requests(t, args.data_dir)]
+    for inst in gen:  # short generations keep the test fast; the stop strings are lm-eval's
+        inst.arguments = (inst.args[0], {**inst.args[1], "max_gen_toks": args.max_gen_toks})
+    single = lms["single"]
+    reference, early = [], 0
+    for inst in gen:
+        context, kw = inst.args
+        full = tok.decode(greedy_generate(model, single.prompt(tok.encode(context), kw["max_gen_toks"]),
+                                          max_new_tokens=kw["max_gen_toks"], stop_ids=(tok.eod_id,),
+                                          **single.decode_kwargs))
+        cut = single._cut(full, [s for s in kw["until"] if s])
+        early += cut != full
+        reference.append(cut)
+    out["generation"] = {name: lm.generate_until(gen, disable_tqdm=True) for name, lm in lms.items()}
+    out["generation"]["reference"] = reference
+    out["generation"]["stopped_early"] = early
+
+    from lm_eval.api.instance import Instance
+
+    texts = ["The river runs past the mountains and the city. " * k for k in (1, 9, 3, 20)]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    out["rolling"] = {name: lm.loglikelihood_rolling(rolling, disable_tqdm=True) for name, lm in lms.items()}
+    out["rolling"]["windows"] = [-(-len(tok.encode(t)) // (cfg.model.seq_length - 1)) for t in texts]
+    print("BATCHED " + json.dumps(out), flush=True)
+    runtime.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Batched evaluation and padded-to-longest finetuning give the answers of one request / full padding at a time.
+
+Tiny pretrained model, CPU, float32; Megatron runs in subprocesses (tests/dist/eval_batched.py, ft_padding.py).
+Planted defects and what they did: docs/testing.md.
+"""
+
+import json
+
+import pytest
+
+from helpers import ROOT, python
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = str(ROOT / "pause_megatron" / "sample_tasks")
+# Batched and one-at-a-time scoring do the same float32 arithmetic in matmuls of other shapes (padding), which
+# moves a log-likelihood (a sum of ~10-60 log-probabilities, magnitude 10-300) by ~1e-6 relative; a padding or
+# position defect moves it by 1e-2 or more (docs/testing.md).
+LL_REL = 1e-5
+# Finetuning losses (scale ~5) padded to the longest example vs to seq_length: same sums over the same target
+# tokens, matmuls of other widths; measured differences ~1e-7 relative, three steps apart.
+LOSS_REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def batched(pretrained):
+    proc = python(str(ROOT / "tests" / "dist" / "eval_batched.py"), "--checkpoint", str(pretrained),
+                  "--data-dir", SAMPLES, "--batch-size", "3")
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("BATCHED ")][-1][8:])
+
+
+def test_batched_multiple_choice_scores_equal_one_request_at_a_time(batched):
+    mc = batched["multiple_choice"]
+    assert len(mc["single"]) == len(mc["batched"]) > 20
+    for (ll_1, greedy_1), (ll_b, greedy_b) in zip(mc["single"], mc["batched"], strict=True):
+        assert ll_b == pytest.approx(ll_1, rel=LL_REL) and greedy_b == greedy_1
+
+
+def test_batched_stop_aware_generation_equals_full_generation_cut_at_the_stop_strings(batched):
+    """The texts equal batch-1 decoding, and both equal decoding every row to max_gen_toks, then cutting.
+
+    Some rows must actually end at a stop string (else the stop-aware path is not exercised).
+    """
+    g = batched["generation"]
+    assert g["batched"] == g["single"] == g["reference"]
+    assert g["stopped_early"] >= 3
+
+
+def test_batched_rolling_loglikelihood_equals_one_window_at_a_time(batched):
+    r = batched["rolling"]
+    assert max(r["windows"]) > 1  # texts of several windows, batched with other texts' windows
+    assert r["batched"] == pytest.approx(r["single"], rel=LL_REL)
+
+
+def test_finetuning_padded_to_the_longest_example_gives_the_losses_of_full_padding(pretrained):
+    proc = python(str(ROOT / "tests" / "dist" / "ft_padding.py"), "--checkpoint", str(pretrained),
+                  "--data-dir", SAMPLES)
+    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("FTPAD ")][-1][6:])
+    longest, full = out["longest"], out["seq_length"]
+    assert longest["tokens"] == full["tokens"]
+    assert longest["losses"] == pytest.approx(full["losses"], rel=LOSS_REL)
+    assert all(w == out["seq_length"] for ws in full["widths"] for w in ws)
+    assert all(w % 8 == 0 and w < out["seq_length"] for ws in longest["widths"] for w in ws)
