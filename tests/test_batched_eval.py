@@ -56,8 +56,9 @@ def test_finetuning_padded_to_the_longest_example_gives_the_losses_of_full_paddi
     proc = python(str(ROOT / "tests" / "dist" / "ft_padding.py"), "--checkpoint", str(pretrained),
                   "--data-dir", SAMPLES)
     out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("FTPAD ")][-1][6:])
-    longest, full = out["longest"], out["seq_length"]
+    longest, full = out["longest"], out["full"]
     assert longest["tokens"] == full["tokens"]
     assert longest["losses"] == pytest.approx(full["losses"], rel=LOSS_REL)
-    assert all(w == out["seq_length"] for ws in full["widths"] for w in ws)
-    assert all(w % 8 == 0 and w < out["seq_length"] for ws in longest["widths"] for w in ws)
+    assert all(w == out["max_width"] for ws in full["widths"] for w in ws)
+    assert all(w % 8 == 0 and w < out["max_width"] for ws in longest["widths"] for w in ws)
+    assert len({w for ws in longest["widths"] for w in ws}) > 1  # microbatches of different widths

@@ -1,7 +1,8 @@
 """Batched against one-at-a-time evaluation through lm-eval's own requests, on one checkpoint (run by the tests).
 
 Prints one JSON object per request kind: multiple choice (piqa, hellaswag: lm-eval's loglikelihood requests),
-generation with stop strings (nq_open, gsm8k, lambada: generate_until), rolling log-likelihood (texts of
+generation with stop strings (nq_open, gsm8k, lambada: generate_until, lm-eval's stop strings and one more
+per request), rolling log-likelihood (texts of
 several windows). Each holds the batch-1 and the batched answers; generation also the reference the
 stop-aware decoder must reproduce (every row decoded to max_gen_toks at batch 1, then cut at its `until`
 strings) and how many rows a stop string ended early.
@@ -35,8 +36,17 @@ def main():
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--batch-size", default="3")
     ap.add_argument("--max-gen-toks", type=int, default=24)
+    ap.add_argument("--noise", type=float, default=5.0)
     args = ap.parse_args()
     model, cfg, tok = load_for_inference(args.checkpoint)
+    # The tiny pretrained model says "ga ga ga" whatever it is given, which a decoder reading the wrong
+    # positions would say too. Noise on its weights (`--noise` x each tensor's std, seeded) makes every output
+    # depend on the whole context: a padding or position defect then changes the answers.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=gen) * (args.noise * float(p.float().std())))
     lms = {name: make_lm(model, tok, m_inf=M, max_length=cfg.model.seq_length, device=torch.device("cpu"),
                          batch_size=size) for name, size in (("single", 1), ("batched", args.batch_size))}
     out = {}
@@ -55,7 +65,11 @@ def main():
         full = tok.decode(greedy_generate(model, single.prompt(tok.encode(context), kw["max_gen_toks"]),
                                           max_new_tokens=kw["max_gen_toks"], stop_ids=(tok.eod_id,),
                                           **single.decode_kwargs))
-        cut = single._cut(full, [s for s in kw["until"] if s])
+        # lm-eval's stop strings rarely occur in a random model's text: each request also stops at two
+        # characters from the middle of its own full answer, so that rows end early at different steps
+        until = [*kw["until"], full[len(full) // 2: len(full) // 2 + 2]]
+        inst.arguments = (context, {**kw, "until": until})
+        cut = single._cut(full, [s for s in until if s])
         early += cut != full
         reference.append(cut)
     out["generation"] = {name: lm.generate_until(gen, disable_tqdm=True) for name, lm in lms.items()}

@@ -22,7 +22,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--task", default="squad")
+    ap.add_argument("--task", default="nq_open")
     args = ap.parse_args()
     cfg = finetune_config(None, [f"task={args.task}", f"train.init_from={args.checkpoint}",
                                  f"data.task_dir={args.data_dir}", "pauses.m_ft=4", "train.global_batch_size=4",
@@ -32,14 +32,14 @@ def main():
     train_ds, _ = build_datasets(cfg, tok)
     runtime.init_distributed(cfg)
     out = {}
-    for arm in ("longest", "seq_length"):
+    for arm in ("longest", "full"):
         state = build_train_state(cfg, vocab_size=vocab_size(cfg, tok), cuda=False)
         checkpoint.load(state, args.checkpoint, weights_only=True)
         losses, tokens, widths = [], [], []
         for step in range(STEPS):
             start = step * cfg.train.global_batch_size
             batches = microbatches_from(train_ds, start=start, cfg=cfg, pause_id=tok.pause_id, dp_rank=0, dp_size=1)
-            if arm == "seq_length":
+            if arm == "full":
                 batches = [collate(pad_samples([train_ds[i] for i in range(start + k * 2, start + k * 2 + 2)],
                                                length=cfg.model.seq_length, pad_id=tok.pad_id), pause_id=tok.pause_id)
                            for k in range(len(batches))]
@@ -48,7 +48,7 @@ def main():
             losses.append(result["loss"])
             tokens.append(result["tokens"])
         out[arm] = {"losses": losses, "tokens": tokens, "widths": widths}
-    out["seq_length"] = cfg.model.seq_length
+    out["max_width"] = cfg.model.seq_length
     print("FTPAD " + json.dumps(out), flush=True)
     runtime.destroy()
 
