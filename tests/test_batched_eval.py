@@ -31,25 +31,30 @@ def batched(pretrained):
 
 def test_batched_multiple_choice_scores_equal_one_request_at_a_time(batched):
     mc = batched["multiple_choice"]
-    assert len(mc["single"]) == len(mc["batched"]) > 20
-    for (ll_1, greedy_1), (ll_b, greedy_b) in zip(mc["single"], mc["batched"], strict=True):
-        assert ll_b == pytest.approx(ll_1, rel=LL_REL) and greedy_b == greedy_1
+    assert len(mc["single"]) == len(mc["batched"]) == len(mc["direct"]) > 20
+    for (ll_d, greedy_d), (ll_1, greedy_1), (ll_b, greedy_b) in zip(mc["direct"], mc["single"], mc["batched"]):
+        assert ll_b == pytest.approx(ll_d, rel=LL_REL) and ll_1 == pytest.approx(ll_d, rel=LL_REL)
+        assert greedy_b == greedy_1 == greedy_d
 
 
 def test_batched_stop_aware_generation_equals_full_generation_cut_at_the_stop_strings(batched):
     """The texts equal batch-1 decoding, and both equal decoding every row to max_gen_toks, then cutting.
 
-    Some rows must actually end at a stop string (else the stop-aware path is not exercised).
+    Some rows must actually end at a stop string (else the stop-aware path is not exercised), and the decoders
+    must stop there: fewer forward passes than decoding to max_gen_toks, fewer again in batches.
     """
     g = batched["generation"]
     assert g["batched"] == g["single"] == g["reference"]
     assert g["stopped_early"] >= 3
+    calls = g["forward_calls"]
+    assert calls["batched"] < calls["single"] < calls["reference"]
 
 
 def test_batched_rolling_loglikelihood_equals_one_window_at_a_time(batched):
     r = batched["rolling"]
     assert max(r["windows"]) > 1  # texts of several windows, batched with other texts' windows
-    assert r["batched"] == pytest.approx(r["single"], rel=LL_REL)
+    assert r["batched"] == pytest.approx(r["direct"], rel=LL_REL)
+    assert r["single"] == pytest.approx(r["direct"], rel=LL_REL)
 
 
 def test_finetuning_padded_to_the_longest_example_gives_the_losses_of_full_padding(pretrained):
