@@ -96,7 +96,7 @@ def finetune_padding(args):
     from pause_megatron.tokenizer import train_tokenizer
 
     data_dir = os.path.join(os.path.dirname(__file__), "..", "pause_megatron", "sample_tasks")
-    pairs = {t: load_examples(get_task(t), part=p, data_dir=data_dir) for t in sorted(TASKS) for p in ("train",)}
+    pairs = {t: load_examples(get_task(t), part="train", data_dir=data_dir) for t in sorted(TASKS)}
     texts = [s for ps in pairs.values() for pair in ps for s in pair]
     tok = train_tokenizer(texts, vocab_size=args.vocab_size)
     cfg = load_config(None, ["model.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=4"])
