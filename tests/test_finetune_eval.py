@@ -137,6 +137,8 @@ def test_unknown_task_is_refused_before_training(pretrained, tmp_path):
     assert proc.returncode != 0 and "unknown task 'trivia'" in proc.stderr
     proc = evaluate(pretrained, "squad,trivia", check=False)
     assert proc.returncode == 2 and "unknown task 'trivia'" in proc.stderr
+    proc = evaluate(pretrained, "squad", "--batch-size", "0", check=False)
+    assert proc.returncode == 2 and "--batch-size: batch size must be a positive integer or 'auto'" in proc.stderr
 
 
 def test_a_row_missing_a_field_names_file_and_row(pretrained, tmp_path):
