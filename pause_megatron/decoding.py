@@ -41,8 +41,9 @@ def parse_batch_size(value: BatchSize) -> BatchSize:
 
 def forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None) -> torch.Tensor:
     """Logits [batch, seq, vocab] (float32) of a GPTModel without labels."""
-    kwargs = {"inference_context": context, "runtime_gather_output": True} if context is not None else {}
-    return model(input_ids=ids, position_ids=positions, attention_mask=None, **kwargs).float()
+    # runtime_gather_output: with tensor parallelism each rank holds a slice of the vocabulary; gather it
+    return model(input_ids=ids, position_ids=positions, attention_mask=None, inference_context=context,
+                 runtime_gather_output=True).float()
 
 
 def greedy_pick(logits: torch.Tensor, *, vocab_size: Optional[int] = None, banned_ids: tuple[int, ...] = ()):
@@ -95,14 +96,51 @@ def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSi
     return collator.get_original(results)
 
 
+def _output_layer(model):
+    """The output layer of a GPTModel behind its wrappers (Float16Module, DDP: `.module`)."""
+    m = model
+    while not hasattr(m, "output_layer") and hasattr(m, "module"):
+        m = m.module
+    if getattr(m, "output_layer", None) is None:
+        raise ValueError("scoring needs the model's output layer (the last pipeline stage of a GPTModel)")
+    return m.output_layer
+
+
+@contextlib.contextmanager
+def logits_only_at(model, rows: torch.Tensor, positions: torch.Tensor):
+    """While inside, the model computes logits only at (row, position) pairs: forward returns [1, K, vocab].
+
+    A forward pre-hook on the output layer keeps only those K hidden states (its input is [seq, batch,
+    hidden]), so the full-vocabulary matmul and GPTModel's logits transpose run on K positions instead of
+    batch x seq (scoring needs the continuation's positions only). The output layer is column-parallel: every
+    tensor-parallel rank holds the same hidden states and selects the same ones, and the logits are gathered
+    as before. With sequence parallelism the input is split along the sequence, so selecting is refused.
+    """
+    layer = _output_layer(model)
+    if getattr(layer, "sequence_parallel", False):
+        raise ValueError("logits_only_at: the output layer's input is split by sequence parallelism")
+
+    def keep(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("input_")
+        picked = hidden[positions.to(hidden.device), rows.to(hidden.device)].unsqueeze(1)  # [K, 1, hidden]
+        return (picked,) + tuple(args[1:]), kwargs
+
+    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], *, vocab_size: Optional[int] = None,
                 banned_ids: tuple[int, ...] = (), device: torch.device = torch.device("cpu"),
                 pad_id: int = 0) -> list[tuple[float, bool]]:
     """[(sum of log p(continuation | context), whether greedy decoding would produce it)] in one forward.
 
-    Rows are padded on the right (with `pad_id`: never attended to by a real token). The log-probabilities are
-    the model's own (over its whole output layer); "greedy" picks as `generate` does.
+    Rows are padded on the right (with `pad_id`: never attended to by a real token). Logits are computed only
+    at the positions that predict a continuation token (`logits_only_at`). The log-probabilities are the
+    model's own (over its whole output layer); "greedy" picks as `generate` does.
     """
     from pause_megatron import cpu_emulation
 
@@ -112,11 +150,14 @@ def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], *, vocab_siz
         ids[b, : len(c) + len(x)] = torch.tensor(c + x, dtype=torch.long)
     ids = ids.to(device)
     positions = torch.arange(width, device=device).unsqueeze(0).expand(len(rows), -1)
-    with cpu_emulation.without_device_rewrites():
-        logits = forward(model, ids, positions)
-    out = []
-    for b, (c, x) in enumerate(rows):
-        logprobs = F.log_softmax(logits[b, len(c) - 1: len(c) - 1 + len(x)], dim=-1)
+    at_row = torch.cat([torch.full((len(x),), b, dtype=torch.long) for b, (_, x) in enumerate(rows)])
+    at_pos = torch.cat([torch.arange(len(c) - 1, len(c) - 1 + len(x)) for c, x in rows])
+    with cpu_emulation.without_device_rewrites(), logits_only_at(model, at_row, at_pos):
+        logits = forward(model, ids, positions)[0]  # [K, vocab], the rows' continuations one after another
+    out, k = [], 0
+    for c, x in rows:
+        logprobs = F.log_softmax(logits[k: k + len(x)], dim=-1)
+        k += len(x)
         target = torch.tensor(x, device=device)
         greedy = greedy_pick(logprobs, vocab_size=vocab_size, banned_ids=banned_ids)
         out.append((float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all())))

@@ -37,16 +37,27 @@ def test_batched_multiple_choice_scores_equal_one_request_at_a_time(batched):
         assert greedy_b == greedy_1 == greedy_d
 
 
+def test_batched_is_greedy_flags_equal_one_request_at_a_time_and_some_are_true(batched):
+    g = batched["greedy_continuations"]
+    assert [f for _, f in g["batched"]] == [f for _, f in g["single"]] == [f for _, f in g["direct"]]
+    assert sum(f for _, f in g["direct"]) >= 4  # the model's own greedy continuations
+    assert [ll for ll, _ in g["batched"]] == pytest.approx([ll for ll, _ in g["direct"]], rel=LL_REL)
+
+
 def test_batched_stop_aware_generation_equals_full_generation_cut_at_the_stop_strings(batched):
     """The texts equal batch-1 decoding, and both equal decoding every row to max_gen_toks, then cutting.
 
     Some rows must actually end at a stop string (else the stop-aware path is not exercised), and the decoders
-    must stop there: fewer forward passes than decoding to max_gen_toks, fewer again in batches.
+    must stop there: at batch 1 exactly one forward per token up to the one that completes a stop string (some
+    span a token boundary: a check on the last token alone runs on), fewer again in batches. The requests ask
+    for different max_gen_toks, within one batch too.
     """
     g = batched["generation"]
     assert g["batched"] == g["single"] == g["reference"]
     assert g["stopped_early"] >= 3
+    assert len(g["max_gen_toks"]) == 3
     calls = g["forward_calls"]
+    assert calls["single"] == calls["expected_single"]
     assert calls["batched"] < calls["single"] < calls["reference"]
 
 

@@ -4,7 +4,7 @@ Prints one JSON object per request kind: multiple choice (piqa, hellaswag: lm-ev
 generation with stop strings (nq_open, gsm8k, lambada: generate_until, lm-eval's stop strings and one more
 per request), rolling log-likelihood (texts of
 several windows). Each holds the batch-1 and the batched answers, likelihoods also each request scored on its
-own outside the adapter (`continuation_logprob`); generation also the reference the
+own outside the adapter from the logits of every position (`full_logits_logprob`); generation also the reference the
 stop-aware decoder must reproduce (every row decoded to max_gen_toks at batch 1, then cut at its `until`
 strings) and how many rows a stop string ended early.
 """
@@ -15,7 +15,8 @@ import json
 import torch
 
 from pause_megatron import runtime
-from pause_megatron.decoding import continuation_logprob, greedy_generate
+from pause_megatron import cpu_emulation
+from pause_megatron.decoding import greedy_generate, greedy_pick
 from pause_megatron.evaluate import load_for_inference, make_lm
 
 M = 2  # pauses
@@ -25,11 +26,22 @@ class Counter:
     """The model, counting its forward passes."""
 
     def __init__(self, model):
-        self.model, self.calls = model, 0
+        self.module, self.calls = model, 0  # `module`: how decoding finds the output layer behind wrappers
 
     def __call__(self, **kwargs):
         self.calls += 1
-        return self.model(**kwargs)
+        return self.module(**kwargs)
+
+
+@torch.no_grad()
+def full_logits_logprob(model, context, continuation, **pick):
+    """(log-likelihood, is greedy) from the logits of every position: the reference for `logits_only_at`."""
+    ids = torch.tensor([context + continuation])
+    with cpu_emulation.without_device_rewrites():
+        logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], attention_mask=None)
+    logprobs = torch.log_softmax(logits[0].float(), -1)[len(context) - 1: len(context) - 1 + len(continuation)]
+    target = torch.tensor(continuation)
+    return float(logprobs.gather(1, target[:, None]).sum()), bool((greedy_pick(logprobs, **pick) == target).all())
 
 
 def requests(task_name: str, data_dir: str):
@@ -73,28 +85,51 @@ def main():
     for inst in mc:
         ctx, cont = tok.encode_pair(*inst.args)
         out["multiple_choice"]["direct"].append(
-            list(continuation_logprob(model, single.prompt(ctx, len(cont)), cont, **single.decode_kwargs)))
+            list(full_logits_logprob(model, single.prompt(ctx, len(cont)), cont, **single.decode_kwargs)))
+
+    # Requests whose continuation is the model's own greedy output (1-4 tokens): is_greedy must come out True
+    rows = []
+    for i, inst in enumerate(mc[:8]):
+        ctx, _ = tok.encode_pair(*inst.args)
+        n = 1 + i % 4
+        cont = greedy_generate(model, single.prompt(ctx, n), max_new_tokens=n, stop_ids=(tok.eod_id,),
+                               **single.decode_kwargs)
+        rows.append((None, ctx, cont or [tok.eod_id]))
+    out["greedy_continuations"] = {name: [list(r) for r in lm._loglikelihood_tokens(rows)] for name, lm in lms.items()}
+    out["greedy_continuations"]["direct"] = [list(full_logits_logprob(model, single.prompt(c, len(x)), x,
+                                                                      **single.decode_kwargs)) for _, c, x in rows]
 
     gen = [inst for t in ("nq_open", "gsm8k", "lambada") for inst in requests(t, args.data_dir)]
-    for inst in gen:  # short generations keep the test fast; the stop strings are lm-eval's
-        inst.arguments = (inst.args[0], {**inst.args[1], "max_gen_toks": args.max_gen_toks})
-    reference, early = [], 0
-    for inst in gen:
+    for i, inst in enumerate(gen):  # short generations keep the test fast; rows of one batch differ in length
+        inst.arguments = (inst.args[0], {**inst.args[1], "max_gen_toks": args.max_gen_toks - 6 * (i % 3)})
+    reference, early, expected_calls = [], 0, 0
+    for i, inst in enumerate(gen):
         context, kw = inst.args
-        full = tok.decode(greedy_generate(counters["reference"], single.prompt(tok.encode(context), kw["max_gen_toks"]),
-                                          max_new_tokens=kw["max_gen_toks"], stop_ids=(tok.eod_id,),
-                                          **single.decode_kwargs))
-        # lm-eval's stop strings rarely occur in a random model's text: each request also stops at two
-        # characters from the middle of its own full answer, so that rows end early at different steps
-        until = [*kw["until"], full[len(full) // 2: len(full) // 2 + 2]]
+        max_new = kw["max_gen_toks"]
+        ids = greedy_generate(counters["reference"], single.prompt(tok.encode(context), max_new),
+                              max_new_tokens=max_new, stop_ids=(tok.eod_id,), **single.decode_kwargs)
+        full = tok.decode(ids)
+        until = list(kw["until"])
+        # lm-eval's stop strings rarely occur in a random model's text: every other request also stops at the two
+        # characters on either side of a token boundary mid-answer (a stop string only the growing text holds,
+        # not any one token), so that rows end early at different steps; the others run to their max_gen_toks.
+        j = len(ids) // 2
+        head, longer = tok.decode(ids[:j]), tok.decode(ids[: j + 1])
+        if i % 2 == 0 and head and longer.startswith(head) and len(longer) > len(head):
+            until.append(head[-1] + longer[len(head)])
         inst.arguments = (context, {**kw, "until": until})
         cut = single._cut(full, [s for s in until if s])
         early += cut != full
         reference.append(cut)
+        # batch 1 runs one forward per generated token, up to the first that puts a stop string in the text,
+        # plus the one that picked EOD
+        stop_at = next((k for k in range(1, len(ids) + 1) if any(s and s in tok.decode(ids[:k]) for s in until)), None)
+        expected_calls += stop_at if stop_at is not None else len(ids) + (len(ids) < max_new)
     before = {name: c.calls for name, c in counters.items()}
     out["generation"] = {name: lm.generate_until(gen, disable_tqdm=True) for name, lm in lms.items()}
-    out["generation"]["forward_calls"] = {"reference": before["reference"],
+    out["generation"]["forward_calls"] = {"reference": before["reference"], "expected_single": expected_calls,
                                           **{k: counters[k].calls - before[k] for k in lms}}
+    out["generation"]["max_gen_toks"] = sorted({inst.args[1]["max_gen_toks"] for inst in gen})
     out["generation"]["reference"] = reference
     out["generation"]["stopped_early"] = early
 
@@ -104,7 +139,7 @@ def main():
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     out["rolling"] = {name: lm.loglikelihood_rolling(rolling, disable_tqdm=True) for name, lm in lms.items()}
     w = cfg.model.seq_length - 1
-    out["rolling"]["direct"] = [sum(continuation_logprob(model, [tok.eod_id], ids[i: i + w])[0]
+    out["rolling"]["direct"] = [sum(full_logits_logprob(model, [tok.eod_id], ids[i: i + w])[0]
                                     for i in range(0, len(ids), w)) for ids in map(tok.encode, texts)]
     out["rolling"]["windows"] = [-(-len(tok.encode(t)) // (cfg.model.seq_length - 1)) for t in texts]
     print("BATCHED " + json.dumps(out), flush=True)
