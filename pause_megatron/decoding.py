@@ -70,8 +70,8 @@ def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSi
     """fn over `items` in batches of `batch_size` ("auto": from AUTO_BATCH_START), results in `items`' order.
 
     Items are ordered by `sort_key` with lm-eval's `Collator` (callers sort longest first: a batch that does not
-    fit fails on the first call). A batch that runs out of memory is retried at half the size (told on
-    stderr), down to 1, where the error is raised: results never depend on the size that ran them.
+    fit fails on the first call). A batch that runs out of memory is retried at half its size (told on
+    stderr), down to 1 item, where the error is raised: results never depend on the size that ran them.
     """
     from lm_eval.models.utils import Collator
 
@@ -86,9 +86,9 @@ def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSi
         try:
             results.extend(fn(chunk))
         except Exception as exc:
-            if not _is_out_of_memory(exc) or size == 1:
+            if not _is_out_of_memory(exc) or len(chunk) == 1:
                 raise
-            size //= 2
+            size = len(chunk) // 2  # halved from what ran (the chunk may be smaller than `size`), at least 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             print(f"evaluation: a batch of {len(chunk)} ran out of memory; batch size lowered to {size}",
