@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from helpers import ROOT, python
+from helpers import ROOT, python, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -68,13 +68,24 @@ def test_batched_rolling_loglikelihood_equals_one_window_at_a_time(batched):
     assert r["single"] == pytest.approx(r["direct"], rel=LL_REL)
 
 
+def _ftpad(proc):
+    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("FTPAD ")][-1][6:])
+
+
 def test_finetuning_padded_to_the_longest_example_gives_the_losses_of_full_padding(pretrained):
-    proc = python(str(ROOT / "tests" / "dist" / "ft_padding.py"), "--checkpoint", str(pretrained),
-                  "--data-dir", SAMPLES)
-    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("FTPAD ")][-1][6:])
+    """One process: padded to each microbatch's longest vs to seq_length. Two pipeline stages (interleaved,
+    two chunks each): one width for the step's microbatches (the stages exchange activations of one shape),
+    the same losses as one process."""
+    args = [str(ROOT / "tests" / "dist" / "ft_padding.py"), "--checkpoint", str(pretrained), "--data-dir", SAMPLES]
+    out = _ftpad(python(*args))
+    pp = _ftpad(torchrun(*args, "--arms", "longest", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                         nproc=2))["longest"]
     longest, full = out["longest"], out["full"]
     assert longest["tokens"] == full["tokens"]
     assert longest["losses"] == pytest.approx(full["losses"], rel=LOSS_REL)
     assert all(w == out["max_width"] for ws in full["widths"] for w in ws)
     assert all(w % 8 == 0 and w < out["max_width"] for ws in longest["widths"] for w in ws)
     assert len({w for ws in longest["widths"] for w in ws}) > 1  # microbatches of different widths
+    assert pp["tokens"] == longest["tokens"]
+    assert pp["losses"] == pytest.approx(longest["losses"], rel=LOSS_REL)
+    assert all(len(set(ws)) == 1 and max(ws) == w for ws, w in zip(pp["widths"], map(max, longest["widths"])))

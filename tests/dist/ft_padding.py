@@ -2,7 +2,8 @@
 
 Both runs start from the same pretrained weights and take the same samples (the real finetuning dataset and
 `microbatches_from`); the reference pads every sample to `seq_length` positions as finetuning did before.
-Prints the per-step losses, target-token counts and microbatch widths of both.
+Prints the per-step losses, target-token counts and microbatch widths of both. With `--arms longest` and
+parallel overrides (under torchrun), the padded-to-longest steps alone, for comparison with one process.
 """
 
 import argparse
@@ -23,16 +24,18 @@ def main():
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--task", default="nq_open")
+    ap.add_argument("--arms", default="longest,full")
+    ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = finetune_config(None, [f"task={args.task}", f"train.init_from={args.checkpoint}",
                                  f"data.task_dir={args.data_dir}", "pauses.m_ft=4", "train.global_batch_size=4",
                                  "train.micro_batch_size=2", "optim.warmup_steps=1", f"train.steps={STEPS}",
-                                 "tracking.enabled=false"])
+                                 "tracking.enabled=false", *args.overrides])
     tok = PauseTokenizer.load(checkpoint.tokenizer_path(args.checkpoint))
     train_ds, _ = build_datasets(cfg, tok)
     runtime.init_distributed(cfg)
     out = {}
-    for arm in ("longest", "full"):
+    for arm in args.arms.split(","):
         state = build_train_state(cfg, vocab_size=vocab_size(cfg, tok), cuda=False)
         checkpoint.load(state, args.checkpoint, weights_only=True)
         losses, tokens, widths = [], [], []
@@ -49,7 +52,10 @@ def main():
             tokens.append(result["tokens"])
         out[arm] = {"losses": losses, "tokens": tokens, "widths": widths}
     out["max_width"] = cfg.model.seq_length
-    print("FTPAD " + json.dumps(out), flush=True)
+    import torch
+
+    if torch.distributed.get_rank() == 0:
+        print("FTPAD " + json.dumps(out), flush=True)
     runtime.destroy()
 
 
