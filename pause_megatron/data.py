@@ -186,6 +186,20 @@ def microbatch_indices(*, start: int, global_batch_size: int, micro_batch_size: 
 
 
 PAD_MULTIPLE = 8  # variable-length microbatches are padded to a multiple of this (x TP: sequence parallel splits it)
+# FP8 GEMMs need their token dimension aligned: 16, or 32 for MXFP8 (Transformer Engine's rule, as Megatron-Core's
+# fp8_utils.get_fp8_align_size states it; kept here so that the rule is readable without importing Megatron).
+FP8_ALIGN = {"mxfp8": 32}
+FP8_ALIGN_DEFAULT = 16
+
+
+def padded_width(longest: int, cfg: Config) -> int:
+    """The width of a microbatch whose longest sample has `longest` positions: rounded up to a multiple of
+    PAD_MULTIPLE (with FP8: its alignment) x TP, at most seq_length (which pretraining already runs at)."""
+    multiple = PAD_MULTIPLE
+    if cfg.precision.fp8 is not None:
+        multiple = FP8_ALIGN.get(cfg.precision.fp8_recipe, FP8_ALIGN_DEFAULT)
+    multiple *= cfg.parallel.tensor
+    return max(longest, min(-(-longest // multiple) * multiple, cfg.model.seq_length))
 
 
 def pad_samples(samples: Sequence[dict], *, length: int, pad_id: Optional[int]) -> list[dict]:
@@ -214,7 +228,7 @@ def microbatches_from(dataset, *, start: int, cfg: Config, pause_id: int, dp_ran
     """This rank's microbatches of the global batch at sample `start` of a dataset.
 
     Samples shorter than `seq_length` (finetuning examples) are padded to the longest of their microbatch,
-    rounded up to PAD_MULTIPLE x TP (at most `seq_length`); with pipeline parallelism to the longest of this
+    rounded up (`padded_width`); with pipeline parallelism to the longest of this
     rank's share of the global batch instead, since the pipeline's stages exchange activations of one shape
     for the whole step. Pretraining samples all have `seq_length` tokens: nothing changes for them.
     """
@@ -224,10 +238,8 @@ def microbatches_from(dataset, *, start: int, cfg: Config, pause_id: int, dp_ran
     longest = [max(len(s["tokens"]) for s in b) for b in batches]
     if cfg.parallel.pipeline > 1:
         longest = [max(longest)] * len(longest)
-    multiple = PAD_MULTIPLE * cfg.parallel.tensor
     pad_id = getattr(dataset, "pad_id", None)
-    return [collate(pad_samples(b, length=max(n, min(-(-n // multiple) * multiple, cfg.model.seq_length)),
-                                pad_id=pad_id), pause_id=pause_id)
+    return [collate(pad_samples(b, length=padded_width(n, cfg), pad_id=pad_id), pause_id=pause_id)
             for b, n in zip(batches, longest)]
 
 

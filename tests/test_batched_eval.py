@@ -86,6 +86,8 @@ def test_finetuning_padded_to_the_longest_example_gives_the_losses_of_full_paddi
     assert all(w == out["max_width"] for ws in full["widths"] for w in ws)
     assert all(w % 8 == 0 and w < out["max_width"] for ws in longest["widths"] for w in ws)
     assert len({w for ws in longest["widths"] for w in ws}) > 1  # microbatches of different widths
+    for arm in (longest, full, pp):  # the work training logs (tokens/s, TFLOPs, MFU): the padded widths computed
+        assert arm["positions"] == [[sum(2 * w for w in ws), sum(2 * w * w for w in ws)] for ws in arm["widths"]]
     assert pp["tokens"] == longest["tokens"]
     assert pp["losses"] == pytest.approx(longest["losses"], rel=LOSS_REL)
     assert all(len(set(ws)) == 1 and max(ws) == w for ws, w in zip(pp["widths"], map(max, longest["widths"])))

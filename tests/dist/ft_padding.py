@@ -38,7 +38,7 @@ def main():
     for arm in args.arms.split(","):
         state = build_train_state(cfg, vocab_size=vocab_size(cfg, tok), cuda=False)
         checkpoint.load(state, args.checkpoint, weights_only=True)
-        losses, tokens, widths = [], [], []
+        losses, tokens, widths, positions = [], [], [], []
         for step in range(STEPS):
             start = step * cfg.train.global_batch_size
             batches = microbatches_from(train_ds, start=start, cfg=cfg, pause_id=tok.pause_id, dp_rank=0, dp_size=1)
@@ -50,7 +50,8 @@ def main():
             result = train_step(state, batches)
             losses.append(result["loss"])
             tokens.append(result["tokens"])
-        out[arm] = {"losses": losses, "tokens": tokens, "widths": widths}
+            positions.append([result["positions"], result["width_sum"]])  # what training logs as its work
+        out[arm] = {"losses": losses, "tokens": tokens, "widths": widths, "positions": positions}
     out["max_width"] = cfg.model.seq_length
     import torch
 
