@@ -5,7 +5,8 @@
 Evaluation (tiny preset, random weights: speed does not depend on them; one process, arms alternated, best
 of --repeats):
   * multiple choice: contexts of 40-200 tokens with 4 continuations of 5-40 tokens each (HellaSwag's shape),
-    scored one request per forward (before) and in batches of --batch-size (`decoding.run_batched`);
+    scored one request per forward with logits at every position (before: `all_logits_score`), and with
+    logits only at the continuations (`decoding.score_batch`) at batch 1 and in batches of --batch-size;
   * generation: prompts of 30-200 tokens; each row's answer ends after 5-60 tokens (a stop string, played by a
     stop callback at that length, as a GSM8K or nq_open answer ends at its `until`); before: one prompt at a
     time decoded to --max-gen-toks and cut afterwards; after: batched and stop-aware. The two mixed arms
@@ -42,6 +43,21 @@ def timed(fn, repeats):
     return best
 
 
+@torch.no_grad()
+def all_logits_score(model, rows):
+    """Scoring as it was before `logits_only_at`: logits at every position of the row, then the continuation's."""
+    from pause_megatron.decoding import forward
+
+    out = []
+    for c, x in rows:
+        ids = torch.tensor([c + x])
+        logprobs = torch.log_softmax(forward(model, ids, torch.arange(ids.shape[1])[None])[0], -1)
+        picked = logprobs[len(c) - 1: len(c) - 1 + len(x)]
+        target = torch.tensor(x)
+        out.append((float(picked.gather(1, target[:, None]).sum()), bool((picked.argmax(-1) == target).all())))
+    return out
+
+
 def eval_rates(args):
     cfg = load_config(None, ["model.preset=tiny", f"model.seq_length={200 + args.max_gen_toks}", *args.overrides])
     runtime.init_distributed(cfg)
@@ -68,6 +84,7 @@ def eval_rates(args):
         return run_batched(rows, run, batch_size, sort_key=key_gen)
 
     arms = {
+        "mc_batch1_all_logits": lambda: run_batched(mc, lambda c: all_logits_score(model, c), 1, sort_key=key_mc),
         "mc_batch1": lambda: run_batched(mc, lambda c: score_batch(model, c), 1, sort_key=key_mc),
         "mc_batched": lambda: run_batched(mc, lambda c: score_batch(model, c), args.batch_size, sort_key=key_mc),
         "gen_batch1_full": lambda: gen(1, False),
@@ -80,10 +97,16 @@ def eval_rates(args):
         for name, fn in arms.items():
             best[name] = min(best[name], timed(fn, 1))
     n = {"mc": len(mc), "gen": len(prompts)}
+    old_ll = run_batched(mc, lambda c: all_logits_score(model, c), 1, sort_key=key_mc)
+    new_ll = run_batched(mc, lambda c: score_batch(model, c), args.batch_size, sort_key=key_mc)
+    mc_max_rel_diff = max(abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(old_ll, new_ll))
     rates = {f"{k}_requests_per_cpu_s": n[k.split("_")[0]] / v for k, v in best.items()}
     same_gen = gen(1, False) == gen(args.batch_size, True)
     runtime.destroy()
-    return {**rates, "mc_speedup": best["mc_batch1"] / best["mc_batched"],
+    return {**rates, "mc_speedup": best["mc_batch1_all_logits"] / best["mc_batched"],
+            "mc_speedup_batching_only": best["mc_batch1"] / best["mc_batched"],
+            "mc_speedup_selected_logits_only": best["mc_batch1_all_logits"] / best["mc_batch1"],
+            "mc_max_rel_diff": mc_max_rel_diff, "mc_same_greedy": [a[1] for a in old_ll] == [b[1] for b in new_ll],
             "gen_speedup": best["gen_batch1_full"] / best["gen_batched_stop"],
             "gen_speedup_batching_only": best["gen_batch1_full"] / best["gen_batched_full"],
             "gen_speedup_stops_only": best["gen_batch1_full"] / best["gen_batch1_stop"],
