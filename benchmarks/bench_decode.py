@@ -18,7 +18,7 @@ import torch
 
 from pause_megatron import runtime
 from pause_megatron.config import load_config
-from pause_megatron.evaluate import greedy_generate
+from pause_megatron.decoding import greedy_generate
 from pause_megatron.model import build_gpt
 
 

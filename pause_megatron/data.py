@@ -225,12 +225,62 @@ def microbatch_indices(*, start: int, global_batch_size: int, micro_batch_size: 
     return out
 
 
+PAD_MULTIPLE = 8  # variable-length microbatches are padded to a multiple of this (x TP: sequence parallel splits it)
+# FP8 GEMMs need their token dimension aligned: 16, or 32 for MXFP8 (Transformer Engine's rule, as Megatron-Core's
+# fp8_utils.get_fp8_align_size states it; kept here so that the rule is readable without importing Megatron).
+FP8_ALIGN = {"mxfp8": 32}
+FP8_ALIGN_DEFAULT = 16
+
+
+def padded_width(longest: int, cfg: Config) -> int:
+    """The width of a microbatch whose longest sample has `longest` positions: rounded up to a multiple of
+    PAD_MULTIPLE (with FP8: its alignment) x TP, at most seq_length (which pretraining already runs at)."""
+    multiple = PAD_MULTIPLE
+    if cfg.precision.fp8 is not None:
+        multiple = FP8_ALIGN.get(cfg.precision.fp8_recipe, FP8_ALIGN_DEFAULT)
+    multiple *= cfg.parallel.tensor
+    return max(longest, min(-(-longest // multiple) * multiple, cfg.model.seq_length))
+
+
+def pad_samples(samples: Sequence[dict], *, length: int, pad_id: Optional[int]) -> list[dict]:
+    """Samples right-padded to `length` positions: pad ids, zero loss weight, positions continued.
+
+    Right padding changes no real position's output (the attention is causal) and adds nothing to the loss.
+    """
+    out = []
+    for s in samples:
+        pad = length - len(s["tokens"])
+        if pad == 0:
+            out.append(s)
+            continue
+        if pad_id is None:
+            raise ValueError("samples of different lengths need a dataset with a pad_id")
+        fill = torch.full((pad,), pad_id, dtype=torch.long)
+        out.append({"tokens": torch.cat([torch.as_tensor(s["tokens"]).long(), fill]),
+                    "labels": torch.cat([torch.as_tensor(s["labels"]).long(), fill]),
+                    "loss_mask": torch.cat([torch.as_tensor(s["loss_mask"]).float(), torch.zeros(pad)]),
+                    "position_ids": torch.arange(length)})
+    return out
+
+
 def microbatches_from(dataset, *, start: int, cfg: Config, pause_id: int, dp_rank: int, dp_size: int,
                       global_batch_size: Optional[int] = None) -> list[dict]:
-    """This rank's microbatches of the global batch at sample `start` of a dataset."""
+    """This rank's microbatches of the global batch at sample `start` of a dataset.
+
+    Samples shorter than `seq_length` (finetuning examples) are padded to the longest of their microbatch,
+    rounded up (`padded_width`); with pipeline parallelism to the longest of this
+    rank's share of the global batch instead, since the pipeline's stages exchange activations of one shape
+    for the whole step. Pretraining samples all have `seq_length` tokens: nothing changes for them.
+    """
     groups = microbatch_indices(start=start, global_batch_size=global_batch_size or cfg.train.global_batch_size,
                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    return [collate([dataset[i] for i in idx], pause_id=pause_id) for idx in groups]
+    batches = [[dataset[i] for i in idx] for idx in groups]
+    longest = [max(len(s["tokens"]) for s in b) for b in batches]
+    if cfg.parallel.pipeline > 1:
+        longest = [max(longest)] * len(longest)
+    pad_id = getattr(dataset, "pad_id", None)
+    return [collate(pad_samples(b, length=padded_width(n, cfg), pad_id=pad_id), pause_id=pause_id)
+            for b, n in zip(batches, longest)]
 
 
 def windows_to_samples(windows) -> list[dict]:
@@ -244,7 +294,10 @@ def windows_to_samples(windows) -> list[dict]:
 
 
 class FinetuneDataset:
-    """PauseFT samples: prompt + M placed pauses + target + EOD, padded to seq_length + 1; loss on the target.
+    """PauseFT samples: prompt + M placed pauses + target + EOD, at most seq_length + 1 ids; loss on the target.
+
+    A sample has as many positions as its example (no padding): `microbatches_from` pads each microbatch to its
+    longest, so a short example does not cost a `seq_length` forward and backward.
 
     Prompt and target are split as evaluation splits them (`PauseTokenizer.encode_pair`).
 
@@ -280,8 +333,7 @@ class FinetuneDataset:
 
     def __getitem__(self, i: int) -> dict:
         ids, is_target = self._example(i)
-        pad = self.seq_length + 1 - len(ids)
-        ids = torch.tensor(ids + [self.pad_id] * pad, dtype=torch.long)
-        target = torch.tensor(is_target + [0] * pad, dtype=torch.float32)
+        ids = torch.tensor(ids, dtype=torch.long)
+        target = torch.tensor(is_target, dtype=torch.float32)
         return {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": target[1:],
-                "position_ids": torch.arange(self.seq_length)}
+                "position_ids": torch.arange(len(ids) - 1)}

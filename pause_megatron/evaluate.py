@@ -1,110 +1,28 @@
 """Evaluation with lm-eval: the Megatron model behind a `TemplateLM`, with M_inf pauses in every request.
 
 `python -m pause_megatron.evaluate --checkpoint runs/ft_squad/checkpoints --tasks squad [--data-dir D]
-    [pauses.m_inf=10 pauses.placement=append] [--limit N] [--output results.json]`
+    [pauses.m_inf=10 pauses.placement=append] [--limit N] [--batch-size N|auto] [--output results.json]`
 
 The checkpoint (any TP/PP layout) is loaded at TP=1, PP=1 through dist_checkpointing's resharding; with
 several processes, lm-eval splits the requests across them (data parallel) and `--output` gathers every
-rank's generations. Every request gets the pauses placed on its encoded context (`PauseLM.prompt`); greedy
-decoding uses Megatron-Core's KV cache (StaticInferenceContext) and never emits a padded id or `<pause>`.
+rank's generations. Every request gets the pauses placed on its encoded context (`PauseLM.prompt`); requests
+are scored and generated in batches (`pause_megatron.decoding`: greedy decoding with Megatron-Core's KV cache,
+each row stopping at EOD, its `until` strings or `max_gen_toks`, never emitting a padded id or `<pause>`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from pause_megatron.decoding import AUTO_BATCH_START, BatchSize, generate, parse_batch_size, run_batched, score_batch
 from pause_megatron.pauses import fit_placed, place_pauses
 from pause_megatron.tokenizer import PauseTokenizer
-
-
-# ---- decoding --------------------------------------------------------------------------------------------
-
-def _forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None) -> torch.Tensor:
-    """Logits [batch, seq, vocab] (float32) of a GPTModel without labels."""
-    kwargs = {"inference_context": context, "runtime_gather_output": True} if context is not None else {}
-    return model(input_ids=ids, position_ids=positions, attention_mask=None, **kwargs).float()
-
-
-def greedy_pick(logits: torch.Tensor, *, vocab_size: Optional[int] = None, banned_ids: tuple[int, ...] = ()):
-    """Argmax over the last dimension among the ids decoding may emit.
-
-    Ids at and above `vocab_size` are the padded vocabulary (embedding rows that only make the table's size
-    divisible; no piece decodes from them); `banned_ids` are ids with no meaning as output (`<pause>`).
-    """
-    if vocab_size is not None or banned_ids:
-        logits = logits.clone()
-        if vocab_size is not None:
-            logits[..., vocab_size:] = float("-inf")
-        logits[..., list(banned_ids)] = float("-inf")
-    return logits.argmax(-1)
-
-
-@torch.inference_mode()  # not no_grad: skips autograd's version counters and view tracking, ~10% per cached step
-def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, stop_ids: tuple[int, ...] = (),
-                    vocab_size: Optional[int] = None, banned_ids: tuple[int, ...] = (), use_cache: bool = True,
-                    device: torch.device = torch.device("cpu")) -> list[int]:
-    """Greedy continuation of `prompt` (at most `max_new_tokens`, ending early at a stop id, not returned).
-
-    Only ids below `vocab_size` and not in `banned_ids` are picked (`greedy_pick`). With `use_cache`, the
-    prompt runs once and each new token reuses the keys and values of the previous ones
-    (Megatron-Core's StaticInferenceContext); without it, the whole sequence is recomputed every step.
-    """
-    from pause_megatron import cpu_emulation
-    from pause_megatron.compat import inference_mode
-
-    out: list[int] = []
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    positions = torch.arange(len(prompt), device=device).unsqueeze(0)
-    context = None
-    if use_cache:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        context = StaticInferenceContext(1, len(prompt) + max_new_tokens)
-    with inference_mode() if use_cache else contextlib.nullcontext(), cpu_emulation.without_device_rewrites():
-        for _ in range(max_new_tokens):
-            logits = _forward(model, ids, positions, context)
-            token = int(greedy_pick(logits[0, -1], vocab_size=vocab_size, banned_ids=banned_ids))
-            if token in stop_ids:
-                break
-            out.append(token)
-            if use_cache:
-                context.sequence_len_offset += ids.shape[1]
-                ids = torch.tensor([[token]], device=device)
-                positions = torch.tensor([[len(prompt) + len(out) - 1]], device=device)
-            else:
-                ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-                positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-    return out
-
-
-@torch.no_grad()
-def continuation_logprob(model, context: list[int], continuation: list[int], *, vocab_size: Optional[int] = None,
-                         banned_ids: tuple[int, ...] = (),
-                         device: torch.device = torch.device("cpu")) -> tuple[float, bool]:
-    """(sum of log p(continuation | context), whether greedy decoding would produce it) in one forward.
-
-    The log-probabilities are the model's own (over its whole output layer); "greedy" picks as
-    `greedy_generate` does.
-    """
-    from pause_megatron import cpu_emulation
-
-    ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
-    positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-    with cpu_emulation.without_device_rewrites():
-        logprobs = F.log_softmax(_forward(model, ids, positions)[0], dim=-1)
-    n = len(continuation)
-    picked = logprobs[len(context) - 1 : len(context) - 1 + n]
-    target = torch.tensor(continuation, device=device)
-    greedy = greedy_pick(picked, vocab_size=vocab_size, banned_ids=banned_ids)
-    return float(picked.gather(1, target[:, None]).sum()), bool((greedy == target).all())
 
 
 # ---- the lm-eval adapter ---------------------------------------------------------------------------------
@@ -123,11 +41,13 @@ def _make_lm_class():
         """
 
         def __init__(self, model, tokenizer: PauseTokenizer, *, m_inf: int, placement: str = "append",
-                     filler_id: Optional[int] = None, max_length: int, device: torch.device):
+                     filler_id: Optional[int] = None, max_length: int, device: torch.device,
+                     batch_size: BatchSize = 1):
             super().__init__()
             self.model, self.tok = model, tokenizer
             self.m_inf, self.placement, self.filler_id = m_inf, placement, filler_id
             self.max_length, self._device = max_length, device
+            self.batch_size = parse_batch_size(batch_size)
             self.decode_kwargs = {"vocab_size": tokenizer.vocab_size, "banned_ids": (tokenizer.pause_id,)}
             # the longest continuation that leaves room for the pauses and one context token
             self.max_continuation = max_length - 1 - len(self.with_pauses([]))
@@ -163,41 +83,59 @@ def _make_lm_class():
                               placement=self.placement, filler_id=self.filler_id,
                               max_length=self.max_length - min(room, self.max_continuation))
 
+        def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+            """(log-likelihood, is greedy) of each (model input, continuation), batched longest first."""
+            return run_batched(rows, lambda chunk: score_batch(self.model, chunk, device=self._device,
+                                                               pad_id=self.tok.pad_id, **self.decode_kwargs),
+                               self.batch_size, sort_key=lambda r: (-len(r[0]) - len(r[1]), tuple(r[0] + r[1])))
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-            results = []
+            rows = []
             for _, context, continuation in requests:
                 continuation = continuation[-self.max_continuation:]
-                results.append(continuation_logprob(self.model, self.prompt(context, len(continuation)),
-                                                    continuation, device=self._device, **self.decode_kwargs))
-            return results
+                rows.append((self.prompt(context, len(continuation)), continuation))
+            return self._score(rows)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            out = []
-            for (string,) in [r.args for r in requests]:
-                ids, total, start = self.tok.encode(string), 0.0, 0
+            rows, owner = [], []
+            for i, (string,) in enumerate(r.args for r in requests):
+                ids, start = self.tok.encode(string), 0
                 while start < len(ids):  # disjoint windows, each conditioned on EOD
                     chunk = ids[start : start + self.max_length - 1]
-                    total += continuation_logprob(self.model, [self.eot_token_id], chunk, device=self._device)[0]
+                    rows.append(([self.eot_token_id], chunk))
+                    owner.append(i)
                     start += len(chunk)
-                out.append(total)
-            return out
+            totals = [0.0] * len(requests)
+            for i, (ll, _) in zip(owner, self._score(rows)):  # summed in window order, as one at a time
+                totals[i] += ll
+            return totals
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            outputs = []
+            rows = []
             for request in requests:
                 context, gen_kwargs = request.args
                 until = gen_kwargs.get("until", [])
-                until = [until] if isinstance(until, str) else list(until)
+                until = [s for s in ([until] if isinstance(until, str) else until) if s]
                 max_new = int(gen_kwargs.get("max_gen_toks", 64))
-                ids = greedy_generate(self.model, self.prompt(self.tok.encode(context), max_new),
-                                      max_new_tokens=max_new, stop_ids=(self.tok.eod_id,), device=self._device,
-                                      **self.decode_kwargs)
-                text = self.tok.decode(ids)
-                for stop in until:
-                    if stop and stop in text:
-                        text = text[: text.index(stop)]
-                outputs.append(text)
-            return outputs
+                rows.append((self.prompt(self.tok.encode(context), max_new), max_new, until))
+
+            def run(chunk):
+                def stop(b, ids):  # a stop string in the text so far ends the row
+                    text = self.tok.decode(ids)
+                    return any(s in text for s in chunk[b][2])
+
+                ids = generate(self.model, [r[0] for r in chunk], max_new_tokens=[r[1] for r in chunk],
+                               stop_ids=(self.tok.eod_id,), stop=stop, device=self._device, **self.decode_kwargs)
+                return [self._cut(self.tok.decode(g), r[2]) for g, r in zip(ids, chunk)]
+
+            return run_batched(rows, run, self.batch_size, sort_key=lambda r: (-len(r[0]), tuple(r[0])))
+
+        @staticmethod
+        def _cut(text: str, until: list[str]) -> str:
+            for stop in until:
+                if stop in text:
+                    text = text[: text.index(stop)]
+            return text
 
         # Data-parallel evaluation: lm-eval splits requests by rank and gathers through these.
         def all_gather(self, tensor):
@@ -252,7 +190,7 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
 
 
 def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optional[str], limit: Optional[int] = None,
-                   m_inf: Optional[int] = None) -> tuple[dict, list[dict]]:
+                   m_inf: Optional[int] = None, batch_size: BatchSize = 1) -> tuple[dict, list[dict]]:
     """Run lm-eval on `tasks` with M_inf pauses; returns ({task: {metric: value}}, {task: per-request records}).
 
     Both only on rank 0, gathered from every rank. A record is the document id, the request arguments and the
@@ -268,7 +206,7 @@ def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optiona
     m = m_inf if m_inf is not None else (p.m_inf if p.m_inf is not None else p.m_ft)
     filler_id = tokenizer.piece_id(p.filler) if p.placement == "filler" else None
     lm = make_lm(model, tokenizer, m_inf=m, placement=p.placement, filler_id=filler_id,
-                 max_length=cfg.model.seq_length, device=device())
+                 max_length=cfg.model.seq_length, device=device(), batch_size=batch_size)
     configs = [lm_eval_config(get_task(t), data_dir=data_dir) for t in tasks]
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(), limit=limit,
                                   num_fewshot=0, log_samples=True, bootstrap_iters=0)
@@ -310,6 +248,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tasks", help="comma-separated task names (also accepted as tasks=a,b)")
     ap.add_argument("--data-dir", help="offline task data: <dir>/<task>/eval.jsonl")
     ap.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
+    ap.add_argument("--batch-size", default="1", help="requests per forward pass: N, or auto (the largest that "
+                    f"fits, from {AUTO_BATCH_START}, halved while memory runs out); the answers do not depend on it")
     ap.add_argument("--output", help="write the scores (and every request's arguments and responses) to this JSON file")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pauses.m_inf=10 pauses.placement=append")
     from pause_megatron.job import add_tracking_args, tags_from
@@ -328,6 +268,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if not tasks_arg:
             raise ConfigError("--tasks is required (e.g. --tasks squad,gsm8k)")
+        try:
+            batch_size = parse_batch_size(args.batch_size)
+        except ValueError as exc:
+            raise ConfigError(f"--batch-size: {exc}") from None
         tasks = [t.strip() for t in tasks_arg.split(",") if t.strip()]
         for t in tasks:  # unknown names and malformed rows fail before the model is loaded
             load_examples(get_task(t), part="eval", data_dir=args.data_dir)
@@ -337,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     scores, samples = evaluate_tasks(model, cfg, tokenizer, tasks=tasks, data_dir=args.data_dir,
-                                     limit=args.limit)
+                                     limit=args.limit, batch_size=batch_size)
     if torch.distributed.get_rank() == 0:
         m_inf = cfg.pauses.m_inf if cfg.pauses.m_inf is not None else cfg.pauses.m_ft
         report = {"checkpoint": args.checkpoint, "m_inf": m_inf, "placement": cfg.pauses.placement,

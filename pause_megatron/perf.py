@@ -45,16 +45,28 @@ def peak_tflops(*, cuda: bool) -> Optional[float]:
     return peak_tflops_bf16(torch.cuda.get_device_name()) if cuda else None
 
 
-def model_flops_per_token(cfg: Config, *, vocab_size: int) -> float:
+def model_flops_per_token(cfg: Config, *, vocab_size: int, seq_length: Optional[int] = None) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), counted from the config.
 
     Forward per token: per layer 2*(3h*h) QKV + 2*h*h output projection + 2*2*h*ffn MLP + 2*2*s*h attention
     scores and values (Megatron's convention: the causal half is not discounted); plus 2*h*V for the logits.
+    `s` is the width of the sequence the token sits in (default: the config's seq_length).
     """
     m = cfg.model
-    h, s, f = m.hidden_size, m.seq_length, m.ffn_hidden_size
+    h, f = m.hidden_size, m.ffn_hidden_size
+    s = m.seq_length if seq_length is None else seq_length
     per_layer = 8 * h * h + 4 * h * f + 4 * s * h
     return 3.0 * (m.num_layers * per_layer + 2 * h * vocab_size)
+
+
+def model_flops(cfg: Config, *, vocab_size: int, positions: int, width_sum: int) -> float:
+    """Training FLOPs of `positions` token positions in sequences of any widths; `width_sum` sums, over the
+    positions, the width of each one's sequence (a [b, s] microbatch adds b*s positions and b*s*s). The count
+    is linear in the width (the attention term), so this is `model_flops_per_token` summed position by position.
+    """
+    base = model_flops_per_token(cfg, vocab_size=vocab_size, seq_length=0)
+    per_width = model_flops_per_token(cfg, vocab_size=vocab_size, seq_length=1) - base
+    return base * positions + per_width * width_sum
 
 
 def memory_gb(cuda: bool) -> float:

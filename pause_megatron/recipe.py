@@ -86,6 +86,7 @@ class FinetuneSpec(StageSpec):
 @dataclass
 class EvaluateSpec:
     limit: Optional[int] = None  # documents per task (None: the whole evaluation split)
+    batch_size: str = "auto"  # requests per forward pass: N or auto (`evaluate --batch-size`; answers do not change)
     nodes: int = 1
     time: str = "01:00:00"
 
@@ -239,6 +240,12 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     if recipe.ablations.pause_ratio and not any(v.startswith("PausePT_") for v in recipe.variants):
         raise ConfigError(f"{path}: ablations.pause_ratio finetunes each ratio as the PausePT variants are; add "
                           f"PausePT_PauseFT or PausePT_StdFT to variants (now {recipe.variants})")
+    from pause_megatron.decoding import parse_batch_size
+
+    try:
+        parse_batch_size(recipe.evaluate.batch_size)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: evaluate.batch_size: {exc}") from None
     if recipe.launch.executor not in ("local", "slurm"):
         raise ConfigError(f"{path}: launch.executor must be 'local' or 'slurm', got {recipe.launch.executor!r}")
     return recipe
@@ -409,7 +416,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                     etags = {**tags, "m_inf": str(m_inf), "placement": ev_place, "ablation": ev_ablation,
                              "stage_key": ekey}
                     eargv = ["-m", "pause_megatron.evaluate", "--checkpoint", f"{d}/checkpoints", "--tasks", task,
-                             *data_dir, *limit, "--output", f"{ed}/{RESULT}", f"pauses.m_inf={m_inf}",
+                             *data_dir, *limit, "--batch-size", r.evaluate.batch_size, "--output", f"{ed}/{RESULT}", f"pauses.m_inf={m_inf}",
                              f"pauses.placement={ev_place}", *_tracking_overrides(r), _run_name(ekey), *common,
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags,

@@ -17,7 +17,7 @@ import torch
 from pause_megatron import stop_signals
 from pause_megatron.config import Config
 from pause_megatron.model import build_model_chunks, prepare_chunks
-from pause_megatron.perf import memory_gb, model_flops_per_token, peak_tflops  # MFU convention: see perf.py
+from pause_megatron.perf import memory_gb, model_flops, peak_tflops  # MFU convention: see perf.py
 
 
 @dataclass
@@ -185,7 +185,27 @@ def train_step(state: TrainState, microbatches: list[dict]) -> dict:
     state.step += 1
     loss, count = _mean_loss(losses, cuda=state.cuda)
     lr = state.optimizer.param_groups[0]["lr"]
-    return {"loss": loss, "tokens": count, "grad_norm": float(grad_norm or 0.0), "lr": lr, "skipped": not update_successful}
+    positions, width_sum = _computed_positions(microbatches, cuda=state.cuda)
+    return {"loss": loss, "tokens": count, "grad_norm": float(grad_norm or 0.0), "lr": lr,
+            "skipped": not update_successful, "positions": positions, "width_sum": width_sum}
+
+
+def _computed_positions(microbatches: list[dict], *, cuda: bool) -> tuple[int, int]:
+    """(token positions the step computed, the sum over them of their sequence's width), over data-parallel ranks.
+
+    Finetuning pads each microbatch to its longest example, so the step's work is these widths, not
+    global_batch x seq_length; every pipeline stage and tensor rank holds the same microbatches.
+    """
+    from megatron.core import parallel_state
+
+    shapes = [mb["tokens"].shape for mb in microbatches]
+    t = torch.tensor([sum(b * s for b, s in shapes), sum(b * s * s for b, s in shapes)], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        t = t.to(dev)
+        torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        t = t.cpu()
+    return int(t[0]), int(t[1])
 
 
 @torch.no_grad()
@@ -286,7 +306,6 @@ def fit(
     rank0 = torch.distributed.get_rank() == 0
     world = torch.distributed.get_world_size()
     ckpt_root = os.path.join(t.output_dir, "checkpoints")
-    flops_per_step = model_flops_per_token(cfg, vocab_size=vocab_size) * t.global_batch_size * cfg.model.seq_length
     peak = peak_tflops(cuda=state.cuda)
     stop = GracefulStop(cuda=state.cuda)
     metrics_file = open(os.path.join(t.output_dir, "metrics.jsonl"), "a") if rank0 else None
@@ -306,13 +325,16 @@ def fit(
             out = train_step(state, train_batches(state.consumed_samples))
             state.consumed_samples += t.global_batch_size
             elapsed = time.perf_counter() - start
-            tflops = flops_per_step / elapsed / world / 1e12
+            flops = model_flops(cfg, vocab_size=vocab_size, positions=out["positions"], width_sum=out["width_sum"])
+            tflops = flops / elapsed / world / 1e12
             last = {
                 "train/loss": out["loss"],
                 "train/lr": out["lr"],
                 "train/grad_norm": out["grad_norm"],
                 "train/loss_tokens": out["tokens"],
-                "perf/tokens_per_s": t.global_batch_size * cfg.model.seq_length / elapsed,
+                "perf/positions": out["positions"],  # computed, padding included (finetuning: padded widths)
+                "perf/tokens_per_s": out["positions"] / elapsed,
+                "perf/target_tokens_per_s": out["tokens"] / elapsed,  # the loss's tokens (no pads, no pauses)
                 "perf/tflops_per_gpu": tflops,
                 "perf/mfu": (tflops / peak) if peak else None,
                 "perf/memory_gb": memory_gb(state.cuda),

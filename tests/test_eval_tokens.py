@@ -15,17 +15,32 @@ from conftest import SAMPLE_TASKS
 M = 3  # pauses
 
 
+class Scores(torch.nn.Module):
+    """An output layer whose logits rank the ids by `scores` at every position it is given ([seq, batch, h])."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, hidden, **kwargs):
+        return self.scores.expand(hidden.shape[0], hidden.shape[1], -1).clone(), None
+
+
 class Recorder(torch.nn.Module):
-    """Records each input and returns logits that rank the ids by `scores` (default: all equal)."""
+    """Records each input and returns logits that rank the ids by `scores` (default: all equal).
+
+    Shaped like GPTModel where decoding relies on it: an `output_layer` on [seq, batch, hidden] states.
+    """
 
     def __init__(self, vocab: int, scores=None):
         super().__init__()
         self.inputs: list[list[int]] = []
-        self.scores = torch.zeros(vocab) if scores is None else scores
+        self.output_layer = Scores(torch.zeros(vocab) if scores is None else scores)
 
     def forward(self, input_ids, position_ids, attention_mask, **kwargs):
         self.inputs.append(input_ids[0].tolist())
-        return self.scores.expand(1, input_ids.shape[1], -1).clone()
+        logits, _ = self.output_layer(torch.zeros(input_ids.shape[1], input_ids.shape[0], 1))
+        return logits.transpose(0, 1)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +153,7 @@ def test_prepended_pauses_survive_evaluation_truncation(tok):
 
 
 def test_greedy_decoding_emits_neither_padded_ids_nor_pauses(tok):
-    from pause_megatron.evaluate import continuation_logprob, greedy_generate
+    from pause_megatron.decoding import continuation_logprob, greedy_generate
 
     padded = 128 * ((tok.vocab_size + 127) // 128) + 128
     scores = torch.arange(padded, dtype=torch.float32)  # the padded ids, then <pause> (the last piece), lead
@@ -150,6 +165,27 @@ def test_greedy_decoding_emits_neither_padded_ids_nor_pauses(tok):
     tok.decode(ids)  # a padded id would raise "piece id is out of range"
     _, greedy = continuation_logprob(lm.model, [5, 6], [tok.vocab_size - 2], **lm.decode_kwargs)
     assert greedy
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_smaller_with_the_same_results(capsys):
+    """Batches above 3 items fail as CUDA's allocator does; results come back complete and in the callers' order."""
+    from pause_megatron.decoding import run_batched
+
+    sizes = []
+
+    def scores(chunk):
+        sizes.append(len(chunk))
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [x * 10 for x in chunk]
+
+    items = [5, 1, 9, 3, 7, 2, 8, 6, 4, 0, 11]
+    assert run_batched(items, scores, "auto", sort_key=lambda x: -x) == [x * 10 for x in items]
+    # auto starts at 64, but the first batch holds all 11: halved from 11, not from 64
+    assert sizes == [11, 5, 2, 2, 2, 2, 2, 1]
+    assert "a batch of 11 ran out of memory; batch size lowered to 5" in capsys.readouterr().err
+    with pytest.raises(torch.OutOfMemoryError):  # one item that does not fit: the error, not a wrong score
+        run_batched([1], lambda chunk: scores(chunk * 4), 1, sort_key=lambda x: x)
 
 
 def test_lambada_answer_filter_keeps_apostrophes(tmp_path):

@@ -38,6 +38,8 @@ def baseline(tmp_path_factory, init_ckpt):
 
 def assert_same_curve(got, want):
     assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    # the work training logs (tokens/s, MFU): the whole global batch's positions, whatever the layout
+    assert [(r["positions"], r["width_sum"]) for r in got] == [(r["positions"], r["width_sum"]) for r in want]
     for g, w in zip(got, want):
         assert g["loss"] == pytest.approx(w["loss"], rel=RTOL)
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=10 * RTOL)
@@ -49,6 +51,7 @@ def test_single_process_trains(baseline):
     assert losses[-1] < losses[0]
     # Pause targets are masked: fewer counted tokens than 8 sequences x 128 targets.
     assert all(0 < r["tokens"] < 8 * 128 for r in baseline)
+    assert all((r["positions"], r["width_sum"]) == (8 * 128, 8 * 128 * 128) for r in baseline)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +67,12 @@ def test_single_process_trains(baseline):
     ids=["tp2", "pp2", "tp2xpp2", "dp2", "pp2-vpp2", "dp2-distopt"],
 )
 def test_layout_matches_single_process(tmp_path, init_ckpt, baseline, nproc, overrides):
-    assert_same_curve(run_layout(tmp_path, init_ckpt, nproc, *overrides), baseline)
+    got = run_layout(tmp_path, init_ckpt, nproc, *overrides)
+    assert_same_curve(got, baseline)
+    if "parallel.pipeline=2" not in overrides:
+        # Scoring with logits only at the continuations (a hook on the column-parallel output layer) equals
+        # the logits of every position, gathered over TP: same rows of the same matmuls.
+        assert got[-1]["scores"] == pytest.approx(got[-1]["full_logits_scores"], rel=RTOL)
 
 
 def test_different_data_gives_a_different_curve(tmp_path, init_ckpt, baseline):

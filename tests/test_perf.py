@@ -3,7 +3,7 @@
 import pytest
 
 from pause_megatron.config import load_config
-from pause_megatron.perf import model_flops_per_token, peak_tflops_bf16
+from pause_megatron.perf import model_flops, model_flops_per_token, peak_tflops_bf16
 
 H100_SXM, H100_PCIE, H100_NVL, A100 = 989.4, 756.5, 835.5, 312.0  # dense bf16 TFLOP/s, NVIDIA data sheets
 
@@ -43,3 +43,12 @@ def test_flops_per_token_of_the_130m_preset():
     h, s, f, layers, vocab = 768, 2048, 3072, 12, 32128
     forward = layers * (2 * 3 * h * h + 2 * h * h + 2 * 2 * h * f + 2 * 2 * s * h) + 2 * h * vocab
     assert model_flops_per_token(cfg, vocab_size=vocab) == 3 * forward
+
+
+def test_flops_of_padded_microbatches_count_each_at_its_width():
+    """Finetuning microbatches [2, 256] and [2, 512] at seq_length 2048: each position at its own width."""
+    cfg = load_config(None, ["model.preset=130m"])
+    want = sum(model_flops_per_token(cfg, vocab_size=32128, seq_length=s) * 2 * s for s in (256, 512))
+    got = model_flops(cfg, vocab_size=32128, positions=2 * 256 + 2 * 512, width_sum=2 * 256**2 + 2 * 512**2)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got < model_flops_per_token(cfg, vocab_size=32128) * 4 * 2048 / 2

@@ -44,6 +44,7 @@ def cli(*args, check=True):
     ({"stages": ["data", "pretrain", "distill"]}, "unknown stage 'distill'"),
     ({"variants": ["PausePT_PauseFT", "PausePT_MagicFT"]}, "unknown variant 'PausePT_MagicFT'"),
     ({"finetune": {**MICRO["finetune"], "tasks": ["piqa", "trivia"]}}, "unknown task 'trivia'"),
+    ({"evaluate": {**MICRO["evaluate"], "batch_size": "0"}}, "evaluate.batch_size: batch size must be"),
 ])
 def test_a_bad_recipe_fails_before_running_anything(tmp_path, change, named):
     proc = cli("run", write_recipe(tmp_path, **change), check=False)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from pause_megatron import checkpoint, runtime
 from pause_megatron.data import FinetuneDataset, collate
-from pause_megatron.evaluate import greedy_generate, load_for_inference, make_lm
+from pause_megatron.decoding import greedy_generate
+from pause_megatron.evaluate import load_for_inference, make_lm
 from pause_megatron.tasks import get_task, load_split
 from pause_megatron.train import build_train_state, eval_step
 

@@ -16,7 +16,8 @@ import torch
 from pause_megatron import checkpoint, kernels, runtime
 from pause_megatron.config import load_config
 from pause_megatron.data import collate, windows_to_samples
-from pause_megatron.evaluate import continuation_logprob, greedy_generate, load_for_inference
+from pause_megatron.decoding import continuation_logprob, greedy_generate
+from pause_megatron.evaluate import load_for_inference
 from pause_megatron.model import build_gpt, prepare_chunks
 from pause_megatron.tokenizer import padded_vocab_size
 from pause_megatron.train import build_train_state, train_step

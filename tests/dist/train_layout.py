@@ -32,6 +32,24 @@ def synthetic_batch(step: int, *, global_batch: int, seq_length: int, seed: int)
     return np.stack(rows)
 
 
+@torch.no_grad()
+def scores(model) -> dict:
+    """Continuation log-likelihoods of the trained model, batched with logits only at the continuations
+    (`score_batch`) and from the logits of every position (the reference), under this layout's TP."""
+    from pause_megatron.decoding import forward, score_batch
+
+    model.eval()
+    rng = np.random.default_rng(1)
+    rows = [(rng.integers(4, PAUSE_ID, size=c).tolist(), rng.integers(4, PAUSE_ID, size=x).tolist())
+            for c, x in ((10, 5), (30, 3), (20, 8))]
+    full = []
+    for c, x in rows:
+        ids = torch.tensor([c + x])
+        logprobs = torch.log_softmax(forward(model, ids, torch.arange(ids.shape[1])[None])[0], -1)
+        full.append(float(logprobs[len(c) - 1: len(c) - 1 + len(x)].gather(1, torch.tensor(x)[:, None]).sum()))
+    return {"scores": [ll for ll, _ in score_batch(model, rows, vocab_size=VOCAB)], "full_logits_scores": full}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -61,6 +79,8 @@ def main() -> None:
                                     dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size())
         mbs = [collate([samples[i] for i in idx], pause_id=PAUSE_ID) for idx in groups]
         record.append(train_step(state, mbs))
+    if cfg.parallel.pipeline == 1:  # scoring runs the whole model in one forward
+        record[-1].update(scores(state.model[0]))
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(record, f)

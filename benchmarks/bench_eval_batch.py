@@ -1,0 +1,162 @@
+"""Batched, stop-aware evaluation against one request at a time, and finetuning's padding, side by side.
+
+    python benchmarks/bench_eval_batch.py [--batch-size 16] [--requests 64] [--max-gen-toks 256] [k=v overrides]
+
+Evaluation (tiny preset, random weights: speed does not depend on them; one process, arms alternated, best
+of --repeats):
+  * multiple choice: contexts of 40-200 tokens with 4 continuations of 5-40 tokens each (HellaSwag's shape),
+    scored one request per forward with logits at every position (before: `all_logits_score`), and with
+    logits only at the continuations (`decoding.score_batch`) at batch 1 and in batches of --batch-size;
+  * generation: prompts of 30-200 tokens; each row's answer ends after 5-60 tokens (a stop string, played by a
+    stop callback at that length, as a GSM8K or nq_open answer ends at its `until`); before: one prompt at a
+    time decoded to --max-gen-toks and cut afterwards; after: batched and stop-aware. The two mixed arms
+    (batched without stops, stop-aware at batch 1) separate the two effects.
+Finetuning padding: positions computed per target token at seq 2048 on the built-in task rows
+(pause_megatron/sample_tasks, M_ft=10 appended, micro batch 4), padded to seq_length (before) and to the
+microbatch's longest (after), with a SentencePiece model trained on those rows (--vocab-size).
+Prints one JSON object.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+
+import torch
+
+from pause_megatron import runtime
+from pause_megatron.config import load_config
+from pause_megatron.decoding import generate, run_batched, score_batch
+from pause_megatron.model import build_gpt
+
+VOCAB = 32128
+
+
+def timed(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+@torch.no_grad()
+def all_logits_score(model, rows):
+    """Scoring as it was before `logits_only_at`: logits at every position of the row, then the continuation's."""
+    from pause_megatron.decoding import forward
+
+    out = []
+    for c, x in rows:
+        ids = torch.tensor([c + x])
+        logprobs = torch.log_softmax(forward(model, ids, torch.arange(ids.shape[1])[None])[0], -1)
+        picked = logprobs[len(c) - 1: len(c) - 1 + len(x)]
+        target = torch.tensor(x)
+        out.append((float(picked.gather(1, target[:, None]).sum()), bool((picked.argmax(-1) == target).all())))
+    return out
+
+
+def eval_rates(args):
+    cfg = load_config(None, ["model.preset=tiny", f"model.seq_length={200 + args.max_gen_toks}", *args.overrides])
+    runtime.init_distributed(cfg)
+    model = build_gpt(cfg, vocab_size=VOCAB, cuda=False).eval()
+    rng = random.Random(0)
+    tok = lambda n: [rng.randrange(10, 32000) for _ in range(n)]  # noqa: E731
+    mc = []
+    for _ in range(args.requests // 4):
+        ctx = tok(rng.randint(40, 200))
+        mc += [(ctx, tok(rng.randint(5, 40))) for _ in range(4)]
+    prompts = [tok(rng.randint(30, 200)) for _ in range(args.requests // 4)]
+    answer = [rng.randint(5, 60) for _ in prompts]
+    key_mc = lambda r: (-len(r[0]) - len(r[1]), tuple(r[0] + r[1]))  # noqa: E731
+    key_gen = lambda r: (-len(r[0]), tuple(r[0]))  # noqa: E731
+
+    def gen(batch_size, stop_aware):
+        rows = [(p, a) for p, a in zip(prompts, answer)]
+
+        def run(chunk):
+            stop = (lambda b, ids: len(ids) >= chunk[b][1]) if stop_aware else None
+            out = generate(model, [r[0] for r in chunk], max_new_tokens=args.max_gen_toks, stop=stop)
+            return [o[: r[1]] for o, r in zip(out, chunk)]  # cut at the "stop string"
+
+        return run_batched(rows, run, batch_size, sort_key=key_gen)
+
+    arms = {
+        "mc_batch1_all_logits": lambda: run_batched(mc, lambda c: all_logits_score(model, c), 1, sort_key=key_mc),
+        "mc_batch1": lambda: run_batched(mc, lambda c: score_batch(model, c), 1, sort_key=key_mc),
+        "mc_batched": lambda: run_batched(mc, lambda c: score_batch(model, c), args.batch_size, sort_key=key_mc),
+        "gen_batch1_full": lambda: gen(1, False),
+        "gen_batched_stop": lambda: gen(args.batch_size, True),
+        "gen_batch1_stop": lambda: gen(1, True),
+        "gen_batched_full": lambda: gen(args.batch_size, False),
+    }
+    best = {k: float("inf") for k in arms}
+    for _ in range(args.repeats):  # alternated: load on the machine hits every arm alike
+        for name, fn in arms.items():
+            best[name] = min(best[name], timed(fn, 1))
+    n = {"mc": len(mc), "gen": len(prompts)}
+    old_ll = run_batched(mc, lambda c: all_logits_score(model, c), 1, sort_key=key_mc)
+    new_ll = run_batched(mc, lambda c: score_batch(model, c), args.batch_size, sort_key=key_mc)
+    mc_max_rel_diff = max(abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(old_ll, new_ll))
+    rates = {f"{k}_requests_per_cpu_s": n[k.split("_")[0]] / v for k, v in best.items()}
+    same_gen = gen(1, False) == gen(args.batch_size, True)
+    runtime.destroy()
+    return {**rates, "mc_speedup": best["mc_batch1_all_logits"] / best["mc_batched"],
+            "mc_speedup_batching_only": best["mc_batch1"] / best["mc_batched"],
+            "mc_speedup_selected_logits_only": best["mc_batch1_all_logits"] / best["mc_batch1"],
+            "mc_max_rel_diff": mc_max_rel_diff, "mc_same_greedy": [a[1] for a in old_ll] == [b[1] for b in new_ll],
+            "gen_speedup": best["gen_batch1_full"] / best["gen_batched_stop"],
+            "gen_speedup_batching_only": best["gen_batch1_full"] / best["gen_batched_full"],
+            "gen_speedup_stops_only": best["gen_batch1_full"] / best["gen_batch1_stop"],
+            "same_generations": same_gen, "mc_requests": n["mc"], "gen_requests": n["gen"]}
+
+
+def finetune_padding(args):
+    from pause_megatron.data import FinetuneDataset, microbatches_from
+    from pause_megatron.tasks import TASKS, get_task, load_examples
+    from pause_megatron.tokenizer import train_tokenizer
+
+    data_dir = os.path.join(os.path.dirname(__file__), "..", "pause_megatron", "sample_tasks")
+    pairs = {t: load_examples(get_task(t), part="train", data_dir=data_dir) for t in sorted(TASKS)}
+    texts = [s for ps in pairs.values() for pair in ps for s in pair]
+    tok = train_tokenizer(texts, vocab_size=args.vocab_size)
+    cfg = load_config(None, ["model.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=4"])
+    out = {}
+    for task, ps in pairs.items():
+        ds = FinetuneDataset(ps, tokenizer=tok, seq_length=2048, m=10, placement="append", filler_id=None,
+                             seed=0, where=task)
+        n = -(-len(ds) // 4) * 4  # whole microbatches (the last wraps into the next epoch, as training does)
+        targets = computed = 0
+        for start in range(0, n, 4):
+            [mb] = microbatches_from(ds, start=start, cfg=cfg, pause_id=tok.pause_id, dp_rank=0, dp_size=1)
+            targets += int(mb["loss_mask"].sum())
+            computed += mb["tokens"].numel()
+        out[task] = {"examples": len(ds), "before": n * 2048 / targets, "after": computed / targets,
+                     "ratio": n * 2048 / computed}
+    return {"tokenizer_vocab": tok.vocab_size, "tasks": out}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-gen-toks", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--vocab-size", type=int, default=2000)
+    ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+              "load_average_1m_start": os.getloadavg()[0], "batch_size": args.batch_size}
+    result["finetune_padding"] = finetune_padding(args)
+    if not args.skip_eval:
+        result["eval"] = eval_rates(args)
+    result["load_average_1m_end"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Decoding and scoring primitives of evaluation: greedy generation and continuation log-likelihoods, batched.
+
+A batch holds sequences of different lengths without an attention mask, by the causal mask alone:
+- scoring pads each row on the right; a real token never attends to a later position, so the padding changes
+  no real position's output (only the shapes of the matmuls: float32 rounding, ~1e-6 relative);
+- generation feeds every row the same positions (Megatron-Core's StaticInferenceContext has one
+  sequence offset for the batch): the prefill runs to the shortest prompt, then one position per step, where
+  a row still inside its prompt is given its next prompt token and a row past it its greedy pick (the
+  static batching of Megatron-LM's text generation). No position of a row ever holds padding that a real
+  token attends to, so each row decodes as it would alone.
+Rows are grouped by length (lm-eval's `Collator`, longest first) so that little is computed on padding, and
+results come back in the callers' order. `run_batched` lowers a batch size that runs out of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+AUTO_BATCH_START = 64  # `batch_size="auto"` starts here and halves on running out of memory
+
+BatchSize = Union[int, str]
+
+
+def parse_batch_size(value: BatchSize) -> BatchSize:
+    """An int >= 1 or "auto" (from the command line or a recipe); anything else is refused with the reason."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch size must be a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"batch size must be a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] (float32) of a GPTModel without labels."""
+    # runtime_gather_output: with tensor parallelism each rank holds a slice of the vocabulary; gather it
+    return model(input_ids=ids, position_ids=positions, attention_mask=None, inference_context=context,
+                 runtime_gather_output=True).float()
+
+
+def greedy_pick(logits: torch.Tensor, *, vocab_size: Optional[int] = None, banned_ids: tuple[int, ...] = ()):
+    """Argmax over the last dimension among the ids decoding may emit.
+
+    Ids at and above `vocab_size` are the padded vocabulary (embedding rows that only make the table's size
+    divisible; no piece decodes from them); `banned_ids` are ids with no meaning as output (`<pause>`).
+    """
+    if vocab_size is not None or banned_ids:
+        logits = logits.clone()
+        if vocab_size is not None:
+            logits[..., vocab_size:] = float("-inf")
+        logits[..., list(banned_ids)] = float("-inf")
+    return logits.argmax(-1)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)))
+
+
+def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSize, *,
+                sort_key: Callable) -> list:
+    """fn over `items` in batches of `batch_size` ("auto": from AUTO_BATCH_START), results in `items`' order.
+
+    Items are ordered by `sort_key` with lm-eval's `Collator` (callers sort longest first: a batch that does not
+    fit fails on the first call). A batch that runs out of memory is retried at half its size (told on
+    stderr), down to 1 item, where the error is raised: results never depend on the size that ran them.
+    """
+    from lm_eval.models.utils import Collator
+
+    if not items:
+        return []
+    size = AUTO_BATCH_START if batch_size == "auto" else int(batch_size)
+    collator = Collator(list(items), sort_fn=sort_key)
+    ordered = [x for chunk in collator.get_batched(n=len(items)) for x in chunk]
+    results: list = []
+    while len(results) < len(ordered):
+        chunk = ordered[len(results): len(results) + size]
+        try:
+            results.extend(fn(chunk))
+        except Exception as exc:
+            if not _is_out_of_memory(exc) or len(chunk) == 1:
+                raise
+            size = len(chunk) // 2  # halved from what ran (the chunk may be smaller than `size`), at least 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"evaluation: a batch of {len(chunk)} ran out of memory; batch size lowered to {size}",
+                  file=sys.stderr, flush=True)
+    return collator.get_original(results)
+
+
+def _output_layer(model):
+    """The output layer of a GPTModel behind its wrappers (Float16Module, DDP: `.module`)."""
+    m = model
+    while not hasattr(m, "output_layer") and hasattr(m, "module"):
+        m = m.module
+    if getattr(m, "output_layer", None) is None:
+        raise ValueError("scoring needs the model's output layer (the last pipeline stage of a GPTModel)")
+    return m.output_layer
+
+
+@contextlib.contextmanager
+def logits_only_at(model, rows: torch.Tensor, positions: torch.Tensor):
+    """While inside, the model computes logits only at (row, position) pairs: forward returns [1, K, vocab].
+
+    A forward pre-hook on the output layer keeps only those K hidden states (its input is [seq, batch,
+    hidden]), so the full-vocabulary matmul and GPTModel's logits transpose run on K positions instead of
+    batch x seq (scoring needs the continuation's positions only). The output layer is column-parallel: every
+    tensor-parallel rank holds the same hidden states and selects the same ones, and the logits are gathered
+    as before. With sequence parallelism the input is split along the sequence, so selecting is refused.
+    """
+    layer = _output_layer(model)
+    if getattr(layer, "sequence_parallel", False):
+        raise ValueError("logits_only_at: the output layer's input is split by sequence parallelism")
+
+    def keep(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("input_")
+        picked = hidden[positions.to(hidden.device), rows.to(hidden.device)].unsqueeze(1)  # [K, 1, hidden]
+        return (picked,) + tuple(args[1:]), kwargs
+
+    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], *, vocab_size: Optional[int] = None,
+                banned_ids: tuple[int, ...] = (), device: torch.device = torch.device("cpu"),
+                pad_id: int = 0) -> list[tuple[float, bool]]:
+    """[(sum of log p(continuation | context), whether greedy decoding would produce it)] in one forward.
+
+    Rows are padded on the right (with `pad_id`: never attended to by a real token). Logits are computed only
+    at the positions that predict a continuation token (`logits_only_at`). The log-probabilities are the
+    model's own (over its whole output layer); "greedy" picks as `generate` does.
+    """
+    from pause_megatron import cpu_emulation
+
+    width = max(len(c) + len(x) for c, x in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for b, (c, x) in enumerate(rows):
+        ids[b, : len(c) + len(x)] = torch.tensor(c + x, dtype=torch.long)
+    ids = ids.to(device)
+    positions = torch.arange(width, device=device).unsqueeze(0).expand(len(rows), -1)
+    at_row = torch.cat([torch.full((len(x),), b, dtype=torch.long) for b, (_, x) in enumerate(rows)])
+    at_pos = torch.cat([torch.arange(len(c) - 1, len(c) - 1 + len(x)) for c, x in rows])
+    with cpu_emulation.without_device_rewrites(), logits_only_at(model, at_row, at_pos):
+        logits = forward(model, ids, positions)[0]  # [K, vocab], the rows' continuations one after another
+    out, k = [], 0
+    for c, x in rows:
+        logprobs = F.log_softmax(logits[k: k + len(x)], dim=-1)
+        k += len(x)
+        target = torch.tensor(x, device=device)
+        greedy = greedy_pick(logprobs, vocab_size=vocab_size, banned_ids=banned_ids)
+        out.append((float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all())))
+    return out
+
+
+def continuation_logprob(model, context: list[int], continuation: list[int], **kwargs) -> tuple[float, bool]:
+    """`score_batch` of one row."""
+    return score_batch(model, [(context, continuation)], **kwargs)[0]
+
+
+@torch.inference_mode()  # not no_grad: skips autograd's version counters and view tracking, ~10% per cached step
+def generate(model, prompts: Sequence[list[int]], *, max_new_tokens: Union[int, Sequence[int]],
+             stop_ids: tuple[int, ...] = (), stop: Optional[Callable[[int, list[int]], bool]] = None,
+             vocab_size: Optional[int] = None, banned_ids: tuple[int, ...] = (), use_cache: bool = True,
+             device: torch.device = torch.device("cpu")) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (of any lengths), each ending on its own.
+
+    Row b stops at a stop id (not returned), after `max_new_tokens[b]` tokens, or when `stop(b, its tokens so
+    far)` is true (the caller's stop strings, checked on the decoded text as it grows); the batch ends when
+    every row has stopped. Only ids below `vocab_size` and not in `banned_ids` are picked (`greedy_pick`).
+    With `use_cache`, each position runs once and later ones reuse its keys and values (Megatron-Core's
+    StaticInferenceContext); without it, every step recomputes the whole sequence (the reference).
+    """
+    from pause_megatron import cpu_emulation
+    from pause_megatron.compat import inference_mode
+
+    n = len(prompts)
+    max_new = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) < 1:
+        raise ValueError("generation needs at least one prompt token per row")
+    total = max(length + m for length, m in zip(lengths, max_new))
+    tokens = torch.zeros((n, total), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    tokens = tokens.to(device)
+    out: list[list[int]] = [[] for _ in range(n)]
+    done = [m <= 0 for m in max_new]
+    context = None
+    if use_cache:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        context = StaticInferenceContext(n, total)
+    prev, cur = 0, min(lengths)
+    with inference_mode() if use_cache else contextlib.nullcontext(), cpu_emulation.without_device_rewrites():
+        while not all(done):
+            start = prev if use_cache else 0
+            positions = torch.arange(start, cur, device=device).unsqueeze(0).expand(n, -1)
+            logits = forward(model, tokens[:, start:cur], positions, context)
+            picked = greedy_pick(logits[:, -1], vocab_size=vocab_size, banned_ids=banned_ids).tolist()
+            if use_cache:
+                context.sequence_len_offset += cur - prev
+            for b in range(n):
+                if done[b] or cur < lengths[b]:  # stopped, or still reading its prompt
+                    continue
+                if picked[b] in stop_ids:
+                    done[b] = True
+                    continue
+                tokens[b, cur] = picked[b]
+                out[b].append(picked[b])
+                done[b] = len(out[b]) >= max_new[b] or (stop is not None and stop(b, out[b]))
+            prev, cur = cur, cur + 1
+    return out
+
+
+def greedy_generate(model, prompt: list[int], *, max_new_tokens: int, **kwargs) -> list[int]:
+    """`generate` of one prompt, stopping only at stop ids or after `max_new_tokens`."""
+    return generate(model, [prompt], max_new_tokens=max_new_tokens, **kwargs)[0]
