@@ -1,0 +1,80 @@
+"""The Megatron model of a checkpoint (TP=1, PP=1, fp32) next to a transformers model directory: one JSON line.
+
+    python tests/dist/hf_check.py --checkpoint CKPT --hf DIR [--texts texts.json]
+
+Reports the largest logit difference on the tokenizer's real ids (all rows, and the same with the HF model's
+GELU switched to the tanh approximation, to show what the tolerance tells apart), both greedy continuations
+of a few prompts (Megatron-Core's KV-cached decoding vs `generate`), and the texts whose ids differ between
+the project's tokenizer and the exported one.
+"""
+
+import argparse
+import json
+import os
+
+os.environ["PAUSE_MEGATRON_CPU"] = "1"
+
+import torch  # noqa: E402
+
+from pause_megatron import runtime  # noqa: E402
+from pause_megatron.evaluate import _forward, greedy_generate, load_for_inference  # noqa: E402
+from pause_megatron.model import unwrap  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--checkpoint", required=True)
+ap.add_argument("--hf", required=True)
+ap.add_argument("--texts", help="a JSON list of texts to compare tokenizations on")
+args = ap.parse_args()
+
+model, cfg, tok = load_for_inference(args.checkpoint, ["precision.dtype=fp32", "pauses.m_inf=0"])
+model = unwrap(model)
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+hf = AutoModelForCausalLM.from_pretrained(args.hf, local_files_only=True, torch_dtype=torch.float32).eval()
+hf_tok = AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
+
+prompts = ["The model learns to think", "Rivers and mountains", "42 questions about"]
+g = torch.Generator().manual_seed(0)
+rows = [torch.randint(0, tok.vocab_size, (cfg.model.seq_length,), generator=g).tolist() for _ in range(2)]
+rows.append(tok.encode(prompts[0]) + [tok.pause_id] * 5 + tok.encode(" answers"))
+diffs, scale = [], 0.0
+with torch.no_grad():
+    for ids in rows:
+        x = torch.tensor([ids])
+        ref = _forward(model, x, torch.arange(len(ids)).unsqueeze(0))[0]
+        got = hf(x).logits[0].float()
+        diffs.append(float((ref - got).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+    hf.config.hidden_act = "gelu_pytorch_tanh"  # the same weights with the other GELU
+    from transformers.activations import ACT2FN
+
+    for layer in hf.gpt_neox.layers:
+        layer.mlp.act = ACT2FN["gelu_pytorch_tanh"]
+    x = torch.tensor([rows[0]])
+    tanh_diff = float((_forward(model, x, torch.arange(x.shape[1]).unsqueeze(0))[0] - hf(x).logits[0]).abs().max())
+    for layer in hf.gpt_neox.layers:
+        layer.mlp.act = ACT2FN["gelu"]
+
+generations = []
+for p in prompts:
+    ids = tok.encode(p)
+    ours = greedy_generate(model, ids, max_new_tokens=24, stop_ids=(tok.eod_id,), vocab_size=tok.vocab_size,
+                           banned_ids=(tok.pause_id,))
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    if out and out[-1] == tok.eod_id:
+        out = out[:-1]
+    generations.append({"megatron": ours, "hf": out})
+
+texts = json.load(open(args.texts)) if args.texts else []
+mismatched = [t for t in texts if hf_tok.encode(t, add_special_tokens=False) != tok.encode(t)]
+pause_text = "Question: why?" + "<pause>" * 3
+print(json.dumps({
+    "max_abs_diff": max(diffs), "logit_scale": scale, "tanh_gelu_diff": tanh_diff, "generations": generations,
+    "texts": len(texts), "mismatched": mismatched[:5], "n_mismatched": len(mismatched),
+    "pause_id": tok.pause_id, "hf_pause_id": hf_tok.convert_tokens_to_ids("<pause>"),
+    "pause_text_ids": hf_tok.encode(pause_text, add_special_tokens=False),
+    "pause_text_expected": tok.encode("Question: why?") + [tok.pause_id] * 3,
+    "hf_eos": hf_tok.eos_token_id, "eod_id": tok.eod_id, "hf_pad": hf_tok.pad_token_id, "pad_id": tok.pad_id,
+    "decoded": hf_tok.decode(tok.encode(prompts[1])), "prompt": prompts[1],
+}))
+runtime.destroy()

@@ -1,0 +1,76 @@
+"""Hugging Face export and import (pause_megatron.hf), checked against transformers' own GPT-NeoX and lm-eval's
+own `hf` backend: implementations this project did not write."""
+
+import json
+import os
+import random
+
+import pytest
+
+from helpers import ROOT, python, torchrun
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = str(ROOT / "pause_megatron" / "sample_tasks")
+# fp32 logits (size ~3) of the tiny model: transformers' GPT-NeoX gives Megatron's bit for bit here (difference
+# 0.0); 1e-5 leaves room for another BLAS or thread count (fp32 rounding over 4 layers of 64-256-wide sums is
+# ~1e-6). Swapping exact GELU for its tanh approximation alone moves them by 1.1e-4 (`tanh_gelu_diff`); a
+# permuted QKV or a missing bias by O(1).
+LOGIT_ATOL = 1e-5
+
+
+def cli(*args, check=True):
+    return python("-m", "pause_megatron.cli", *map(str, args), check=check)
+
+
+@pytest.fixture(scope="module")
+def tp2pp2(pretrained, tiny_c4, tmp_path_factory):
+    """The tiny pretrained model trained 2 more steps and saved at TP=2 x PP=2 (both resharded dimensions)."""
+    out = tmp_path_factory.mktemp("tp2pp2")
+    torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={out}", "model.preset=tiny",
+             f"train.init_from={pretrained}", "parallel.tensor=2", "parallel.pipeline=2", "train.steps=2",
+             "optim.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=2",
+             "tracking.enabled=false", nproc=4)
+    return out / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def exported(tp2pp2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "model"
+    cli("export-hf", tp2pp2, out)
+    return out
+
+
+def check(checkpoint, hf_dir, texts=None, tmp=None):
+    extra = []
+    if texts is not None:
+        path = tmp / "texts.json"
+        path.write_text(json.dumps(texts))
+        extra = ["--texts", str(path)]
+    proc = python(str(ROOT / "tests" / "dist" / "hf_check.py"), "--checkpoint", str(checkpoint), "--hf",
+                  str(hf_dir), *extra)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def some_texts(corpus_texts):
+    rng = random.Random(1)
+    chars = "abc xyz\n\t éü日🙂.,!?-0123456789 "
+    odd = ["".join(rng.choice(chars) for _ in range(rng.randint(0, 40))) for _ in range(200)]
+    return corpus_texts[:200] + odd + ["  two  spaces\nnew line\n\n end ", " leading", "trailing ", ""]
+
+
+def test_export_of_a_tp2_pp2_checkpoint_computes_the_megatron_models_logits_and_generations(
+        tp2pp2, exported, corpus_texts, tmp_path):
+    r = check(tp2pp2, exported, some_texts(corpus_texts), tmp_path)
+    assert r["max_abs_diff"] < LOGIT_ATOL, r
+    assert r["tanh_gelu_diff"] > 5 * LOGIT_ATOL, r  # the tolerance tells exact GELU from its tanh approximation
+    for g in r["generations"]:
+        assert g["megatron"] == g["hf"] and len(g["megatron"]) > 0
+    # the exported tokenizer: the project's ids on every text, <pause> one special token of the same id
+    assert r["n_mismatched"] == 0, r["mismatched"]
+    assert r["hf_pause_id"] == r["pause_id"] and r["pause_text_ids"] == r["pause_text_expected"]
+    assert (r["hf_eos"], r["hf_pad"]) == (r["eod_id"], r["pad_id"]) and r["decoded"] == r["prompt"]
+    files = set(os.listdir(exported))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "generation_config.json"} <= files
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["GPTNeoXForCausalLM"] and config["use_parallel_residual"] is False
