@@ -74,3 +74,77 @@ def test_export_of_a_tp2_pp2_checkpoint_computes_the_megatron_models_logits_and_
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model", "generation_config.json"} <= files
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["GPTNeoXForCausalLM"] and config["use_parallel_residual"] is False
+
+
+def neox_without_pause(tiny_c4, out, **config):
+    """A random transformers GPT-NeoX made locally, with the corpus tokenizer minus `<pause>` (a model from
+    elsewhere has never heard of pauses); returns its vocabulary size (the tokenizer's pieces)."""
+    import torch
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    proto = pb.ModelProto()
+    proto.ParseFromString((tiny_c4 / "tokenizer.model").read_bytes())
+    assert proto.pieces[-1].piece == "<pause>"
+    del proto.pieces[-1]
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(proto.pieces), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=256, max_position_embeddings=128, rotary_pct=1.0, use_parallel_residual=False,
+                 hidden_act="gelu", initializer_range=0.2, tie_word_embeddings=False)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**{**shape, **config}))
+    with torch.no_grad():  # non-zero biases and norms, so that a wrong mapping of any of them shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+    return len(proto.pieces)
+
+
+@pytest.fixture(scope="module")
+def imported(tiny_c4, tmp_path_factory):
+    root = tmp_path_factory.mktemp("import")
+    neox_without_pause(tiny_c4, root / "x")
+    proc = cli("import-hf", root / "x", root / "ckpt")
+    overrides = proc.stdout.strip().splitlines()[-1].split(": ", 1)[1].split()
+    return root, overrides
+
+
+def test_import_of_a_random_transformers_model_keeps_its_logits_and_adds_pause(imported, tiny_c4):
+    root, overrides = imported
+    r = check(root / "ckpt", root / "x")
+    assert r["max_abs_diff"] < LOGIT_ATOL and r["compared_vocab"] == 500, r
+    for g in r["generations"]:
+        assert g["megatron"] == g["hf"] and len(g["megatron"]) > 0
+    extra = json.loads(python("-c", "import json, sys; from pause_megatron.checkpoint import read_extra; "
+                              "print(json.dumps(read_extra(sys.argv[1])))", str(root / "ckpt")).stdout)
+    manifest = json.loads((tiny_c4 / "manifest.json").read_text())
+    # <pause> added back where the corpus tokenizer has it: the same tokenizer, byte for byte
+    assert extra["pause_id"] == 500 and extra["tokenizer_sha256"] == manifest["tokenizer_sha256"]
+    assert "model.num_layers=2" in overrides
+
+
+def test_export_of_an_import_reproduces_the_transformers_weights(imported):
+    from safetensors.torch import load_file
+
+    root, _ = imported
+    cli("export-hf", root / "ckpt", root / "y")
+    x, y = load_file(root / "x" / "model.safetensors"), load_file(root / "y" / "model.safetensors")
+    assert set(x) == set(y)
+    for name, tensor in x.items():
+        got = y[name][: tensor.shape[0]] if name in ("gpt_neox.embed_in.weight", "embed_out.weight") else y[name]
+        assert got.shape == tensor.shape and bool((got == tensor).all()), name
+    assert y["gpt_neox.embed_in.weight"].shape[0] == 512  # 500 pieces + <pause>, padded to 128
+
+
+def test_pretraining_and_finetuning_start_from_an_imported_model(imported, tiny_c4, tmp_path):
+    root, overrides = imported
+    torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={tmp_path / 'pt'}",
+             f"train.init_from={root / 'ckpt'}", *overrides, "train.steps=2", "optim.warmup_steps=1",
+             "train.global_batch_size=2", "train.micro_batch_size=2", "tracking.enabled=false")
+    torchrun("-m pause_megatron.finetune", "task=piqa", f"train.init_from={root / 'ckpt'}",
+             f"train.output_dir={tmp_path / 'ft'}", "pauses.m_ft=2", "train.steps=2", "optim.warmup_steps=1",
+             "train.global_batch_size=2", "train.micro_batch_size=2", "tracking.enabled=false",
+             f"data.task_dir={SAMPLES}")
+    for stage in ("pt", "ft"):
+        assert (tmp_path / stage / "checkpoints" / "iter_0000002" / "complete").exists()
