@@ -148,3 +148,24 @@ def test_pretraining_and_finetuning_start_from_an_imported_model(imported, tiny_
              f"data.task_dir={SAMPLES}")
     for stage in ("pt", "ft"):
         assert (tmp_path / stage / "checkpoints" / "iter_0000002" / "complete").exists()
+
+
+def test_lm_evals_hf_backend_on_the_export_scores_as_our_evaluation_without_pauses(tp2pp2, exported, tmp_path):
+    tasks = ["--tasks", "piqa,nq_open", "--data-dir", SAMPLES, "--limit", "4"]
+    python("-m", "pause_megatron.evaluate", "--checkpoint", str(tp2pp2), *tasks, "--output",
+           str(tmp_path / "ours.json"), "pauses.m_inf=0", "tracking.enabled=false")
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    proc = python(str(ROOT / "tests" / "dist" / "hf_lm_eval.py"), "--hf", str(exported), *tasks,
+                  HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert theirs["scores"] == ours["scores"]
+    for task in ("piqa", "nq_open"):
+        a = sorted(ours["samples"][task], key=lambda s: s["doc_id"])
+        b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+        assert [s["arguments"] for s in a] == [s["arguments"] for s in b]
+        for x, y in zip(a, b):
+            for rx, ry in zip(x["resps"], y["resps"]):
+                if task == "piqa":  # (log-likelihood, is greedy)
+                    assert rx[0] == pytest.approx(ry[0], abs=1e-4) and rx[1] == ry[1]
+                else:  # the generated text
+                    assert rx == ry
