@@ -169,3 +169,52 @@ def test_lm_evals_hf_backend_on_the_export_scores_as_our_evaluation_without_paus
                     assert rx[0] == pytest.approx(ry[0], abs=1e-4) and rx[1] == ry[1]
                 else:  # the generated text
                     assert rx == ry
+
+
+def refused(*args):
+    proc = cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def nothing_written(out):
+    assert not out.exists() and not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_bad_inputs_are_refused_with_the_reason_and_leave_no_output(imported, tp2pp2, tmp_path, corpus_texts):
+    import shutil
+
+    from pause_megatron.tokenizer import train_tokenizer
+
+    root, _ = imported
+    out = tmp_path / "out"
+    assert "is not a checkpoint" in refused("export-hf", tmp_path, out)
+    nothing_written(out)
+    assert "not a Hugging Face model directory (no config.json)" in refused("import-hf", tmp_path, out)
+    nothing_written(out)
+
+    def variant(name, **changes):
+        d = tmp_path / name
+        shutil.copytree(root / "x", d)
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **changes}))
+        return d
+
+    assert "model_type 'llama'" in refused("import-hf", variant("llama", model_type="llama"), out)
+    assert "use_parallel_residual" in refused("import-hf", variant("parallel", use_parallel_residual=True), out)
+    assert "pause_token_id says <pause> is id 3" in refused("import-hf", variant("pause", pause_token_id=3), out)
+    # fails only once the weights are read, after the output was started: still nothing left behind
+    assert "mlp.dense_h_to_4h.weight has shape" in refused("import-hf", variant("shape", intermediate_size=128), out)
+    nothing_written(out)
+
+    # a checkpoint next to another tokenizer than its own (<pause> there is id 367, not 500)
+    other = tmp_path / "other_tok"
+    shutil.copytree(tp2pp2, other)
+    train_tokenizer(corpus_texts, vocab_size=400).save(str(other / "tokenizer.model"))
+    assert "does not match the loaded tokenizer" in refused("export-hf", other, out)
+    nothing_written(out)
+    # an existing output is never overwritten
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert "already exists" in refused("import-hf", root / "x", out)
+    assert (out / "keep").read_text() == "x"
