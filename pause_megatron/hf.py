@@ -183,6 +183,7 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: str = "exact") -> str:
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        runtime.destroy()
         raise
     return out_dir
 
@@ -338,6 +339,7 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
         os.rename(tmp, out_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        runtime.destroy()
         raise
     return out_root
 
