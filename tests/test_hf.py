@@ -208,21 +208,21 @@ def test_bad_inputs_are_refused_with_the_reason_and_leave_no_output(imported, tp
     other = tmp_path / "other_tok"
     shutil.copytree(tp2pp2, other)
     train_tokenizer(corpus_texts, vocab_size=400).save(str(other / "tokenizer.model"))
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep").write_text("x")
     errors = refused_all(
         ["export-hf", tmp_path, out], ["import-hf", tmp_path, out], ["export-hf", other, out],
         ["import-hf", variant("llama", model_type="llama"), out],
         ["import-hf", variant("parallel", use_parallel_residual=True), out],
         ["import-hf", variant("pause", pause_token_id=3), out],
+        ["import-hf", root / "x", existing],  # an existing output is never overwritten
         # fails only once the weights are read, after the output was started: still nothing left behind
         ["import-hf", variant("shape", intermediate_size=128), out])
     expected = ["is not a checkpoint", "not a Hugging Face model directory (no config.json)",
                 "does not match the loaded tokenizer", "model_type 'llama'", "use_parallel_residual",
-                "pause_token_id says <pause> is id 3", "mlp.dense_h_to_4h.weight has shape"]
+                "pause_token_id says <pause> is id 3", "already exists", "mlp.dense_h_to_4h.weight has shape"]
     for want, err in zip(expected, errors):
         assert want in err, err[-2000:]
     nothing_written(out)
-    # an existing output is never overwritten
-    out.mkdir()
-    (out / "keep").write_text("x")
-    assert "already exists" in refused_all(["import-hf", root / "x", out])[0]
-    assert (out / "keep").read_text() == "x"
+    assert os.listdir(existing) == ["keep"] and (existing / "keep").read_text() == "x"
