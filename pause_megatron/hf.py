@@ -325,7 +325,6 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
             state[name] = tensor
         missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
         assert not missing, missing
-        cfg.model.preset = "tiny"  # every shape field is set: the preset fills nothing
         path = checkpoint.iteration_dir(tmp, 0)
         os.makedirs(path)
         extra = {"config": to_dict(cfg), "stage": "import-hf", "source": os.path.abspath(hf_dir), **tokenizer.ids(),
