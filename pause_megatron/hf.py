@@ -49,8 +49,9 @@ TOP_MAP = {
     "decoder.final_layernorm.bias": "gpt_neox.final_layer_norm.bias",
     "output_layer.weight": "embed_out.weight",
 }
-GELU = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}  # HF's names of torch's F.gelu without / with tanh
-TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # HF activations that are the tanh approximation
+GELU = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}  # HF's names of model.gelu's two functions
+# HF activations and the model.gelu that computes them (gelu_new / gelu_fast: the tanh formula written out)
+HF_GELUS = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
 
 class ConversionError(ValueError):
@@ -86,7 +87,7 @@ def expressible(cfg) -> None:
         raise ConversionError(f"model.normalization={m.normalization!r}: GPT-NeoX has LayerNorm only")
 
 
-def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, gelu: str):
+def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, hidden_act: str):
     from transformers import GPTNeoXConfig
 
     if tconfig.num_query_groups not in (None, tconfig.num_attention_heads):
@@ -100,7 +101,7 @@ def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, gel
     m = cfg.model
     return GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_hidden_size, hidden_act=GELU[gelu],
+        num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_hidden_size, hidden_act=hidden_act,
         rotary_pct=1.0, rotary_emb_base=m.rotary_base, attention_dropout=0.0, hidden_dropout=0.0,
         max_position_embeddings=m.seq_length, initializer_range=m.init_method_std, layer_norm_eps=LAYER_NORM_EPS,
         use_cache=True, bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.pad_id,
@@ -136,7 +137,25 @@ def hf_tokenizer(tokenizer: PauseTokenizer, workdir: str, *, max_length: int):
     return fast
 
 
-def export(checkpoint_path: str, out_dir: str, *, gelu: str = "exact") -> str:
+def saved_gelu(extra: dict, asked: Optional[str]) -> tuple[str, str]:
+    """(model.gelu, HF hidden_act) for a checkpoint's `extra`. A checkpoint records model.gelu in its config; one
+    saved before the field existed computed exact GELU on the CPU and the tanh form on a GPU, so which one it was
+    trained with is unknown: `asked` (--gelu) decides, else tanh (what the project computes for it now)."""
+    model = (extra.get("config") or {}).get("model") or {}
+    if "gelu" in model:
+        if asked is not None and asked != model["gelu"]:
+            raise ConversionError(f"--gelu {asked}: the checkpoint records model.gelu={model['gelu']!r}")
+        gelu = model["gelu"]
+    else:
+        gelu = asked or "tanh"
+        print(f"warning: the checkpoint does not record its GELU (saved before model.gelu existed: exact GELU if "
+              f"it was trained on the CPU, the tanh approximation on a GPU); writing {gelu!r} (--gelu)",
+              file=sys.stderr)
+    hf_act = extra.get("hf_hidden_act")  # an imported model keeps its own name of the same function
+    return gelu, hf_act if HF_GELUS.get(hf_act) == gelu else GELU[gelu]
+
+
+def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) -> str:
     """Write `checkpoint_path` (any TP/PP layout) as a GPT-NeoX model directory at `out_dir`; returns it."""
     _cpu_only()
     from transformers import GenerationConfig, GPTNeoXForCausalLM
@@ -151,16 +170,19 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: str = "exact") -> str:
     probe.pop("task", None)
     probe.pop("parallel", None)
     expressible(load_config(None, [], base=probe, hardware=False))
+    gelu, hidden_act = saved_gelu(extra, gelu)
     tmp = _staging(out_dir)
     try:
+        # fp32 on the CPU: GPU-only settings of the training run (FP8) do not apply
         model, cfg, tokenizer = load_for_inference(
-            checkpoint_path, ["precision.dtype=fp32", "model.spec=local", "pauses.m_inf=0"])
+            checkpoint_path, ["precision.dtype=fp32", "precision.fp8=null", "model.spec=local", "pauses.m_inf=0",
+                              f"model.gelu={gelu}"])
         model = unwrap(model)
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         if "output_layer.weight" not in state:  # tied embeddings: the head is the embedding table
             state["output_layer.weight"] = state["embedding.word_embeddings.weight"]
         vocab = state["embedding.word_embeddings.weight"].shape[0]
-        config = neox_config(cfg, model.config, tokenizer, vocab_size=vocab, gelu=gelu)
+        config = neox_config(cfg, model.config, tokenizer, vocab_size=vocab, hidden_act=hidden_act)
         hf_state = {}
         for name, tensor in state.items():
             hf_state[_to_neox(name)] = tensor.detach().float().clone()
@@ -222,11 +244,8 @@ def read_neox_config(hf_dir: str) -> dict:
     need(float(c.get("rotary_pct", 0.25)) == 1.0, f"rotary_pct={c.get('rotary_pct', 0.25)} (RoPE on part of a head)")
     need(c.get("rope_scaling") in (None, {}), f"rope_scaling={c.get('rope_scaling')}")
     need(float(c.get("layer_norm_eps", 1e-5)) == LAYER_NORM_EPS, f"layer_norm_eps={c.get('layer_norm_eps')}")
-    act = c.get("hidden_act", "gelu")
-    need(act == "gelu" or act in TANH_GELUS, f"hidden_act={act!r}")
-    if act != "gelu":
-        print(f"note: {path}: hidden_act={act!r} is the tanh approximation of GELU; the project computes exact GELU"
-              " on the CPU and the tanh approximation on a GPU (Megatron's fused bias-GELU)", file=sys.stderr)
+    need(c.get("hidden_act", "gelu") in HF_GELUS, f"hidden_act={c.get('hidden_act')!r} (model.gelu computes "
+         f"{', '.join(HF_GELUS)})")
     return c
 
 
@@ -295,6 +314,7 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
                  f"model.seq_length={seq_length or c['max_position_embeddings']}",
                  f"model.rotary_base={int(c.get('rotary_emb_base', 10000))}", "model.position_embedding=rope",
                  "model.normalization=LayerNorm", "model.untie_embeddings=true", "model.spec=local",
+                 f"model.gelu={HF_GELUS[c.get('hidden_act', 'gelu')]}",
                  f"model.hidden_dropout={float(c.get('hidden_dropout', 0.0))}",
                  f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
                  f"model.init_method_std={float(c.get('initializer_range', 0.02))}",
@@ -328,7 +348,7 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
         path = checkpoint.iteration_dir(tmp, 0)
         os.makedirs(path)
         extra = {"config": to_dict(cfg), "stage": "import-hf", "source": os.path.abspath(hf_dir), **tokenizer.ids(),
-                 "tokenizer_sha256": tokenizer.checksum}
+                 "tokenizer_sha256": tokenizer.checksum, "hf_hidden_act": c.get("hidden_act", "gelu")}
         save_checkpoint({"model": model.sharded_state_dict(), "step": 0, "consumed_samples": 0, "extra": extra}, path)
         open(os.path.join(path, checkpoint.COMPLETE), "w").close()
         with open(os.path.join(tmp, checkpoint.LATEST), "w") as f:
@@ -364,9 +384,9 @@ def export_main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pause-megatron export-hf", description=export.__doc__)
     ap.add_argument("checkpoint", help="a checkpoint root (its `latest`) or iteration directory, any TP/PP layout")
     ap.add_argument("out_dir", help="the model directory to create (must not exist)")
-    ap.add_argument("--gelu", choices=sorted(GELU), default="exact",
-                    help="exact: F.gelu, what the CPU computes (default); tanh: the approximation that Megatron's "
-                         "fused bias-GELU computes on a GPU")
+    ap.add_argument("--gelu", choices=sorted(GELU),
+                    help="only for a checkpoint saved before model.gelu existed (others record it): exact or tanh "
+                         "(default) GELU")
     args = ap.parse_args(argv)
     from pause_megatron.config import ConfigError
     from pause_megatron.tokenizer import TokenizerMismatch
