@@ -63,16 +63,40 @@ def _cpu_only() -> None:
     os.environ["PAUSE_MEGATRON_CPU"] = "1"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _staging(out: str) -> str:
     """A fresh temporary directory next to `out` (same filesystem: the final rename is atomic)."""
     if os.path.exists(out):
         raise ConversionError(f"{out} already exists: give a new output path (nothing is overwritten)")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
+    prefix = f".{os.path.basename(os.path.abspath(out))}.partial-"
+    for name in os.listdir(parent):  # left by a conversion that was killed (kill -9 runs no cleanup)
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     return tmp
+
+
+def require_lossless(tokenizer: PauseTokenizer, where: str) -> None:
+    """The HF tokenizer reproduces SentencePiece's segmentation, not its normalizer: a model that rewrites text
+    (NFKC, collapsed spaces) would get other ids from it than the project gives."""
+    if not tokenizer.lossless:
+        raise ConversionError(f"{where}: the SentencePiece model normalizes text (a normalizer other than 'identity',"
+                              " or remove_extra_whitespaces), so a Hugging Face tokenizer would give other ids; only"
+                              " lossless tokenizers (pause_megatron.tokenizer.train_tokenizer's) convert")
 
 
 # ---- export --------------------------------------------------------------------------------------------
@@ -170,6 +194,7 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) ->
     probe.pop("task", None)
     probe.pop("parallel", None)
     expressible(load_config(None, [], base=probe, hardware=False))
+    require_lossless(PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path)), checkpoint_path)
     gelu, hidden_act = saved_gelu(extra, gelu)
     tmp = _staging(out_dir)
     try:
@@ -295,6 +320,7 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
         raise ConversionError(f"{hf_dir}: no tokenizer.model; import-hf needs the model's SentencePiece tokenizer "
                               "(the project tokenizes with SentencePiece only)")
     tokenizer = PauseTokenizer.load(sp_path)
+    require_lossless(tokenizer, sp_path)
     pieces = tokenizer.vocab_size - (0 if tokenizer.had_pause else 1)  # the pieces the HF model was made for
     for where, pid in _special_pause_ids(hf_dir, c).items():
         if pid != tokenizer.pause_id:

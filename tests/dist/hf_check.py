@@ -3,7 +3,7 @@
     python tests/dist/hf_check.py --checkpoint CKPT --hf DIR [--texts texts.json]
 
 Reports the largest logit difference on the tokenizer's real ids (all rows, and the same with the HF model's
-GELU switched to the tanh approximation, to show what the tolerance tells apart), both greedy continuations
+GELU switched to the other form, exact or tanh, to show what the tolerance tells apart), both greedy continuations
 of a few prompts (Megatron-Core's KV-cached decoding vs `generate`), and the texts whose ids differ between
 the project's tokenizer and the exported one.
 """
@@ -49,16 +49,16 @@ with torch.no_grad():
         got = hf(x).logits[0, :, :n].float()
         diffs.append(float((ref - got).abs().max()))
         scale = max(scale, float(ref.abs().max()))
-    hf.config.hidden_act = "gelu_pytorch_tanh"  # the same weights with the other GELU
     from transformers.activations import ACT2FN
 
+    act = hf.config.hidden_act  # the same weights with the other GELU (exact <-> tanh approximation)
     for layer in hf.gpt_neox.layers:
-        layer.mlp.act = ACT2FN["gelu_pytorch_tanh"]
+        layer.mlp.act = ACT2FN["gelu" if act != "gelu" else "gelu_pytorch_tanh"]
     x = torch.tensor([rows[0]])
-    tanh_diff = float((_forward(model, x, torch.arange(x.shape[1]).unsqueeze(0))[0, :, :n]
-                       - hf(x).logits[0, :, :n]).abs().max())
+    other_gelu_diff = float((_forward(model, x, torch.arange(x.shape[1]).unsqueeze(0))[0, :, :n]
+                             - hf(x).logits[0, :, :n]).abs().max())
     for layer in hf.gpt_neox.layers:
-        layer.mlp.act = ACT2FN["gelu"]
+        layer.mlp.act = ACT2FN[act]
 
 generations = []
 for p in prompts:
@@ -70,7 +70,8 @@ for p in prompts:
         out = out[:-1]
     generations.append({"megatron": ours, "hf": out})
 
-report = {"max_abs_diff": max(diffs), "logit_scale": scale, "tanh_gelu_diff": tanh_diff,
+report = {"max_abs_diff": max(diffs), "logit_scale": scale, "other_gelu_diff": other_gelu_diff,
+          "hidden_act": act,
           "generations": generations, "compared_vocab": n}
 if hf_tok is None:
     print(json.dumps(report))
@@ -84,7 +85,7 @@ print(json.dumps({
     "pause_id": tok.pause_id, "hf_pause_id": hf_tok.convert_tokens_to_ids("<pause>"),
     "pause_text_ids": hf_tok.encode(pause_text, add_special_tokens=False),
     "pause_text_expected": tok.encode("Question: why?") + [tok.pause_id] * 3,
-    "hf_eos": hf_tok.eos_token_id, "eod_id": tok.eod_id, "hf_pad": hf_tok.pad_token_id, "pad_id": tok.pad_id,
+    "hf_bos": hf_tok.bos_token_id, "hf_eos": hf_tok.eos_token_id, "eod_id": tok.eod_id, "hf_pad": hf_tok.pad_token_id, "pad_id": tok.pad_id,
     "decoded": hf_tok.decode(tok.encode(prompts[1])), "prompt": prompts[1],
 }))
 runtime.destroy()
