@@ -139,22 +139,36 @@ def hf_tokenizer(tokenizer: PauseTokenizer, workdir: str, *, max_length: int):
     """A LlamaTokenizerFast from the SentencePiece model: ids exactly as `tokenizer.encode` gives them.
 
     legacy + add_prefix_space reproduce SentencePiece's dummy prefix ("▁" before the text) and its unigram
-    segmentation with byte fallback; no BOS/EOS is added. EOD (`</s>`) is both bos and eos: documents are
+    segmentation with byte fallback; no BOS/EOS is added. The file written is tokenizer.json as built here
+    (tokenizer_config.json has no add_prefix_space, which would make transformers convert tokenizer.model anew). EOD (`</s>`) is both bos and eos: documents are
     separated by EOD in pretraining, so it is what an empty context starts from (lm-eval's prefix token).
     `<pause>` is an additional special token: `convert_tokens_to_ids("<pause>")` is the pause id and a literal
     "<pause>" in a prompt becomes that one token (SentencePiece itself never encodes text to it).
     """
+    from tokenizers import AddedToken, Tokenizer
     from transformers import LlamaTokenizerFast
 
+    require_lossless(tokenizer, "the checkpoint's tokenizer.model")
     sp = tokenizer.sp
     path = os.path.join(workdir, "tokenizer.model")
     tokenizer.save(path)
     unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
-    fast = LlamaTokenizerFast(vocab_file=path, from_slow=True, legacy=True, add_prefix_space=True,
-                              add_bos_token=False, add_eos_token=False, unk_token=unk,
-                              bos_token=sp.id_to_piece(tokenizer.eod_id), eos_token=sp.id_to_piece(tokenizer.eod_id),
-                              pad_token=sp.id_to_piece(tokenizer.pad_id), additional_special_tokens=[PAUSE_PIECE],
-                              clean_up_tokenization_spaces=False, model_max_length=max_length)
+    common = dict(vocab_file=path, legacy=True, add_bos_token=False, add_eos_token=False, unk_token=unk,
+                  bos_token=sp.id_to_piece(tokenizer.eod_id), eos_token=sp.id_to_piece(tokenizer.eod_id),
+                  pad_token=sp.id_to_piece(tokenizer.pad_id), clean_up_tokenization_spaces=False,
+                  model_max_length=max_length)
+    converted = LlamaTokenizerFast(from_slow=True, add_prefix_space=True, additional_special_tokens=[PAUSE_PIECE],
+                                   **common).backend_tokenizer
+    # The dummy prefix is a normalizer (Prepend "▁"), and the normalizer runs on each piece of text between
+    # non-normalized added tokens: text after a "<pause>" would get a second "▁" (" yes" -> "▁▁yes"), which
+    # the project never gives (pauses go between a context's and a continuation's ids, encode_pair). A
+    # normalized <pause> is found after normalization instead, so the prefix is added once, at the start.
+    spec = json.loads(converted.to_str())
+    for token in spec["added_tokens"]:
+        if token["content"] == PAUSE_PIECE:
+            token["normalized"] = True
+    fast = LlamaTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), additional_special_tokens=[
+        AddedToken(PAUSE_PIECE, special=True, normalized=True)], **common)
     got = fast.convert_tokens_to_ids(PAUSE_PIECE)
     if got != tokenizer.pause_id:
         raise ConversionError(f"the Hugging Face tokenizer gives <pause> id {got}, the checkpoint {tokenizer.pause_id}")

@@ -29,7 +29,7 @@ def tp2pp2(pretrained, tiny_c4, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2pp2")
     torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={out}", "model.preset=tiny",
              f"train.init_from={pretrained}", "parallel.tensor=2", "parallel.pipeline=2", "train.steps=1",
-             "optim.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=2",
+             "optim.warmup_steps=0", "train.global_batch_size=4", "train.micro_batch_size=2",
              "tracking.enabled=false", nproc=4)
     return out / "checkpoints"
 
@@ -70,6 +70,7 @@ def test_export_of_a_tp2_pp2_checkpoint_computes_the_megatron_models_logits_and_
         assert g["megatron"] == g["hf"] and len(g["megatron"]) > 0
     # the exported tokenizer: the project's ids on every text, <pause> one special token of the same id
     assert r["n_mismatched"] == 0, r["mismatched"]
+    assert r["pause_pairs"] > 100 and r["n_pause_mismatched"] == 0, r["pause_mismatched"]
     assert r["hf_pause_id"] == r["pause_id"] and r["pause_text_ids"] == r["pause_text_expected"]
     assert (r["hf_bos"], r["hf_eos"], r["hf_pad"]) == (r["eod_id"], r["eod_id"], r["pad_id"])
     assert r["decoded"] == r["prompt"]

@@ -80,8 +80,17 @@ if hf_tok is None:
 texts = json.load(open(args.texts)) if args.texts else []
 mismatched = [t for t in texts if hf_tok.encode(t, add_special_tokens=False) != tok.encode(t)]
 pause_text = "Question: why?" + "<pause>" * 3
+# "<pause>" * M written between a context and its continuation (lm-eval's hf backend on a prompt that ends in
+# pauses) must give the ids pause_megatron.evaluate gives: context ids, M pauses, the continuation's ids
+pairs = [(t[:i], t[i:]) for t in texts if (i := t.find(" ", len(t) // 2)) > 0 and not t[:i].endswith((" ", "\n"))]
+pause_mismatched = []
+for ctx, cont in pairs:
+    c, k = tok.encode_pair(ctx, cont)
+    if hf_tok.encode(ctx + "<pause>" * 3 + cont, add_special_tokens=False) != c + [tok.pause_id] * 3 + k:
+        pause_mismatched.append([ctx, cont])
 print(json.dumps({
     **report, "texts": len(texts), "mismatched": mismatched[:5], "n_mismatched": len(mismatched),
+    "pause_pairs": len(pairs), "pause_mismatched": pause_mismatched[:5], "n_pause_mismatched": len(pause_mismatched),
     "pause_id": tok.pause_id, "hf_pause_id": hf_tok.convert_tokens_to_ids("<pause>"),
     "pause_text_ids": hf_tok.encode(pause_text, add_special_tokens=False),
     "pause_text_expected": tok.encode("Question: why?") + [tok.pause_id] * 3,
