@@ -82,7 +82,8 @@ mismatched = [t for t in texts if hf_tok.encode(t, add_special_tokens=False) != 
 pause_text = "Question: why?" + "<pause>" * 3
 # "<pause>" * M written between a context and its continuation (lm-eval's hf backend on a prompt that ends in
 # pauses) must give the ids pause_megatron.evaluate gives: context ids, M pauses, the continuation's ids
-pairs = [(t[:i], t[i:]) for t in texts if (i := t.find(" ", len(t) // 2)) > 0 and not t[:i].endswith((" ", "\n"))]
+# (contexts ending in whitespace excluded: evaluation moves that whitespace to the continuation, as lm-eval does)
+pairs = [(t[:i], t[i:]) for t in texts if (i := t.find(" ", len(t) // 2)) > 0 and t[:i] == t[:i].rstrip()]
 pause_mismatched = []
 for ctx, cont in pairs:
     c, k = tok.encode_pair(ctx, cont)
