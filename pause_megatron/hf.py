@@ -204,18 +204,18 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) ->
     from pause_megatron.model import unwrap
 
     extra = checkpoint.read_extra(checkpoint_path)  # FileNotFoundError for what is not a checkpoint
+    gelu, hidden_act = saved_gelu(extra, gelu)
+    # fp32 on the CPU: the training run's GPU-only settings (bf16, FP8, Transformer Engine) do not apply
+    overrides = ["precision.dtype=fp32", "precision.fp8=null", "model.spec=local", "pauses.m_inf=0",
+                 f"model.gelu={gelu}"]
     probe = dict(extra.get("config") or {})
     probe.pop("task", None)
     probe.pop("parallel", None)
-    expressible(load_config(None, [], base=probe, hardware=False))
+    expressible(load_config(None, overrides, base=probe, hardware=False))
     require_lossless(PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path)), checkpoint_path)
-    gelu, hidden_act = saved_gelu(extra, gelu)
     tmp = _staging(out_dir)
     try:
-        # fp32 on the CPU: GPU-only settings of the training run (FP8) do not apply
-        model, cfg, tokenizer = load_for_inference(
-            checkpoint_path, ["precision.dtype=fp32", "precision.fp8=null", "model.spec=local", "pauses.m_inf=0",
-                              f"model.gelu={gelu}"])
+        model, cfg, tokenizer = load_for_inference(checkpoint_path, overrides)
         model = unwrap(model)
         state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         if "output_layer.weight" not in state:  # tied embeddings: the head is the embedding table

@@ -145,11 +145,13 @@ def test_export_of_an_import_reproduces_the_transformers_model(imported, tmp_pat
     from safetensors.torch import load_file
 
     root, _ = imported
-    # a checkpoint trained with FP8 on a GPU converts on the CPU all the same (its common state says fp8)
+    # a checkpoint trained with FP8 and Transformer Engine on a GPU converts on the CPU all the same (its common
+    # state says so)
     ckpt = tmp_path / "fp8"
     shutil.copytree(root / "ckpt", ckpt)
     common = torch.load(ckpt / "iter_0000000" / "common.pt", weights_only=False)
     common["extra"]["config"]["precision"].update(fp8="hybrid", dtype="bf16")
+    common["extra"]["config"]["model"]["spec"] = "te"
     torch.save(common, ckpt / "iter_0000000" / "common.pt")
     cli("export-hf", ckpt, tmp_path / "y")
     x, y = load_file(root / "x" / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
