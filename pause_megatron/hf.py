@@ -464,5 +464,6 @@ def checkpoint_model_overrides(root: str) -> list[str]:
     from pause_megatron import checkpoint
 
     model = checkpoint.read_extra(root)["config"]["model"]
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length", "rotary_base")
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length", "rotary_base",
+            "gelu")
     return [f"model.{k}={model[k]}" for k in keys]

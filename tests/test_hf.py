@@ -134,6 +134,7 @@ def test_import_of_a_random_transformers_model_keeps_its_logits_and_adds_pause(i
     # <pause> added back where the corpus tokenizer has it: the same tokenizer, byte for byte
     assert extra["pause_id"] == 500 and extra["tokenizer_sha256"] == manifest["tokenizer_sha256"]
     assert "model.num_layers=2" in overrides and "model.rotary_base=500" in overrides
+    assert "model.gelu=tanh" in overrides
     # gelu_new is GELU's tanh form: the imported model computes it (model.gelu=tanh), not exact GELU
     assert extra["config"]["model"]["gelu"] == "tanh" and r["other_gelu_diff"] > 5 * LOGIT_ATOL, r
 
