@@ -3,6 +3,8 @@
     pause-megatron recipe run RECIPE.yaml [--dry-run] [key=value ...]   run (or plan) a recipe's stages
     pause-megatron recipe report RECIPE.yaml [key=value ...]            rebuild its report from MLflow alone
     pause-megatron pretrain|finetune|evaluate ...                       the stage commands themselves
+    pause-megatron export-hf CHECKPOINT OUT_DIR                         a checkpoint as a transformers model
+    pause-megatron import-hf HF_DIR OUT_CHECKPOINT                      a transformers GPT-NeoX as a checkpoint
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         import importlib
 
         return importlib.import_module(f"pause_megatron.{command}").main(rest)
+    if command in ("export-hf", "import-hf"):
+        from pause_megatron import hf
+
+        return (hf.export_main if command == "export-hf" else hf.import_main)(rest)
     print(f"error: unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2
 

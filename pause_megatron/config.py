@@ -50,6 +50,9 @@ class ModelConfig:
     position_embedding: str = "rope"  # "rope" or "learned_absolute"; the paper does not say
     rotary_base: int = 10000
     normalization: str = "LayerNorm"  # or "RMSNorm"
+    # MLP activation, the same function on CPU and GPU (model.gelu_kwargs): "tanh" is GELU's tanh approximation,
+    # what Megatron's fused bias-GELU computes; "exact" (erf) turns that fusion off (for imported models)
+    gelu: str = "tanh"
     untie_embeddings: bool = True  # separate output layer: 136M parameters at 130m, as in the paper
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -254,6 +257,8 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
              "model.spec=te needs Transformer Engine and a GPU")
     need(m.normalization in ("LayerNorm", "RMSNorm"),
          f"model.normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
+
+    need(m.gelu in ("tanh", "exact"), f"model.gelu must be 'tanh' or 'exact', got {m.gelu!r}")
 
     need(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
     need(p.pipeline >= 1, f"parallel.pipeline must be >= 1, got {p.pipeline}")

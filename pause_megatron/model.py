@@ -58,9 +58,26 @@ def transformer_config(cfg: Config, *, cuda: bool, kernels: Optional[kernels_.Ke
         batch_p2p_comm=cuda,
         **no_cuda_graph_modules(),
     )
+    kwargs.update(gelu_kwargs(m.gelu, fused=k.bias_activation_fusion))
     if cfg.precision.fp8 is not None:
         kwargs.update(fp8=cfg.precision.fp8, fp8_recipe=cfg.precision.fp8_recipe)
     return TransformerConfig(**kwargs)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation: what Megatron's fused bias-GELU (bias_gelu_impl) computes."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def gelu_kwargs(gelu: str, *, fused: bool) -> dict:
+    """TransformerConfig's activation for `model.gelu`, the same function on every device.
+
+    Megatron fuses bias + GELU only when activation_func is F.gelu, and its fused kernel is the tanh
+    approximation; unfused it calls activation_func itself. So "tanh" is F.gelu where the fusion is on (a GPU)
+    and `gelu_tanh` where it is off (the CPU); "exact" is F.gelu with the fusion off everywhere."""
+    if gelu == "exact":
+        return {"activation_func": torch.nn.functional.gelu, "bias_activation_fusion": False}
+    return {"activation_func": torch.nn.functional.gelu if fused else gelu_tanh, "bias_activation_fusion": fused}
 
 
 def layer_spec(cfg: Config, kernels: kernels_.Kernels):

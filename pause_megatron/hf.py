@@ -1,0 +1,469 @@
+"""Hugging Face `transformers` export and import: a checkpoint as a GPT-NeoX model directory, and back.
+
+    pause-megatron export-hf CHECKPOINT OUT_DIR [--gelu exact|tanh]
+    pause-megatron import-hf HF_DIR OUT_CHECKPOINT
+
+GPT-NeoX with `use_parallel_residual=False` computes what our GPTModel computes (docs/huggingface.md has the
+term-by-term check): pre-LayerNorm blocks with a sequential residual, biased QKV / output / MLP linears, a
+GELU MLP, RoPE on the whole head dimension with non-interleaved `rotate_half`, a final LayerNorm and an
+untied, bias-free output layer. Megatron's `linear_qkv` rows are grouped per query group as [q, k, v]; with
+one query group per head (our presets) that is NeoX's `query_key_value` layout, row for row.
+
+Both directions run the model at TP=1, PP=1 in one process on the CPU, in fp32; dist_checkpointing reshards
+any saved layout. Both write into a temporary directory next to the output and rename it at the end, so an
+output that exists is whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Optional
+
+import torch
+
+from pause_megatron.tokenizer import PAUSE_PIECE, PauseTokenizer, padded_vocab_size
+
+LAYER_NORM_EPS = 1e-5  # TransformerConfig.layernorm_epsilon's default; the project does not change it
+# NeoX names of Megatron's local-spec parameters, per layer and outside the layers
+LAYER_MAP = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "input_layernorm.bias": "input_layernorm.bias",
+    "self_attention.linear_qkv.weight": "attention.query_key_value.weight",
+    "self_attention.linear_qkv.bias": "attention.query_key_value.bias",
+    "self_attention.linear_proj.weight": "attention.dense.weight",
+    "self_attention.linear_proj.bias": "attention.dense.bias",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
+    "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.linear_fc1.bias": "mlp.dense_h_to_4h.bias",
+    "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
+    "mlp.linear_fc2.bias": "mlp.dense_4h_to_h.bias",
+}
+TOP_MAP = {
+    "embedding.word_embeddings.weight": "gpt_neox.embed_in.weight",
+    "decoder.final_layernorm.weight": "gpt_neox.final_layer_norm.weight",
+    "decoder.final_layernorm.bias": "gpt_neox.final_layer_norm.bias",
+    "output_layer.weight": "embed_out.weight",
+}
+GELU = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}  # HF's names of model.gelu's two functions
+# HF activations and the model.gelu that computes them (gelu_new / gelu_fast: the tanh formula written out)
+HF_GELUS = {"gelu": "exact", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+
+
+class ConversionError(ValueError):
+    """A model or directory the conversion cannot take; the message says what and why."""
+
+
+def _cpu_only() -> None:
+    """Conversion runs on the CPU in fp32 whatever the machine has (before anything reads use_cuda)."""
+    os.environ["PAUSE_MEGATRON_CPU"] = "1"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _staging(out: str) -> str:
+    """A fresh temporary directory next to `out` (same filesystem: the final rename is atomic)."""
+    if os.path.exists(out):
+        raise ConversionError(f"{out} already exists: give a new output path (nothing is overwritten)")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{os.path.basename(os.path.abspath(out))}.partial-"
+    for name in os.listdir(parent):  # left by a conversion that was killed (kill -9 runs no cleanup)
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def require_lossless(tokenizer: PauseTokenizer, where: str) -> None:
+    """The HF tokenizer reproduces SentencePiece's segmentation, not its normalizer: a model that rewrites text
+    (NFKC, collapsed spaces) would get other ids from it than the project gives."""
+    if not tokenizer.lossless:
+        raise ConversionError(f"{where}: the SentencePiece model normalizes text (a normalizer other than 'identity',"
+                              " or remove_extra_whitespaces), so a Hugging Face tokenizer would give other ids; only"
+                              " lossless tokenizers (pause_megatron.tokenizer.train_tokenizer's) convert")
+
+
+# ---- export --------------------------------------------------------------------------------------------
+
+def expressible(cfg) -> None:
+    """Raise ConversionError for a model GPT-NeoX cannot compute exactly."""
+    m = cfg.model
+    if m.position_embedding != "rope":
+        raise ConversionError(f"model.position_embedding={m.position_embedding!r}: GPT-NeoX has rotary position "
+                              "embeddings only, not learned absolute ones")
+    if m.normalization != "LayerNorm":
+        raise ConversionError(f"model.normalization={m.normalization!r}: GPT-NeoX has LayerNorm only")
+
+
+def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, hidden_act: str):
+    from transformers import GPTNeoXConfig
+
+    if tconfig.num_query_groups not in (None, tconfig.num_attention_heads):
+        raise ConversionError("grouped-query attention: GPT-NeoX has one key/value head per query head")
+    if tconfig.rotary_interleaved:
+        raise ConversionError("interleaved RoPE: GPT-NeoX rotates halves (rotate_half)")
+    if not tconfig.add_bias_linear or tconfig.gated_linear_unit or tconfig.qk_layernorm:
+        raise ConversionError("only biased linears, a plain (not gated) MLP and no QK LayerNorm map to GPT-NeoX")
+    if tconfig.layernorm_epsilon != LAYER_NORM_EPS:
+        raise ConversionError(f"layernorm_epsilon={tconfig.layernorm_epsilon}, expected {LAYER_NORM_EPS}")
+    m = cfg.model
+    return GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_hidden_size, hidden_act=hidden_act,
+        rotary_pct=1.0, rotary_emb_base=m.rotary_base, attention_dropout=0.0, hidden_dropout=0.0,
+        max_position_embeddings=m.seq_length, initializer_range=m.init_method_std, layer_norm_eps=LAYER_NORM_EPS,
+        use_cache=True, bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.pad_id,
+        tie_word_embeddings=False, use_parallel_residual=False, attention_bias=True,
+        architectures=["GPTNeoXForCausalLM"], torch_dtype="float32",
+        pause_token_id=tokenizer.pause_id,  # read back by import-hf; the model itself ignores it
+    )
+
+
+def hf_tokenizer(tokenizer: PauseTokenizer, workdir: str, *, max_length: int):
+    """A LlamaTokenizerFast from the SentencePiece model: ids exactly as `tokenizer.encode` gives them.
+
+    legacy + add_prefix_space reproduce SentencePiece's dummy prefix ("▁" before the text) and its unigram
+    segmentation with byte fallback; no BOS/EOS is added. The file written is tokenizer.json as built here
+    (tokenizer_config.json has no add_prefix_space, which would make transformers convert tokenizer.model anew). EOD (`</s>`) is both bos and eos: documents are
+    separated by EOD in pretraining, so it is what an empty context starts from (lm-eval's prefix token).
+    `<pause>` is an additional special token: `convert_tokens_to_ids("<pause>")` is the pause id and a literal
+    "<pause>" in a prompt becomes that one token (SentencePiece itself never encodes text to it).
+    """
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import LlamaTokenizerFast
+
+    require_lossless(tokenizer, "the checkpoint's tokenizer.model")
+    sp = tokenizer.sp
+    path = os.path.join(workdir, "tokenizer.model")
+    tokenizer.save(path)
+    unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
+    common = dict(vocab_file=path, legacy=True, add_bos_token=False, add_eos_token=False, unk_token=unk,
+                  bos_token=sp.id_to_piece(tokenizer.eod_id), eos_token=sp.id_to_piece(tokenizer.eod_id),
+                  pad_token=sp.id_to_piece(tokenizer.pad_id), clean_up_tokenization_spaces=False,
+                  model_max_length=max_length)
+    converted = LlamaTokenizerFast(from_slow=True, add_prefix_space=True, additional_special_tokens=[PAUSE_PIECE],
+                                   **common).backend_tokenizer
+    # The dummy prefix is a normalizer (Prepend "▁"), and the normalizer runs on each piece of text between
+    # non-normalized added tokens: text after a "<pause>" would get a second "▁" (" yes" -> "▁▁yes"), which
+    # the project never gives (pauses go between a context's and a continuation's ids, encode_pair). A
+    # normalized <pause> is found after normalization instead, so the prefix is added once, at the start.
+    spec = json.loads(converted.to_str())
+    for token in spec["added_tokens"]:
+        if token["content"] == PAUSE_PIECE:
+            token["normalized"] = True
+    fast = LlamaTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), additional_special_tokens=[
+        AddedToken(PAUSE_PIECE, special=True, normalized=True)], **common)
+    got = fast.convert_tokens_to_ids(PAUSE_PIECE)
+    if got != tokenizer.pause_id:
+        raise ConversionError(f"the Hugging Face tokenizer gives <pause> id {got}, the checkpoint {tokenizer.pause_id}")
+    return fast
+
+
+def saved_gelu(extra: dict, asked: Optional[str]) -> tuple[str, str]:
+    """(model.gelu, HF hidden_act) for a checkpoint's `extra`. A checkpoint records model.gelu in its config; one
+    saved before the field existed computed exact GELU on the CPU and the tanh form on a GPU, so which one it was
+    trained with is unknown: `asked` (--gelu) decides, else tanh (what the project computes for it now)."""
+    model = (extra.get("config") or {}).get("model") or {}
+    if "gelu" in model:
+        if asked is not None and asked != model["gelu"]:
+            raise ConversionError(f"--gelu {asked}: the checkpoint records model.gelu={model['gelu']!r}")
+        gelu = model["gelu"]
+    else:
+        gelu = asked or "tanh"
+        print(f"warning: the checkpoint does not record its GELU (saved before model.gelu existed: exact GELU if "
+              f"it was trained on the CPU, the tanh approximation on a GPU); writing {gelu!r} (--gelu)",
+              file=sys.stderr)
+    hf_act = extra.get("hf_hidden_act")  # an imported model keeps its own name of the same function
+    return gelu, hf_act if HF_GELUS.get(hf_act) == gelu else GELU[gelu]
+
+
+def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) -> str:
+    """Write `checkpoint_path` (any TP/PP layout) as a GPT-NeoX model directory at `out_dir`; returns it."""
+    _cpu_only()
+    from transformers import GenerationConfig, GPTNeoXForCausalLM
+
+    from pause_megatron import checkpoint, runtime
+    from pause_megatron.config import load_config
+    from pause_megatron.evaluate import load_for_inference
+    from pause_megatron.model import unwrap
+
+    extra = checkpoint.read_extra(checkpoint_path)  # FileNotFoundError for what is not a checkpoint
+    gelu, hidden_act = saved_gelu(extra, gelu)
+    # fp32 on the CPU: the training run's GPU-only settings (bf16, FP8, Transformer Engine) do not apply
+    overrides = ["precision.dtype=fp32", "precision.fp8=null", "model.spec=local", "pauses.m_inf=0",
+                 f"model.gelu={gelu}"]
+    probe = dict(extra.get("config") or {})
+    probe.pop("task", None)
+    probe.pop("parallel", None)
+    expressible(load_config(None, overrides, base=probe, hardware=False))
+    require_lossless(PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path)), checkpoint_path)
+    tmp = _staging(out_dir)
+    try:
+        model, cfg, tokenizer = load_for_inference(checkpoint_path, overrides)
+        model = unwrap(model)
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        if "output_layer.weight" not in state:  # tied embeddings: the head is the embedding table
+            state["output_layer.weight"] = state["embedding.word_embeddings.weight"]
+        vocab = state["embedding.word_embeddings.weight"].shape[0]
+        config = neox_config(cfg, model.config, tokenizer, vocab_size=vocab, hidden_act=hidden_act)
+        hf_state = {}
+        for name, tensor in state.items():
+            hf_state[_to_neox(name)] = tensor.detach().float().clone()
+        with torch.device("meta"):
+            hf = GPTNeoXForCausalLM(config)
+        missing = set(hf.state_dict()) - set(hf_state)
+        if missing:
+            raise ConversionError(f"no Megatron weight for {sorted(missing)[:4]}")
+        hf.load_state_dict(hf_state, strict=True, assign=True)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        # Decoding never emits <pause> nor a padded id, as pause_megatron.evaluate decodes (greedy_pick).
+        GenerationConfig(bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.pad_id,
+                         do_sample=False, suppress_tokens=[tokenizer.pause_id, *range(tokenizer.vocab_size, vocab)]
+                         ).save_pretrained(tmp)
+        hf_tokenizer(tokenizer, tmp, max_length=cfg.model.seq_length).save_pretrained(tmp)
+        with open(os.path.join(tmp, "pause_megatron.json"), "w") as f:
+            json.dump({"source": os.path.abspath(checkpoint_path), "gelu": gelu, **tokenizer.ids(),
+                       "tokenizer_sha256": tokenizer.checksum}, f, indent=1)
+        runtime.destroy()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        runtime.destroy()
+        raise
+    return out_dir
+
+
+def _to_neox(name: str) -> str:
+    if name in TOP_MAP:
+        return TOP_MAP[name]
+    prefix, _, rest = name.partition(".layers.")
+    layer, _, sub = rest.partition(".")
+    if prefix != "decoder" or sub not in LAYER_MAP:
+        raise ConversionError(f"Megatron parameter {name} has no GPT-NeoX counterpart")
+    return f"gpt_neox.layers.{layer}.{LAYER_MAP[sub]}"
+
+
+# ---- import --------------------------------------------------------------------------------------------
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_neox_config(hf_dir: str) -> dict:
+    """The model's config.json, checked to be a GPT-NeoX that our GPTModel computes exactly."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir) or not os.path.exists(path):
+        raise ConversionError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    c = _read_json(path)
+    kind = c.get("model_type")
+    if kind != "gpt_neox":
+        raise ConversionError(f"{path}: model_type {kind!r} (architectures {c.get('architectures')}) is not supported;"
+                              " import-hf reads GPT-NeoX (model_type 'gpt_neox'), the architecture export-hf writes")
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ConversionError(f"{path}: {what}, which the project's GPTModel does not compute")
+    need(c.get("use_parallel_residual", True) is False, "use_parallel_residual is not false (a parallel residual)")
+    need(float(c.get("rotary_pct", 0.25)) == 1.0, f"rotary_pct={c.get('rotary_pct', 0.25)} (RoPE on part of a head)")
+    need(c.get("rope_scaling") in (None, {}), f"rope_scaling={c.get('rope_scaling')}")
+    need(float(c.get("layer_norm_eps", 1e-5)) == LAYER_NORM_EPS, f"layer_norm_eps={c.get('layer_norm_eps')}")
+    need(c.get("hidden_act", "gelu") in HF_GELUS, f"hidden_act={c.get('hidden_act')!r} (model.gelu computes "
+         f"{', '.join(HF_GELUS)})")
+    return c
+
+
+def _special_pause_ids(hf_dir: str, config: dict) -> dict[str, int]:
+    """Where the HF directory says `<pause>` is: config.json's pause_token_id, tokenizer files' added tokens."""
+    found = {}
+    if config.get("pause_token_id") is not None:
+        found["config.json pause_token_id"] = int(config["pause_token_id"])
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    if os.path.exists(path):
+        for tid, tok in (_read_json(path).get("added_tokens_decoder") or {}).items():
+            if tok.get("content") == PAUSE_PIECE:
+                found["tokenizer_config.json added token"] = int(tid)
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if os.path.exists(path):
+        for tok in _read_json(path).get("added_tokens") or []:
+            if tok.get("content") == PAUSE_PIECE:
+                found["tokenizer.json added token"] = int(tok["id"])
+    return found
+
+
+def _grow(table: torch.Tensor, rows: int, pieces: int, new: list[int]) -> torch.Tensor:
+    """`table` with `rows` rows; rows it lacks and the rows in `new` are the mean of its first `pieces` rows
+    (the tokenizer's), so that a new token starts inside the distribution of the trained ones."""
+    mean = table[:pieces].mean(0)
+    out = mean.expand(rows, -1).clone()
+    keep = min(rows, table.shape[0])
+    out[:keep] = table[:keep]
+    out[new] = mean
+    return out
+
+
+def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> str:
+    """Write the GPT-NeoX model in `hf_dir` as a checkpoint root at `out_root` (iter_0000000, `latest`,
+    tokenizer.model) from which `train.init_from` starts pretraining or finetuning; returns it."""
+    _cpu_only()
+    from safetensors.torch import load_file
+
+    from pause_megatron import checkpoint, runtime
+    from pause_megatron.compat import save_checkpoint
+    from pause_megatron.config import load_config, to_dict
+    from pause_megatron.model import build_gpt
+
+    c = read_neox_config(hf_dir)
+    sp_path = os.path.join(hf_dir, "tokenizer.model")
+    if not os.path.exists(sp_path):
+        raise ConversionError(f"{hf_dir}: no tokenizer.model; import-hf needs the model's SentencePiece tokenizer "
+                              "(the project tokenizes with SentencePiece only)")
+    tokenizer = PauseTokenizer.load(sp_path)
+    require_lossless(tokenizer, sp_path)
+    pieces = tokenizer.vocab_size - (0 if tokenizer.had_pause else 1)  # the pieces the HF model was made for
+    for where, pid in _special_pause_ids(hf_dir, c).items():
+        if pid != tokenizer.pause_id:
+            raise ConversionError(f"{hf_dir}: {where} says <pause> is id {pid}, but the SentencePiece model "
+                                  f"{sp_path} gives it id {tokenizer.pause_id}")
+    vocab = padded_vocab_size(tokenizer.vocab_size)
+    hf_vocab = int(c["vocab_size"])
+    if hf_vocab < pieces:
+        raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is smaller than its tokenizer ({pieces} pieces)")
+    if hf_vocab > vocab:
+        raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is larger than the tokenizer's padded size {vocab} "
+                              f"({tokenizer.vocab_size} pieces with <pause>, padded to a multiple of 128)")
+    weights = _read_weights(hf_dir, load_file)
+    heads, hidden = int(c["num_attention_heads"]), int(c["hidden_size"])
+    overrides = [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={hidden}",
+                 f"model.num_attention_heads={heads}", f"model.ffn_hidden_size={c['intermediate_size']}",
+                 f"model.seq_length={seq_length or c['max_position_embeddings']}",
+                 f"model.rotary_base={int(c.get('rotary_emb_base', 10000))}", "model.position_embedding=rope",
+                 "model.normalization=LayerNorm", "model.untie_embeddings=true", "model.spec=local",
+                 f"model.gelu={HF_GELUS[c.get('hidden_act', 'gelu')]}",
+                 f"model.hidden_dropout={float(c.get('hidden_dropout', 0.0))}",
+                 f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
+                 f"model.init_method_std={float(c.get('initializer_range', 0.02))}",
+                 "precision.dtype=fp32", "tracking.enabled=false"]
+    cfg = load_config(None, overrides)
+    tmp = _staging(out_root)
+    try:
+        runtime.init_distributed(cfg)
+        model = build_gpt(cfg, vocab_size=vocab, cuda=False)
+        new_rows = [] if tokenizer.had_pause else [tokenizer.pause_id]
+        state = {}
+        for name, value in model.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            key = _to_neox(name)
+            if key == "embed_out.weight" and key not in weights and c.get("tie_word_embeddings", True):
+                key = "gpt_neox.embed_in.weight"
+            if key not in weights:
+                if key.endswith(".bias") and c.get("attention_bias", True) is False and ".attention." in key:
+                    state[name] = torch.zeros_like(value)  # no bias computes what a zero bias does
+                    continue
+                raise ConversionError(f"{hf_dir}: no weight {key} in the safetensors files")
+            tensor = weights[key].float()
+            if key in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+                tensor = _grow(tensor, vocab, pieces, new_rows)
+            if tensor.shape != value.shape:
+                raise ConversionError(f"{hf_dir}: {key} has shape {tuple(tensor.shape)}, expected {tuple(value.shape)}")
+            state[name] = tensor
+        missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
+        assert not missing, missing
+        path = checkpoint.iteration_dir(tmp, 0)
+        os.makedirs(path)
+        extra = {"config": to_dict(cfg), "stage": "import-hf", "source": os.path.abspath(hf_dir), **tokenizer.ids(),
+                 "tokenizer_sha256": tokenizer.checksum, "hf_hidden_act": c.get("hidden_act", "gelu")}
+        save_checkpoint({"model": model.sharded_state_dict(), "step": 0, "consumed_samples": 0, "extra": extra}, path)
+        open(os.path.join(path, checkpoint.COMPLETE), "w").close()
+        with open(os.path.join(tmp, checkpoint.LATEST), "w") as f:
+            f.write(os.path.basename(path) + "\n")
+        tokenizer.save(os.path.join(tmp, checkpoint.TOKENIZER_FILE))
+        runtime.destroy()
+        os.rename(tmp, out_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        runtime.destroy()
+        raise
+    return out_root
+
+
+def _read_weights(hf_dir: str, load_file) -> dict:
+    """Every tensor of the model's safetensors files (one file, or shards named by an index)."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ConversionError(f"{hf_dir}: no model.safetensors (or index); save the model with safe_serialization")
+    weights = {}
+    for name in files:
+        weights.update(load_file(os.path.join(hf_dir, name)))
+    return weights
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+def export_main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="pause-megatron export-hf", description=export.__doc__)
+    ap.add_argument("checkpoint", help="a checkpoint root (its `latest`) or iteration directory, any TP/PP layout")
+    ap.add_argument("out_dir", help="the model directory to create (must not exist)")
+    ap.add_argument("--gelu", choices=sorted(GELU),
+                    help="only for a checkpoint saved before model.gelu existed (others record it): exact or tanh "
+                         "(default) GELU")
+    args = ap.parse_args(argv)
+    from pause_megatron.config import ConfigError
+    from pause_megatron.tokenizer import TokenizerMismatch
+
+    try:
+        export(args.checkpoint, args.out_dir, gelu=args.gelu)
+    except (ConversionError, ConfigError, TokenizerMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def import_main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="pause-megatron import-hf", description=import_.__doc__)
+    ap.add_argument("hf_dir", help="a GPT-NeoX model directory (config.json, safetensors, tokenizer.model)")
+    ap.add_argument("out_checkpoint", help="the checkpoint root to create (must not exist)")
+    ap.add_argument("--seq-length", type=int, help="model.seq_length (default: max_position_embeddings)")
+    args = ap.parse_args(argv)
+    from pause_megatron.config import ConfigError
+    from pause_megatron.tokenizer import TokenizerMismatch
+
+    try:
+        out = import_(args.hf_dir, args.out_checkpoint, seq_length=args.seq_length)
+    except (ConversionError, ConfigError, TokenizerMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = checkpoint_model_overrides(out)
+    print(f"wrote {out}\nmodel overrides for pretraining from it: {' '.join(m)}")
+    return 0
+
+
+def checkpoint_model_overrides(root: str) -> list[str]:
+    """model.* overrides that give pretraining the shape of the checkpoint at `root` (finetuning reads it)."""
+    from pause_megatron import checkpoint
+
+    model = checkpoint.read_extra(root)["config"]["model"]
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length", "rotary_base",
+            "gelu")
+    return [f"model.{k}={model[k]}" for k in keys]
