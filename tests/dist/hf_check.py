@@ -17,7 +17,8 @@ os.environ["PAUSE_MEGATRON_CPU"] = "1"
 import torch  # noqa: E402
 
 from pause_megatron import runtime  # noqa: E402
-from pause_megatron.evaluate import _forward, greedy_generate, load_for_inference  # noqa: E402
+from pause_megatron.decoding import forward as _forward, greedy_generate  # noqa: E402
+from pause_megatron.evaluate import load_for_inference  # noqa: E402
 from pause_megatron.model import unwrap  # noqa: E402
 
 ap = argparse.ArgumentParser()
