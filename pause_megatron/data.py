@@ -83,13 +83,38 @@ def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, wh
                         f"{cfg.pauses.ratio}; set pauses.ratio={ratio} or rebuild the data with --pause-ratio")
 
 
-def shard_sizes(prefixes: Sequence[str]) -> list[tuple[int, int]]:
-    """(windows, tokens) of each shard, read from its index (megatron-core's own reader)."""
+def open_shard(prefix: str):
+    """megatron-core's IndexedDataset of `prefix` (.idx + .bin), or a DataError naming the file and the remedy.
+
+    A truncated or damaged index otherwise ends in a bare struct.error or AssertionError inside megatron-core,
+    and a truncated .bin only when a window past its end is read, mid-training.
+    """
+    import struct
+
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    data_dir = os.path.dirname(os.path.dirname(prefix)) or "."
+    remedy = (f"the shard is truncated or damaged: check the directory with `python -m data_prep.build_c4 validate "
+              f"{data_dir}` and rebuild it (`python -m data_prep.build_c4 build ... --output {data_dir}`; "
+              "`--overwrite` rebuilds everything)")
+    try:
+        dataset = IndexedDataset(prefix)
+    except (struct.error, AssertionError, ValueError, OSError) as exc:
+        raise DataError(f"{prefix}.idx: cannot read the index ({type(exc).__name__}: {exc or 'inconsistent'}); "
+                        f"{remedy}") from None
+    need = int(dataset.index.sequence_pointers[-1]) + int(dataset.index.sequence_lengths[-1]) * \
+        np.dtype(dataset.index.dtype).itemsize if len(dataset.index.sequence_lengths) else 0
+    have = os.path.getsize(prefix + ".bin")
+    if have < need:
+        raise DataError(f"{prefix}.bin: {have} bytes, but its index needs {need}; {remedy}")
+    return dataset
+
+
+def shard_sizes(prefixes: Sequence[str]) -> list[tuple[int, int]]:
+    """(windows, tokens) of each shard, read from its index (megatron-core's own reader)."""
     sizes = []
     for prefix in prefixes:
-        index = IndexedDataset(prefix)  # held while its lengths are read: deleting it unmaps them
+        index = open_shard(prefix)  # held while its lengths are read: deleting it unmaps them
         sizes.append((len(index.sequence_lengths), int(index.sequence_lengths.sum())))
     return sizes
 

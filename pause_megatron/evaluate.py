@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 from typing import Optional
 
@@ -277,6 +278,13 @@ def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optiona
         for t in tasks:
             raw = out["results"][f"pause_{t}"]
             scores[t] = {k.split(",")[0]: v for k, v in raw.items() if "," in k and not k.split(",")[0].endswith("stderr")}
+            # The report's intervals: how many documents stand behind the score, and its per-document spread.
+            samples = out["samples"][f"pause_{t}"]
+            metric = get_task(t).metric
+            per_doc = [float(s[metric]) for s in samples if isinstance(s.get(metric), (int, float))]
+            scores[t]["n"] = len(samples)
+            if len(per_doc) > 1:
+                scores[t][f"{metric}_sd"] = statistics.stdev(per_doc)
             records[t] = [{"doc_id": s["doc_id"], "arguments": [list(a) for a in s["arguments"]],
                            "resps": [list(r[0]) if isinstance(r[0], tuple) else r[0] for r in s["resps"]]}
                           for s in out["samples"][f"pause_{t}"]]
@@ -300,7 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from pause_megatron import runtime
     from pause_megatron.config import ConfigError
-    from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples
+    from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples, warn_if_overlapping
     from pause_megatron.tokenizer import TokenizerMismatch
 
     try:
@@ -308,7 +316,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError("--tasks is required (e.g. --tasks squad,gsm8k)")
         tasks = [t.strip() for t in tasks_arg.split(",") if t.strip()]
         for t in tasks:  # unknown names and malformed rows fail before the model is loaded
-            load_examples(get_task(t), part="eval", data_dir=args.data_dir)
+            evaluation = load_examples(get_task(t), part="eval", data_dir=args.data_dir)
+            # Offline rows: warn when eval prompts are also train prompts (the hub's splits are the datasets' own).
+            train_file = get_task(t).local_file(args.data_dir, "train") if args.data_dir else None
+            if train_file and os.path.exists(train_file) and runtime.dist_env().rank == 0:
+                warn_if_overlapping(get_task(t), load_examples(get_task(t), part="train", data_dir=args.data_dir),
+                                    evaluation, where=args.data_dir)
         model, cfg, tokenizer = load_for_inference(args.checkpoint, overrides)
     except (ConfigError, UnknownTask, TaskDataError, TokenizerMismatch, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, UnknownTask) else exc}", file=sys.stderr)

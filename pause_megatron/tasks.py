@@ -8,6 +8,7 @@ own row format (`<split>` is `train` or `eval`; which hub split each stands for 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -221,6 +222,22 @@ def load_examples(task: Task, *, part: str, data_dir: Optional[str]) -> list[tup
     if not pairs:
         raise TaskDataError(f"{task.name} ({part}): no examples")
     return pairs
+
+
+def overlapping_prompts(train: list[tuple[str, str]], evaluation: list[tuple[str, str]]) -> int:
+    """How many distinct evaluation prompts are also training prompts (a score on those measures recall)."""
+    return len({p for p, _ in evaluation} & {p for p, _ in train})
+
+
+def warn_if_overlapping(task: Task, train: list[tuple[str, str]], evaluation: list[tuple[str, str]], *,
+                        where: str) -> int:
+    """Log a warning naming the task and the count when eval prompts also appear in the train rows."""
+    n = overlapping_prompts(train, evaluation)
+    if n:
+        logging.getLogger(__name__).warning(
+            "task %s: %d of %d evaluation prompts also appear in its training rows (%s); scores on them "
+            "measure memorisation, not generalisation", task.name, n, len({p for p, _ in evaluation}), where)
+    return n
 
 
 def lm_eval_config(task: Task, *, data_dir: Optional[str]) -> dict:

@@ -22,6 +22,10 @@ PAD_PIECE = "<pad>"
 DEFAULT_VOCAB_SIZE = 32000  # the paper's models use a 32k SentencePiece vocabulary (T5-style)
 
 
+class TokenizerTrainingError(ValueError):
+    """SentencePiece cannot train on this input with these settings; the message says why and what to change."""
+
+
 class TokenizerMismatch(ValueError):
     """Data or a checkpoint was made with a different tokenizer than the one loaded."""
 
@@ -174,9 +178,31 @@ def train_tokenizer(
     fallback: every text decodes back to itself exactly (C4's newlines included). The same texts, size and
     seed give the same model (threads are fixed at TRAIN_THREADS: the model depends on the thread count).
     """
+    texts = texts if isinstance(texts, list) else list(texts)
+    if not any(t and not t.isspace() for t in texts):  # SentencePiece's own error: "!sentences_.empty()"
+        raise TokenizerTrainingError("no text to train the tokenizer on: every sentence of the sample is empty")
     out = io.BytesIO()
     extra = {} if seed_sentencepiece_size is None else {"seed_sentencepiece_size": seed_sentencepiece_size}
     spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles its sentences
+    try:
+        _train(texts, out, vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+               input_sentence_size=input_sentence_size, extra=extra)
+    except RuntimeError as exc:
+        if "required_chars" not in str(exc):
+            raise
+        chars = len({c for t in texts for c in t})
+        raise TokenizerTrainingError(
+            f"vocab_size={vocab_size} is too small for this sample: it has {chars} distinct characters, and every "
+            f"one of them needs a piece besides the 4 special pieces and {BYTE_PIECES} byte pieces; use a vocab "
+            f"size of at least {chars + 4 + BYTE_PIECES} (more leaves room for subwords)") from None
+    return PauseTokenizer(out.getvalue())
+
+
+BYTE_PIECES = 256  # byte_fallback adds one piece per byte value
+
+
+def _train(texts: list[str], out: io.BytesIO, *, vocab_size: int, model_type: str, character_coverage: float,
+           input_sentence_size: int, extra: dict) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=out,
@@ -198,4 +224,3 @@ def train_tokenizer(
         minloglevel=2,
         **extra,
     )
-    return PauseTokenizer(out.getvalue())
