@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -97,11 +98,22 @@ def open_shard(prefix: str):
     remedy = (f"the shard is truncated or damaged: check the directory with `python -m data_prep.build_c4 validate "
               f"{data_dir}` and rebuild it (`python -m data_prep.build_c4 build ... --output {data_dir}`; "
               "`--overwrite` rebuilds everything)")
+    # A half-built IndexedDataset fails again in its __del__ (no `index` attribute): that second traceback says
+    # nothing more, so it is dropped while the first failure is turned into the DataError.
+    def quiet(unraisable, default=sys.unraisablehook):
+        if not (isinstance(unraisable.exc_value, AttributeError) and "IndexedDataset" in repr(unraisable.object)):
+            default(unraisable)
+
+    error, sys.unraisablehook = None, quiet
     try:
-        dataset = IndexedDataset(prefix)
-    except (struct.error, AssertionError, ValueError, OSError) as exc:
-        raise DataError(f"{prefix}.idx: cannot read the index ({type(exc).__name__}: {exc or 'inconsistent'}); "
-                        f"{remedy}") from None
+        try:
+            dataset = IndexedDataset(prefix)
+        except (struct.error, AssertionError, ValueError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        sys.unraisablehook = quiet.__defaults__[0]
+    if error:
+        raise DataError(f"{prefix}.idx: cannot read the index ({error}); {remedy}")
     need = int(dataset.index.sequence_pointers[-1]) + int(dataset.index.sequence_lengths[-1]) * \
         np.dtype(dataset.index.dtype).itemsize if len(dataset.index.sequence_lengths) else 0
     have = os.path.getsize(prefix + ".bin")

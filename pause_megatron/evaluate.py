@@ -228,7 +228,7 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     """(model, cfg, tokenizer) from a checkpoint of any layout, rebuilt at TP=1, PP=1 on this process."""
     from pause_megatron import checkpoint, runtime
     from pause_megatron.config import load_config
-    from pause_megatron.model import build_gpt, prepare_chunks
+    from pause_megatron.model import build_gpt, kernel_summary, prepare_chunks
     from pause_megatron.tokenizer import padded_vocab_size
 
     extra = checkpoint.read_extra(checkpoint_path)
@@ -249,6 +249,8 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     model = prepare_chunks([build_gpt(cfg, vocab_size=vocab, cuda=cuda)], cuda=cuda)[0]  # Float16Module in bf16
     checkpoint.load_model([model], checkpoint_path)
     model.eval()
+    if torch.distributed.get_rank() == 0:
+        print(kernel_summary(cfg, cuda=cuda), flush=True)
     return model, cfg, tokenizer
 
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import math
 import os
+import re
 from typing import Iterable, Optional
 
 import sentencepiece as spm
@@ -190,11 +191,14 @@ def train_tokenizer(
     except RuntimeError as exc:
         if "required_chars" not in str(exc):
             raise
-        chars = len({c for t in texts for c in t})
+        # SentencePiece says "<vocab_size> vs <required>"; the distinct characters plus the 4 special and
+        # BYTE_PIECES byte pieces are an upper bound should its wording change.
+        said = re.search(r"(\d+) vs (\d+)", str(exc))
+        needed = int(said.group(2)) if said else len({c for t in texts for c in t}) + 4 + BYTE_PIECES
         raise TokenizerTrainingError(
-            f"vocab_size={vocab_size} is too small for this sample: it has {chars} distinct characters, and every "
-            f"one of them needs a piece besides the 4 special pieces and {BYTE_PIECES} byte pieces; use a vocab "
-            f"size of at least {chars + 4 + BYTE_PIECES} (more leaves room for subwords)") from None
+            f"vocab_size={vocab_size} is too small for this sample: its characters, the 4 special pieces and the "
+            f"{BYTE_PIECES} byte-fallback pieces need {needed}; use a vocab size of at least {needed} (more leaves "
+            "room for subwords)") from None
     return PauseTokenizer(out.getvalue())
 
 
