@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -305,6 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     add_tracking_args(ap)
     args = ap.parse_args(argv)
+    started = time.perf_counter()
     overrides = [o for o in args.overrides if not o.startswith("tasks=")]
     tasks_arg = args.tasks or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tasks=")), None)
 
@@ -340,12 +342,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump({**report, "samples": samples}, f, indent=1)
-        _track(cfg, report, args.output, tags=tags_from(args), parent_run_id=args.parent_run_id)
+        _track(cfg, report, args.output, tags=tags_from(args), parent_run_id=args.parent_run_id,
+               wall_s=time.perf_counter() - started)
     runtime.destroy()
     return 0
 
 
-def _track(cfg, report: dict, output: Optional[str], *, tags: dict, parent_run_id: Optional[str]) -> None:
+def _track(cfg, report: dict, output: Optional[str], *, tags: dict, parent_run_id: Optional[str],
+           wall_s: float) -> None:
     from pause_megatron.config import flat_dict
     from pause_megatron.tracking import Tracker
 
@@ -354,7 +358,7 @@ def _track(cfg, report: dict, output: Optional[str], *, tags: dict, parent_run_i
                   tags={"stage": "evaluate", "m_inf": str(report["m_inf"]), "placement": report["placement"],
                         "tasks": ",".join(report["scores"]), **tags}, parent_run_id=parent_run_id)
     tracker.log_metrics({f"{task}/{k}": v for task, vals in report["scores"].items() for k, v in vals.items()
-                         if isinstance(v, (int, float))}, step=0)
+                         if isinstance(v, (int, float))} | {"perf/wall_s": wall_s}, step=0)
     if output:
         tracker.log_artifact(output)
     tracker.end()

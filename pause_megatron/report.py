@@ -281,6 +281,8 @@ def plot_m_inf(series: dict, path: str) -> Optional[str]:
     if not series:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     tasks = sorted({task for _, task in series})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -296,6 +298,7 @@ def plot_m_inf(series: dict, path: str) -> Optional[str]:
         n = _rows_label([r for (_, t), p in series.items() if t == task for _, group in p for r in group])
         ax.set_title(f"{task} (n={n} documents)")
         ax.set_xlabel("pauses (or '.' fillers) at inference")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{TASKS[task].metric} (%), 95% interval")
         ax.set_ylim(-5, 105)
         ax.legend(fontsize=7)
@@ -391,6 +394,8 @@ def plot_curves(panels: list[tuple[str, str, dict[str, list[tuple[int, float]]]]
     if not panels:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     for ax, (title, ylabel, lines) in zip(axes[0], panels):
         for label, pts in sorted(lines.items()):
@@ -398,6 +403,7 @@ def plot_curves(panels: list[tuple[str, str, dict[str, list[tuple[int, float]]]]
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=label)
         ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
@@ -408,6 +414,9 @@ def plot_curves(panels: list[tuple[str, str, dict[str, list[tuple[int, float]]]]
 
 
 def _wall_s(run) -> Optional[float]:
+    """An evaluation's own measure (its MLflow run is made only after the scoring), else the run's duration."""
+    if "perf/wall_s" in run.data.metrics:
+        return run.data.metrics["perf/wall_s"]
     return (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
 
 
