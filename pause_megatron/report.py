@@ -224,7 +224,7 @@ def m_inf_series(rows: list[dict], best: dict) -> dict[tuple[str, str], list[tup
                     r["ablation"] in ("main", "m_inf"):
                 pts[r["m_inf"]].append(r)
         if len(pts) > 1:
-            series[(v, task)] = sorted(pts.items())
+            series[(f"{v} (M_ft={m})", task)] = sorted(pts.items())
     for task in sorted({r["task"] for r in rows if r["ablation"] == "filler"}):
         pts = defaultdict(list)
         for r in rows:
