@@ -41,6 +41,7 @@ from data_prep import manifest as mf
 from data_prep.c4_input import BadInput, InputReport, check_records, hf_records, list_inputs, read_c4_file
 from data_prep.c4_input import shard_indices, shard_name
 from data_prep.validate import validate_command
+from pause_megatron.data import DataError, open_shard
 from pause_megatron.pauses import PAPER_SEQ_LENGTH, PRETRAIN_PAUSE_RATIO, inject_pauses, num_pretrain_pauses
 from pause_megatron.progress import bar as progress_bar
 from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, TokenizerTrainingError, train_tokenizer
@@ -236,9 +237,22 @@ def is_complete(record: dict | None, *, task: ShardTask, out_dir: str, itemsize:
     files = _shard_files(out_dir, task.name)
     if record["windows"] == 0:
         return not any(os.path.exists(p) for p in files.values())
-    return all(os.path.exists(p) for p in files.values()) and all(
+    if not all(os.path.exists(p) for p in files.values()) or not all(
         os.path.getsize(files[f"{v}.bin"]) == record[f"tokens_{v}"] * itemsize for v in mf.VARIANTS
-    )
+    ):
+        return False
+    # A truncated or damaged .idx next to a whole .bin is rebuilt too: megatron-core's reader opens it (a memory
+    # map, cheap) and must find the shard's windows, all inside the .bin
+    for variant in mf.VARIANTS:
+        try:
+            dataset = open_shard(mf.shard_prefix(out_dir, variant, task.name))
+        except DataError:
+            return False
+        windows = len(dataset.index.sequence_lengths)
+        del dataset
+        if windows != record["windows"]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- workers

@@ -95,13 +95,14 @@ def open_shard(prefix: str):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     data_dir = os.path.dirname(os.path.dirname(prefix)) or "."
-    remedy = (f"the shard is truncated or damaged: check the directory with `python -m data_prep.build_c4 validate "
-              f"{data_dir}` and rebuild it (`python -m data_prep.build_c4 build ... --output {data_dir}`; "
-              "`--overwrite` rebuilds everything)")
-    # A half-built IndexedDataset fails again in its __del__ (no `index` attribute): that second traceback says
-    # nothing more, so it is dropped while the first failure is turned into the DataError.
+    remedy = (f"the shard is truncated or damaged: `python -m data_prep.build_c4 validate {data_dir}` lists every "
+              f"damaged shard, and rerunning the same `python -m data_prep.build_c4 build ... --output {data_dir}` "
+              "command rebuilds exactly those (the whole ones are skipped)")
+    # A half-built IndexedDataset (or its .bin reader) fails again in its __del__ (a missing attribute): that
+    # second traceback says nothing more, so it is dropped while the first failure is turned into the DataError.
     def quiet(unraisable, default=sys.unraisablehook):
-        if not (isinstance(unraisable.exc_value, AttributeError) and "IndexedDataset" in repr(unraisable.object)):
+        half_built = ("IndexedDataset" in repr(unraisable.object) or "_MMapBinReader" in repr(unraisable.object))
+        if not (isinstance(unraisable.exc_value, AttributeError) and half_built):
             default(unraisable)
 
     error, sys.unraisablehook = None, quiet
@@ -112,13 +113,18 @@ def open_shard(prefix: str):
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     finally:
         sys.unraisablehook = quiet.__defaults__[0]
+    bin_path = prefix + ".bin"
+    if error and not os.path.exists(bin_path):
+        raise DataError(f"{bin_path}: missing; {remedy}")
+    if error and os.path.getsize(bin_path) == 0:  # megatron-core cannot map an empty file
+        raise DataError(f"{bin_path}: empty (0 bytes); {remedy}")
     if error:
         raise DataError(f"{prefix}.idx: cannot read the index ({error}); {remedy}")
     need = int(dataset.index.sequence_pointers[-1]) + int(dataset.index.sequence_lengths[-1]) * \
         np.dtype(dataset.index.dtype).itemsize if len(dataset.index.sequence_lengths) else 0
-    have = os.path.getsize(prefix + ".bin")
+    have = os.path.getsize(bin_path)
     if have < need:
-        raise DataError(f"{prefix}.bin: {have} bytes, but its index needs {need}; {remedy}")
+        raise DataError(f"{bin_path}: {have} bytes, but its index needs {need}; {remedy}")
     return dataset
 
 

@@ -75,3 +75,28 @@ def test_pretraining_on_a_truncated_shard_is_refused_naming_it(truncated, tmp_pa
     # Megatron-Core's apex / Transformer Engine fallback warnings (emitted when the training code is imported)
     # are dropped: pause_megatron.kernels states the decisions once per job instead
     assert "not installed" not in proc.stderr
+
+
+def test_rerunning_the_build_rebuilds_exactly_the_truncated_shard(truncated, tiny_c4, capsys):
+    data, idx = truncated
+    whole = {p: p.stat().st_mtime_ns for p in data.rglob("c4-train.00001-*")}
+    assert whole
+    code = build_c4.main(["build", "--input", str(tiny_c4.parent / "json"), "--output", str(data),
+                          "--seq-length", "128", "--vocab-size", "500", "--workers", "1"])
+    assert code == 0 and "built 1 shards (1 already complete, skipped)" in capsys.readouterr().out
+    assert idx.read_bytes() == (tiny_c4 / idx.relative_to(data)).read_bytes()  # the same build, whole again
+    assert {p: p.stat().st_mtime_ns for p in whole} == whole  # the whole shard was not touched
+    assert build_c4.main(["validate", str(data), "--workers", "1"]) == 0
+
+
+@pytest.mark.parametrize("size", [0, 1000])
+def test_validate_names_a_truncated_or_empty_bin(tiny_c4, tmp_path, capfd, size):
+    data = tmp_path / "c4"
+    shutil.copytree(tiny_c4, data)
+    binary = sorted((data / "std").glob("*.bin"))[1]
+    with open(binary, "r+b") as fh:
+        fh.truncate(size)
+    assert build_c4.main(["validate", str(data), "--workers", "1"]) == 1
+    out, err = capfd.readouterr()
+    assert f"{binary}: {'empty (0 bytes)' if size == 0 else '1000 bytes, but its index needs'}" in out
+    assert ".idx" not in out.split("ERROR")[1].split("\n")[0] and "Traceback" not in err
