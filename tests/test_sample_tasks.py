@@ -24,7 +24,7 @@ def test_built_in_eval_rows_are_held_out(name):
     eval_rows = (ROOT / SAMPLE_TASKS / name / "eval.jsonl").read_text().splitlines()
     train_rows = {json.dumps(json.loads(r), sort_keys=True)
                   for r in (ROOT / SAMPLE_TASKS / name / "train.jsonl").read_text().splitlines()}
-    assert len(eval_rows) >= MIN_EVAL_ROWS
+    assert len(eval_rows) >= MIN_EVAL_ROWS and len({p for p, _ in evaluation}) == len(evaluation)  # no repeats
     assert not [r for r in eval_rows if json.dumps(json.loads(r), sort_keys=True) in train_rows]
     # compared as the model sees them: the prompts (CoQA: every turn's prompt)
     assert not {p for p, _ in evaluation} & {p for p, _ in train}
@@ -72,3 +72,83 @@ def test_finetune_datasets_warn_about_overlap(tmp_path, tiny_c4, caplog):
     with caplog.at_level(logging.WARNING):
         build_datasets(cfg, PauseTokenizer.load(str(tiny_c4 / "tokenizer.model")))
     assert "task lambada: 4 of 32 evaluation prompts also appear in its training rows" in caplog.text
+
+
+def _words(text: str) -> set[str]:
+    return {w.strip(".,?!:;'\"").casefold() for w in text.split()} - {""}
+
+
+def _mc_rows(name: str, part: str):
+    """(context, choices, gold index) of each row of a multiple-choice task, as the model is shown them."""
+    from pause_megatron.tasks import get_task
+
+    rows = [json.loads(r) for r in (ROOT / SAMPLE_TASKS / name / f"{part}.jsonl").read_text().splitlines()]
+    if name == "commonsense_qa":  # scored by generation, but the prompt lists the choices
+        return [(r["question"], r["choices"]["text"], r["choices"]["label"].index(r["answerKey"])) for r in rows]
+    cfg = get_task(name).lm_eval
+    return [(cfg["doc_to_text"](r), cfg["doc_to_choice"](r), cfg["doc_to_target"](r)) for r in rows]
+
+
+def _first_best(choices, score):
+    scores = [score(c) for c in choices]
+    return scores.index(max(scores))
+
+
+HEURISTICS = {  # each picks a choice from its surface alone; ties go to the first choice
+    "longest": lambda ctx, ch: _first_best(ch, len),
+    "shortest": lambda ctx, ch: _first_best(ch, lambda c: -len(c)),
+    "first": lambda ctx, ch: 0,
+    "last": lambda ctx, ch: len(ch) - 1,
+    "names a context name": lambda ctx, ch: _first_best(
+        ch, lambda c: len({w for w in ctx.split()[1:] if w[:1].isupper()} & set(c.replace(".", " ").split()))),
+    "most words shared with the context": lambda ctx, ch: _first_best(ch, lambda c: len(_words(c) & _words(ctx))),
+    "fewest words shared with the context": lambda ctx, ch: _first_best(ch, lambda c: -len(_words(c) & _words(ctx))),
+}
+
+
+@pytest.mark.parametrize("part", ["train", "eval"])
+@pytest.mark.parametrize("name", ["hellaswag", "piqa", "commonsense_qa"])
+def test_no_surface_heuristic_finds_the_answer(name, part):
+    rows = _mc_rows(name, part)
+    for heuristic, pick in HEURISTICS.items():
+        right = sum(pick(ctx, choices) == gold for ctx, choices, gold in rows)
+        assert right <= 0.6 * len(rows), f"{name} {part}: '{heuristic}' picks the answer in {right}/{len(rows)} rows"
+
+
+def test_hellaswag_endings_of_train_and_eval_are_disjoint():
+    endings = {part: {e.split(" ", 1)[1] for _, choices, _ in _mc_rows("hellaswag", part) for e in choices}
+               for part in ("train", "eval")}
+    assert endings["train"] and not endings["train"] & endings["eval"]
+
+
+def test_lambada_eval_templates_are_not_train_templates_and_vary():
+    import re
+
+    def template(text):  # the passage with its names, objects and places (capitalised or repeated words) masked
+        words = text.split()
+        return " ".join("_" if w[:1].isupper() or words.count(w) > 1 else w for w in words)
+
+    rows = {part: [json.loads(r)["text"] for r in (ROOT / SAMPLE_TASKS / "lambada" / f"{part}.jsonl").read_text()
+                   .splitlines()] for part in ("train", "eval")}
+    templates = {part: {re.sub(r"_( _)*", "_", template(t)) for t in texts} for part, texts in rows.items()}
+    assert len(templates["eval"]) >= 5 and not templates["eval"] & templates["train"]
+
+
+def test_gsm8k_eval_questions_are_not_train_questions_with_another_name():
+    def masked(question):
+        return " ".join("_" if w[:1].isupper() else w for w in question.split())
+
+    train, evaluation = ({masked(json.loads(r)["question"])
+                          for r in (ROOT / SAMPLE_TASKS / "gsm8k" / f"{p}.jsonl").read_text().splitlines()}
+                         for p in ("train", "eval"))
+    assert not train & evaluation
+
+
+def test_generator_writes_the_committed_rows(tmp_path):
+    from pause_megatron.sample_tasks import generate
+
+    generate.main([str(tmp_path)])
+    for name in TASK_NAMES:
+        for part in ("train", "eval"):
+            assert (tmp_path / name / f"{part}.jsonl").read_text() == \
+                (ROOT / SAMPLE_TASKS / name / f"{part}.jsonl").read_text(), f"{name}/{part}"
