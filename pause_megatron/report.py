@@ -121,9 +121,10 @@ def interval(rows: list[dict]) -> Optional[tuple[float, float]]:
     to n. Accuracy and exact match are 0/1 per document: the Wilson interval, which stays inside [0, 100] and
     keeps a sensible width at 0% or 100% on few rows (the normal one collapses to zero width there). A graded
     metric (CoQA's F1): the normal interval of a mean, mean ± 1.96 sd/sqrt(n), with the per-document sd.
-    None when the runs do not say how many documents they scored (evaluated before they logged it).
+    None when there is no interval to give (`no_interval` says why): the runs do not say how many documents
+    they scored (evaluated before they logged it), they scored none, or a graded metric lacks its sd or n >= 2.
     """
-    if not rows or any(r.get("n") is None for r in rows):
+    if no_interval(rows):
         return None
     n = min(r["n"] for r in rows)
     mean = statistics.fmean(r["value"] for r in rows)
@@ -131,10 +132,25 @@ def interval(rows: list[dict]) -> Optional[tuple[float, float]]:
         lo, hi = wilson(mean / PERCENT, n)
         return lo * PERCENT, hi * PERCENT
     sds = [r["sd"] for r in rows if r.get("sd") is not None]
-    if not sds or n < 2:
-        return None
     half = Z95 * statistics.fmean(sds) / math.sqrt(n)
     return max(0.0, mean - half), min(PERCENT, mean + half)
+
+
+def no_interval(rows: list[dict]) -> Optional[str]:
+    """Why a cell's rows give no 95% interval (shown in its place), or None when they give one."""
+    if not rows:
+        return "no runs"
+    if any(r.get("n") is None for r in rows):
+        return "no interval: row count not logged"
+    n = min(r["n"] for r in rows)
+    if n == 0:
+        return "no interval: no rows scored"
+    if rows[0]["metric"] not in BINARY:
+        if n < 2:
+            return f"no interval (n={n})"
+        if not any(r.get("sd") is not None for r in rows):
+            return "no interval: per-document sd not logged"
+    return None
 
 
 def _cell(rows: list[dict], note: str = "") -> str:
@@ -142,7 +158,7 @@ def _cell(rows: list[dict], note: str = "") -> str:
         return "—"
     mean, std = _mean_std([r["value"] for r in rows])
     ci = interval(rows)
-    where = f"[{ci[0]:.1f}, {ci[1]:.1f}] " if ci else "[?] "
+    where = f"[{ci[0]:.1f}, {ci[1]:.1f}] " if ci else f"[{no_interval(rows)}] "
     seeds = f"{len(rows)} seed{'s' if len(rows) > 1 else ''}"
     return f"{mean:.1f} ± {std:.1f} {where}(n={_rows_label(rows)}, {seeds}){note}"
 
@@ -164,12 +180,17 @@ def overlap_notes(cells: dict[str, dict[str, list[dict]]]) -> list[str]:
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
                  if cis[a][0] <= cis[b][1] and cis[b][0] <= cis[a][1]]
         n = _rows_label([r for rows in by_variant.values() for r in rows])
+        # Overlapping intervals do not show that two variants are equal, and all variants are scored on the same
+        # documents (a paired comparison is sharper than two separate intervals): the line says only that this
+        # table cannot tell them apart.
         if len(pairs) == len(names) * (len(names) - 1) // 2:
-            notes.append(f"- **{task}: every variant's 95% interval overlaps every other's** (n={n} rows): the "
-                         "differences between the variants here are within evaluation noise, not a result.")
+            notes.append(f"- **{task}: every variant's 95% interval overlaps every other's** (n={n} rows): these "
+                         "differences are within the evaluation noise of n rows, so this table cannot rank the "
+                         "variants; a paired comparison on the same documents (or more rows) would be needed.")
         elif pairs:
-            notes.append(f"- {task}: overlapping 95% intervals (no meaningful difference at n={n} rows): "
-                         + "; ".join(f"{a} vs {b}" for a, b in pairs) + ".")
+            notes.append(f"- {task}: intervals overlap ({'; '.join(f'{a} vs {b}' for a, b in pairs)}): these "
+                         f"differences are within the evaluation noise of n={n} rows; a paired comparison on the "
+                         "same documents would be needed to tell them apart.")
     return notes
 
 
@@ -276,13 +297,21 @@ def _pyplot():
     return plt
 
 
+def integer_axis(ax, xs: list[float]) -> None:
+    """Integer ticks on the x axis (steps, pause counts). Matplotlib's integer locator falls back to fractional
+    ticks when fewer than two integers are in view, as around a single point: the view is widened to hold three."""
+    from matplotlib.ticker import MaxNLocator
+
+    if xs and max(xs) - min(xs) < 2:
+        ax.set_xlim(min(xs) - 1, max(xs) + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_m_inf(series: dict, path: str) -> Optional[str]:
     """One panel per task: score against M_inf (and '.' filler count), 95% interval bars."""
     if not series:
         return None
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     tasks = sorted({task for _, task in series})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -298,7 +327,7 @@ def plot_m_inf(series: dict, path: str) -> Optional[str]:
         n = _rows_label([r for (_, t), p in series.items() if t == task for _, group in p for r in group])
         ax.set_title(f"{task} (n={n} documents)")
         ax.set_xlabel("pauses (or '.' fillers) at inference")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_axis(ax, [mi for (_, t), pts in series.items() if t == task for mi, _ in pts])
         ax.set_ylabel(f"{TASKS[task].metric} (%), 95% interval")
         ax.set_ylim(-5, 105)
         ax.legend(fontsize=7)
@@ -394,8 +423,6 @@ def plot_curves(panels: list[tuple[str, str, dict[str, list[tuple[int, float]]]]
     if not panels:
         return None
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
     for ax, (title, ylabel, lines) in zip(axes[0], panels):
         for label, pts in sorted(lines.items()):
@@ -403,7 +430,7 @@ def plot_curves(panels: list[tuple[str, str, dict[str, list[tuple[int, float]]]]
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=label)
         ax.set_title(title, fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_axis(ax, [x for pts in lines.values() for x, _ in pts])
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)

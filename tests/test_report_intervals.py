@@ -40,7 +40,17 @@ def test_cell_reports_rows_seeds_and_interval():
     cell = report._cell(rows("acc", [50.0, 50.0], 32))
     lo, hi = report.wilson(0.5, 32)
     assert f"[{lo * 100:.1f}, {hi * 100:.1f}]" in cell and "n=32" in cell and "2 seeds" in cell
-    assert "[?]" in report._cell(rows("acc", [50.0], None))  # a run that did not log its row count
+    assert "[no interval: row count not logged]" in report._cell(rows("acc", [50.0], None))  # an older run
+
+
+@pytest.mark.parametrize("metric,n,sd,shown", [
+    ("acc", 0, None, "[no interval: no rows scored]"), ("f1", 0, 10.0, "[no interval: no rows scored]"),
+    ("f1", 1, 10.0, "[no interval (n=1)]"), ("f1", 32, None, "[no interval: per-document sd not logged]")])
+def test_cells_without_an_interval_say_why(metric, n, sd, shown):
+    cell = report._cell(rows(metric, [0.0], n, sd=sd))  # n=0 used to divide by zero in wilson()
+    assert shown in cell and f"n={n}" in cell
+    assert report.interval(rows(metric, [0.0], n, sd=sd)) is None
+    assert report.overlap_notes({"t": {"A": rows(metric, [0.0], n, sd=sd), "B": rows(metric, [0.0], n, sd=sd)}}) == []
 
 
 def test_f1_interval_is_the_normal_interval_of_the_mean():
@@ -52,5 +62,23 @@ def test_overlapping_intervals_get_a_line_and_separated_ones_do_not():
     close = {"piqa": {"A": rows("acc", [50.0], 32), "B": rows("acc", [56.25], 32, variant="B")}}
     [line] = report.overlap_notes(close)
     assert "piqa" in line and "overlaps" in line and "n=32" in line
+    assert "evaluation noise" in line and "paired comparison" in line  # not a claim that the variants are equal
     apart = {"piqa": {"A": rows("acc", [0.0], 400), "B": rows("acc", [100.0], 400, variant="B")}}
     assert report.overlap_notes(apart) == []
+
+
+@pytest.mark.parametrize("xs", [[2], [3, 4], [1, 5, 9]])
+def test_step_axes_have_integer_ticks_even_for_one_point(xs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot(xs, [1.0] * len(xs), marker="o")
+    report.integer_axis(ax, xs)
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    plt.close(fig)
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)  # one point used to get 1.900, 1.925 ...
