@@ -218,7 +218,7 @@ def gsm8k(rng):
     seen, out = set(), {}
     for part, part_names in zip(("train", "eval"), names):
         rows = []
-        for i, name in enumerate(part_names):
+        for name in part_names:
             while True:  # no two rows share a question but for the name
                 q, a_text, f = GSM8K_TEMPLATES[rng.randrange(len(GSM8K_TEMPLATES))]
                 a, b, x = rng.randrange(3, 40), rng.randrange(2, 12), rng.choice(ITEMS)
@@ -239,8 +239,8 @@ def capitals(rng, task):
         rows = []
         for i, (country, cap) in enumerate(countries):
             if task == "squad":
-                ctx = (f"{country} is a country. Its capital city is {cap}, which is also its largest city. Many people "
-                       f"visit {cap} every year.")
+                ctx = (f"{country} is a country. Its capital city is {cap}, which is also its largest city. "
+                       f"Many people visit {cap} every year.")
                 s = ctx.index(cap)
                 rows.append({"id": f"s{part}{i}", "title": country, "context": ctx,
                              "question": f"What is the capital of {country}?",
@@ -269,8 +269,8 @@ def coqa(rng):
         rows = []
         for i, name in enumerate(names[p]):
             (country, cap), obj = countries[p][i % len(countries[p])], objects[p][i % len(objects[p])]
-            story = f"{name} lived in {cap}, the capital of {country}. Every morning {name} collected {obj} by the river. " \
-                    f"One day {name} found a map."
+            story = (f"{name} lived in {cap}, the capital of {country}. Every morning {name} collected {obj} by the "
+                     f"river. One day {name} found a map.")
             zeros = [0, 0, 0]
             rows.append({"source": "sample", "story": story,
                          "questions": {"input_text": [f"Where did {name} live?", f"What did {name} collect?",
