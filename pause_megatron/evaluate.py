@@ -165,6 +165,10 @@ def _make_lm_class():
                               placement=self.placement, filler_id=self.filler_id,
                               max_length=self.max_length - min(room, self.max_continuation))
 
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            # lm-eval passes disable=False to its "Tokenizing inputs" bar, over TQDM_DISABLE: off in a log here
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not sys.stderr.isatty())
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             results = []
             for _, context, continuation in requests:
