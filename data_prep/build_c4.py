@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 with warnings.catch_warnings():  # megatron-core warns about Transformer Engine and apex, which data prep never uses
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -42,9 +41,11 @@ from data_prep import manifest as mf
 from data_prep.c4_input import BadInput, InputReport, check_records, hf_records, list_inputs, read_c4_file
 from data_prep.c4_input import shard_indices, shard_name
 from data_prep.validate import validate_command
+from pause_megatron.data import DataError, open_shard
 from pause_megatron.pauses import PAPER_SEQ_LENGTH, PRETRAIN_PAUSE_RATIO, inject_pauses, num_pretrain_pauses
 from pause_megatron.pauses import window_rng
-from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, train_tokenizer
+from pause_megatron.progress import bar as progress_bar
+from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, TokenizerTrainingError, train_tokenizer
 
 DEFAULT_SEED = 1234
 DEFAULT_TOKENIZER_SAMPLE_DOCS = 100_000  # about 200 MB of C4 text; train_tokenizer samples at most 1M of its lines
@@ -232,9 +233,22 @@ def is_complete(record: dict | None, *, task: ShardTask, out_dir: str, itemsize:
     files = _shard_files(out_dir, task.name)
     if record["windows"] == 0:
         return not any(os.path.exists(p) for p in files.values())
-    return all(os.path.exists(p) for p in files.values()) and all(
+    if not all(os.path.exists(p) for p in files.values()) or not all(
         os.path.getsize(files[f"{v}.bin"]) == record[f"tokens_{v}"] * itemsize for v in mf.VARIANTS
-    )
+    ):
+        return False
+    # A truncated or damaged .idx next to a whole .bin is rebuilt too: megatron-core's reader opens it (a memory
+    # map, cheap) and must find the shard's windows, all inside the .bin
+    for variant in mf.VARIANTS:
+        try:
+            dataset = open_shard(mf.shard_prefix(out_dir, variant, task.name))
+        except DataError:
+            return False
+        windows = len(dataset.index.sequence_lengths)
+        del dataset
+        if windows != record["windows"]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -295,7 +309,7 @@ def run_shards(
         max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(settings, progress, os.getpid())
     ) as pool:
         submit_more(pool)  # starts the workers before the progress bar starts its thread: fork wants no threads
-        with tqdm(unit="doc", unit_scale=True, desc="build", dynamic_ncols=True) as bar:
+        with progress_bar(unit="doc", unit_scale=True, desc="build") as bar:
             while in_flight:
                 done, _ = concurrent.futures.wait(in_flight, timeout=PROGRESS_INTERVAL_S, return_when="FIRST_COMPLETED")
                 while True:
@@ -415,7 +429,18 @@ def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[
     print(
         f"training a {wanted['trained']['vocab_size']}-piece tokenizer on {wanted['trained']['sample_docs']} documents"
     )
-    return train_c4_tokenizer(sample(), vocab_size=wanted["trained"]["vocab_size"], seed=args.seed), wanted
+    source = args.input or args.hf
+    docs = sample()
+    if not docs:  # SentencePiece would die on an empty sample ("!sentences_.empty()")
+        raise BuildRefused(
+            f"{source}: no good document to train the tokenizer on, every line is bad (C4 files hold one JSON object "
+            'with a "text" field per line; a file holding one JSON array is not that format); fix the input, or '
+            "pass --tokenizer to use an existing tokenizer"
+        )
+    try:
+        return train_c4_tokenizer(docs, vocab_size=wanted["trained"]["vocab_size"], seed=args.seed), wanted
+    except TokenizerTrainingError as e:
+        raise BuildRefused(f"{source}: {e} (--vocab-size)") from None
 
 
 def run_config(tokenizer: PauseTokenizer, *, args, tokenizer_source: dict) -> dict:

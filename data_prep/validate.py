@@ -19,13 +19,14 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 with warnings.catch_warnings():  # megatron-core warns about Transformer Engine and apex, which this never uses
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: F401 (open_shard reads with it)
 
 from data_prep import manifest as mf
+from pause_megatron.progress import bar as progress_bar
+from pause_megatron.data import DataError, open_shard
 from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch
 
 UNIFORMITY_BINS = 16
@@ -89,9 +90,9 @@ def check_shard(out_dir: str, record: dict, config: dict, *, max_windows: int | 
         return check
     seq_length, pause_id = config["seq_length"], config["pause_id"]
     try:
-        std, pause = (IndexedDataset(os.path.join(out_dir, record[v])) for v in mf.VARIANTS)
-    except (OSError, ValueError, AssertionError) as e:  # megatron-core asserts on an inconsistent index
-        check.error(f"cannot open: {e}")
+        std, pause = (open_shard(os.path.join(out_dir, record[v])) for v in mf.VARIANTS)
+    except DataError as e:  # a truncated or damaged .idx / .bin: the message names the file and the remedy
+        check.error(str(e))
         return check
     windows = record["windows"]
     for variant, dataset in (("std", std), ("pause", pause)):
@@ -196,7 +197,7 @@ def validate(out_dir: str, *, max_windows_per_shard: int | None = None, workers:
             pool.submit(check_shard, out_dir, record, manifest, max_windows=max_windows_per_shard)
             for record in manifest["shards"]
         ]
-        for future in tqdm(futures, desc="validate", unit="shard"):
+        for future in progress_bar(futures, desc="validate", unit="shard"):
             checks.append(future.result())
     for check in checks:
         errors.extend(check.errors)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -105,17 +106,59 @@ def shard_indices(manifest: dict, prefixes: Sequence[str], *, data_path: str, wh
     return {p: by_prefix[p] for p in prefixes}
 
 
+def open_shard(prefix: str):
+    """megatron-core's IndexedDataset of `prefix` (.idx + .bin), or a DataError naming the file and the remedy.
+
+    A truncated or damaged index otherwise ends in a bare struct.error or AssertionError inside megatron-core,
+    and a truncated .bin only when a window past its end is read, mid-training.
+    """
+    import struct
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    data_dir = os.path.dirname(os.path.dirname(prefix)) or "."
+    remedy = (f"the shard is truncated or damaged: `python -m data_prep.build_c4 validate {data_dir}` lists every "
+              f"damaged shard, and rerunning the same `python -m data_prep.build_c4 build ... --output {data_dir}` "
+              "command rebuilds exactly those (the whole ones are skipped)")
+    # A half-built IndexedDataset (or its .bin reader) fails again in its __del__ (a missing attribute): that
+    # second traceback says nothing more, so it is dropped while the first failure is turned into the DataError.
+    def quiet(unraisable, default=sys.unraisablehook):
+        half_built = ("IndexedDataset" in repr(unraisable.object) or "_MMapBinReader" in repr(unraisable.object))
+        if not (isinstance(unraisable.exc_value, AttributeError) and half_built):
+            default(unraisable)
+
+    error, sys.unraisablehook = None, quiet
+    try:
+        try:
+            dataset = IndexedDataset(prefix)
+        except (struct.error, AssertionError, ValueError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        sys.unraisablehook = quiet.__defaults__[0]
+    bin_path = prefix + ".bin"
+    if error and not os.path.exists(bin_path):
+        raise DataError(f"{bin_path}: missing; {remedy}")
+    if error and os.path.getsize(bin_path) == 0:  # megatron-core cannot map an empty file
+        raise DataError(f"{bin_path}: empty (0 bytes); {remedy}")
+    if error:
+        raise DataError(f"{prefix}.idx: cannot read the index ({error}); {remedy}")
+    need = int(dataset.index.sequence_pointers[-1]) + int(dataset.index.sequence_lengths[-1]) * \
+        np.dtype(dataset.index.dtype).itemsize if len(dataset.index.sequence_lengths) else 0
+    have = os.path.getsize(bin_path)
+    if have < need:
+        raise DataError(f"{bin_path}: {have} bytes, but its index needs {need}; {remedy}")
+    return dataset
+
+
 def shard_sizes(prefixes: Sequence[str], *, pause_ratio: Optional[float] = None,
                 seq_length: Optional[int] = None) -> list[tuple[int, int]]:
     """(windows, tokens) of each shard, read from its index (megatron-core's own reader).
 
     With `pause_ratio`: the tokens its windows hold once pauses are injected at that ratio (online PausePT).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     sizes = []
     for prefix in prefixes:
-        index = IndexedDataset(prefix)  # held while its lengths are read: deleting it unmaps them
+        index = open_shard(prefix)  # held while its lengths are read: deleting it unmaps them
         lengths = index.sequence_lengths
         if pause_ratio is not None:
             lengths = paused_lengths(lengths, seq_length=seq_length, ratio=pause_ratio)

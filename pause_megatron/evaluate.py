@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -88,6 +90,10 @@ def _make_lm_class():
             return run_batched(rows, lambda chunk: score_batch(self.model, chunk, device=self._device,
                                                                pad_id=self.tok.pad_id, **self.decode_kwargs),
                                self.batch_size, sort_key=lambda r: (-len(r[0]) - len(r[1]), tuple(r[0] + r[1])))
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            # lm-eval passes disable=False to its "Tokenizing inputs" bar, over TQDM_DISABLE: off in a log here
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not sys.stderr.isatty())
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             rows = []
@@ -165,7 +171,7 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     """(model, cfg, tokenizer) from a checkpoint of any layout, rebuilt at TP=1, PP=1 on this process."""
     from pause_megatron import checkpoint, runtime
     from pause_megatron.config import load_config
-    from pause_megatron.model import build_gpt, prepare_chunks
+    from pause_megatron.model import build_gpt, kernel_summary, prepare_chunks
     from pause_megatron.tokenizer import padded_vocab_size
 
     extra = checkpoint.read_extra(checkpoint_path)
@@ -186,6 +192,8 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     model = prepare_chunks([build_gpt(cfg, vocab_size=vocab, cuda=cuda)], cuda=cuda)[0]  # Float16Module in bf16
     checkpoint.load_model([model], checkpoint_path)
     model.eval()
+    if torch.distributed.get_rank() == 0:
+        print(kernel_summary(cfg, cuda=cuda), flush=True)
     return model, cfg, tokenizer
 
 
@@ -215,6 +223,13 @@ def evaluate_tasks(model, cfg, tokenizer, *, tasks: list[str], data_dir: Optiona
         for t in tasks:
             raw = out["results"][f"pause_{t}"]
             scores[t] = {k.split(",")[0]: v for k, v in raw.items() if "," in k and not k.split(",")[0].endswith("stderr")}
+            # The report's intervals: how many documents stand behind the score, and its per-document spread.
+            samples = out["samples"][f"pause_{t}"]
+            metric = get_task(t).metric
+            per_doc = [float(s[metric]) for s in samples if isinstance(s.get(metric), (int, float))]
+            scores[t]["n"] = len(samples)
+            if len(per_doc) > 1:
+                scores[t][f"{metric}_sd"] = statistics.stdev(per_doc)
             records[t] = [{"doc_id": s["doc_id"], "arguments": [list(a) for a in s["arguments"]],
                            "resps": [list(r[0]) if isinstance(r[0], tuple) else r[0] for r in s["resps"]]}
                           for s in out["samples"][f"pause_{t}"]]
@@ -257,12 +272,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_tracking_args(ap)
     args = ap.parse_args(argv)
     _stop_on_signal()
+    started = time.perf_counter()
     overrides = [o for o in args.overrides if not o.startswith("tasks=")]
     tasks_arg = args.tasks or next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tasks=")), None)
 
     from pause_megatron import runtime
     from pause_megatron.config import ConfigError
-    from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples
+    from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples, warn_if_overlapping
     from pause_megatron.tokenizer import TokenizerMismatch
 
     try:
@@ -274,7 +290,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"--batch-size: {exc}") from None
         tasks = [t.strip() for t in tasks_arg.split(",") if t.strip()]
         for t in tasks:  # unknown names and malformed rows fail before the model is loaded
-            load_examples(get_task(t), part="eval", data_dir=args.data_dir)
+            evaluation = load_examples(get_task(t), part="eval", data_dir=args.data_dir)
+            # Offline rows: warn when eval prompts are also train prompts (the hub's splits are the datasets' own).
+            train_file = get_task(t).local_file(args.data_dir, "train") if args.data_dir else None
+            if train_file and os.path.exists(train_file) and runtime.dist_env().rank == 0:
+                warn_if_overlapping(get_task(t), load_examples(get_task(t), part="train", data_dir=args.data_dir),
+                                    evaluation, where=args.data_dir)
         model, cfg, tokenizer = load_for_inference(args.checkpoint, overrides)
     except (ConfigError, UnknownTask, TaskDataError, TokenizerMismatch, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, UnknownTask) else exc}", file=sys.stderr)
@@ -298,12 +319,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: print(f"{signal.Signals(signum).name} after the scores were "
                                                            "written: finishing", file=sys.stderr, flush=True))
-        _track(cfg, report, args.output, tags=tags_from(args), parent_run_id=args.parent_run_id)
+        _track(cfg, report, args.output, tags=tags_from(args), parent_run_id=args.parent_run_id,
+               wall_s=time.perf_counter() - started)
     runtime.destroy()
     return 0
 
 
-def _track(cfg, report: dict, output: Optional[str], *, tags: dict, parent_run_id: Optional[str]) -> None:
+def _track(cfg, report: dict, output: Optional[str], *, tags: dict, parent_run_id: Optional[str],
+           wall_s: float) -> None:
     from pause_megatron.config import flat_dict
     from pause_megatron.tracking import Tracker
 
@@ -312,7 +335,7 @@ def _track(cfg, report: dict, output: Optional[str], *, tags: dict, parent_run_i
                   tags={"stage": "evaluate", "m_inf": str(report["m_inf"]), "placement": report["placement"],
                         "tasks": ",".join(report["scores"]), **tags}, parent_run_id=parent_run_id)
     tracker.log_metrics({f"{task}/{k}": v for task, vals in report["scores"].items() for k, v in vals.items()
-                         if isinstance(v, (int, float))}, step=0)
+                         if isinstance(v, (int, float))} | {"perf/wall_s": wall_s}, step=0)
     if output:
         tracker.log_artifact(output)
     tracker.end()

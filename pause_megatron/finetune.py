@@ -25,7 +25,7 @@ from pause_megatron import checkpoint, runtime
 from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import DataError, FinetuneDataset
 from pause_megatron.job import add_tracking_args, run_job, tags_from
-from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples
+from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples, warn_if_overlapping
 from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch
 
 
@@ -50,12 +50,14 @@ def build_datasets(cfg, tokenizer: PauseTokenizer):
     p = cfg.pauses
     m = 0 if p.placement == "none" else p.m_ft
     filler_id = tokenizer.piece_id(p.filler) if p.placement == "filler" else None
-    out = []
+    out, pairs_of = [], {}
     for part in ("train", "eval"):
-        pairs = load_examples(task, part=part, data_dir=cfg.data.task_dir)
+        pairs = pairs_of[part] = load_examples(task, part=part, data_dir=cfg.data.task_dir)
         out.append(FinetuneDataset(pairs, tokenizer=tokenizer, seq_length=cfg.model.seq_length, m=m,
                                    placement=p.placement, filler_id=filler_id, seed=cfg.train.seed,
                                    where=f"{task.name}/{part}"))
+    if runtime.dist_env().rank == 0:
+        warn_if_overlapping(task, pairs_of["train"], pairs_of["eval"], where=cfg.data.task_dir or task.hf_path)
     return out
 
 

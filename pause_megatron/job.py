@@ -18,6 +18,7 @@ import torch
 from pause_megatron import checkpoint, runtime
 from pause_megatron.config import Config, flat_dict, to_dict
 from pause_megatron.data import microbatches_from
+from pause_megatron.model import kernel_summary
 from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch, padded_vocab_size
 from pause_megatron.tracking import Tracker
 from pause_megatron.train import build_train_state, fit, validate
@@ -193,6 +194,7 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
               f"PP={cfg.parallel.pipeline} DP={dp_size}), {params / 1e6:.2f}M parameters on rank 0, "
               f"{t.steps} steps", flush=True)
         print("ranks per node: " + ", ".join(f"{n}: {nodes.count(n)}" for n in dict.fromkeys(nodes)), flush=True)
+        print(kernel_summary(cfg, cuda=state.cuda), flush=True)
 
     extra = {"config": to_dict(cfg), "mlflow_run_id": run_id, "stage": stage, **tokenizer.ids(),
              "tokenizer_sha256": tokenizer.checksum}

@@ -11,7 +11,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
+
+# Megatron-Core warns, at import and in every rank, each time one of its modules finds apex or Transformer
+# Engine missing ("Apex is not installed. Falling back to Torch Norm", "Transformer Engine and Apex are not
+# installed. Falling back to Torch optimizers", ...): a dozen lines per rank that say what `choose` decides
+# anyway. They are dropped (pause_megatron/__init__.py calls this before anything imports megatron) and each
+# job states its decisions once, on rank 0 (`summary`).
+FALLBACK_WARNINGS = r"(Apex is not installed|Transformer Engine and Apex are not installed)"
+
+
+def quiet_fallback_warnings() -> None:
+    warnings.filterwarnings("ignore", message=FALLBACK_WARNINGS, category=UserWarning)
 
 
 def use_cuda() -> bool:
@@ -101,6 +113,17 @@ def choose(present: Present, *, spec: str = "auto", normalization: str = "LayerN
     return Kernels(spec="te" if te else "local", persist_layer_norm=persist,
                    gradient_accumulation_fusion=grad_accum, bias_activation_fusion=bias_fusions,
                    bias_dropout_fusion=bias_fusions, apply_rope_fusion=rope, sdpa_attention=sdpa, reasons=why)
+
+
+def summary(k: Kernels, present: Present) -> str:
+    """One line for a job's log: what is installed, and which kernels and fusions are on and off."""
+    names = [n for n in k.reasons if n != "spec"]
+    on = [n for n in names if getattr(k, n)]
+    off = [n for n in names if not getattr(k, n)]
+    have = ", ".join(f"{what} {'yes' if there else 'no'}" for what, there in (
+        ("GPU", present.cuda), ("apex", present.apex), ("Transformer Engine", present.transformer_engine)))
+    return (f"kernels: {k.spec} spec ({k.reasons['spec']}); {have}; on: {', '.join(on) or 'none'}; "
+            f"off: {', '.join(off) or 'none'} (reasons: python -m pause_megatron.kernels)")
 
 
 def describe(k: Kernels) -> str:

@@ -23,6 +23,13 @@ def kernel_choice(cfg: Config, *, cuda: bool) -> kernels_.Kernels:
                            normalization=cfg.model.normalization)
 
 
+def kernel_summary(cfg: Config, *, cuda: bool) -> str:
+    """The one log line of this job's kernel decisions (kernels.summary)."""
+    present = kernels_.Present.detect(cuda=cuda)
+    return kernels_.summary(kernels_.choose(present, spec=cfg.model.spec, normalization=cfg.model.normalization),
+                            present)
+
+
 def transformer_config(cfg: Config, *, cuda: bool, kernels: Optional[kernels_.Kernels] = None):
     """Map our config onto Megatron's TransformerConfig (the one dataclass every Megatron module reads)."""
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -8,7 +8,9 @@ own row format (`<split>` is `train` or `eval`; which hub split each stands for 
 
 from __future__ import annotations
 
+import logging
 import os
+import string
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -221,6 +223,31 @@ def load_examples(task: Task, *, part: str, data_dir: Optional[str]) -> list[tup
     if not pairs:
         raise TaskDataError(f"{task.name} ({part}): no examples")
     return pairs
+
+
+def _normalised(prompt: str) -> str:
+    """A prompt compared as near-duplicates are: case folded, runs of whitespace as one space, punctuation at
+    the ends of each word dropped ("What is X?" and "what is  x ." are the same question to a model that has
+    seen one; a prompt template puts the question's own end mid-prompt)."""
+    return " ".join(w for w in (w.strip(string.punctuation) for w in prompt.casefold().split()) if w)
+
+
+def overlapping_prompts(train: list[tuple[str, str]], evaluation: list[tuple[str, str]]) -> int:
+    """How many distinct evaluation prompts are also training prompts, up to case, spacing and punctuation at word ends
+    (a score on those measures recall)."""
+    return len({_normalised(p) for p, _ in evaluation} & {_normalised(p) for p, _ in train})
+
+
+def warn_if_overlapping(task: Task, train: list[tuple[str, str]], evaluation: list[tuple[str, str]], *,
+                        where: str) -> int:
+    """Log a warning naming the task and the count when eval prompts also appear in the train rows."""
+    n = overlapping_prompts(train, evaluation)
+    if n:
+        logging.getLogger(__name__).warning(
+            "task %s: %d of %d evaluation prompts also appear in its training rows (%s; up to case, spacing and "
+            "punctuation at word ends); scores on them measure memorisation, not generalisation",
+            task.name, n, len({_normalised(p) for p, _ in evaluation}), where)
+    return n
 
 
 def lm_eval_config(task: Task, *, data_dir: Optional[str]) -> dict:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import math
 import os
+import re
 from typing import Iterable, Optional
 
 import sentencepiece as spm
@@ -20,6 +21,10 @@ TRAIN_THREADS = 16  # SentencePiece's trained model depends on its thread count:
 PAUSE_PIECE = "<pause>"
 PAD_PIECE = "<pad>"
 DEFAULT_VOCAB_SIZE = 32000  # the paper's models use a 32k SentencePiece vocabulary (T5-style)
+
+
+class TokenizerTrainingError(ValueError):
+    """SentencePiece cannot train on this input with these settings; the message says why and what to change."""
 
 
 class TokenizerMismatch(ValueError):
@@ -174,9 +179,34 @@ def train_tokenizer(
     fallback: every text decodes back to itself exactly (C4's newlines included). The same texts, size and
     seed give the same model (threads are fixed at TRAIN_THREADS: the model depends on the thread count).
     """
+    texts = texts if isinstance(texts, list) else list(texts)
+    if not any(t and not t.isspace() for t in texts):  # SentencePiece's own error: "!sentences_.empty()"
+        raise TokenizerTrainingError("no text to train the tokenizer on: every sentence of the sample is empty")
     out = io.BytesIO()
     extra = {} if seed_sentencepiece_size is None else {"seed_sentencepiece_size": seed_sentencepiece_size}
     spm.set_random_generator_seed(seed)  # SentencePiece samples and shuffles its sentences
+    try:
+        _train(texts, out, vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+               input_sentence_size=input_sentence_size, extra=extra)
+    except RuntimeError as exc:
+        if "required_chars" not in str(exc):
+            raise
+        # SentencePiece says "<vocab_size> vs <required>"; the distinct characters plus the 4 special and
+        # BYTE_PIECES byte pieces are an upper bound should its wording change.
+        said = re.search(r"(\d+) vs (\d+)", str(exc))
+        needed = int(said.group(2)) if said else len({c for t in texts for c in t}) + 4 + BYTE_PIECES
+        raise TokenizerTrainingError(
+            f"vocab_size={vocab_size} is too small for this sample: its characters, the 4 special pieces and the "
+            f"{BYTE_PIECES} byte-fallback pieces need {needed}; use a vocab size of at least {needed} (more leaves "
+            "room for subwords)") from None
+    return PauseTokenizer(out.getvalue())
+
+
+BYTE_PIECES = 256  # byte_fallback adds one piece per byte value
+
+
+def _train(texts: list[str], out: io.BytesIO, *, vocab_size: int, model_type: str, character_coverage: float,
+           input_sentence_size: int, extra: dict) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=out,
@@ -198,4 +228,3 @@ def train_tokenizer(
         minloglevel=2,
         **extra,
     )
-    return PauseTokenizer(out.getvalue())

@@ -297,9 +297,7 @@ def fit(
     import os
     import time
 
-    from tqdm import tqdm
-
-    from pause_megatron import checkpoint
+    from pause_megatron import checkpoint, progress
 
     cfg = state.cfg
     t = cfg.train
@@ -309,11 +307,7 @@ def fit(
     peak = peak_tflops(cuda=state.cuda)
     stop = GracefulStop(cuda=state.cuda)
     metrics_file = open(os.path.join(t.output_dir, "metrics.jsonl"), "a") if rank0 else None
-    import sys
-
-    # In a batch log (Slurm) a bar redrawn every step floods the file: redraw at most every 30 s there.
-    bar = tqdm(total=t.steps, initial=state.step, disable=not rank0, unit="step", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    bar = progress.bar(total=t.steps, initial=state.step, disable=not rank0, unit="step")
     last: dict = {}
     # Resumed at a step that `latest` already holds (a finished run started again): nothing to save.
     saved_at = state.step if checkpoint.latest_checkpoint(ckpt_root) == checkpoint.iteration_dir(

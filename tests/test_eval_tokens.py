@@ -13,6 +13,7 @@ import torch
 from conftest import SAMPLE_TASKS
 
 M = 3  # pauses
+DOCS = 8  # documents per task: every format is exercised on a few (the built-in eval files hold 32)
 
 
 class Scores(torch.nn.Module):
@@ -64,7 +65,7 @@ def _lm_eval_task(name: str, data_dir=SAMPLE_TASKS):
     from pause_megatron.tasks import get_task, lm_eval_config
 
     task = get_task_dict([lm_eval_config(get_task(name), data_dir=str(data_dir))], TaskManager())[f"pause_{name}"]
-    task.build_all_requests(limit=None, rank=0, world_size=1)
+    task.build_all_requests(limit=DOCS, rank=0, world_size=1)
     return task
 
 
@@ -123,7 +124,7 @@ def test_finetuning_targets_are_the_tokens_evaluation_scores(tok, name):
                 text = text.split(stop)[0] if stop else text
             inst.resps = [text]
         checked += 1
-    assert checked == len(task.eval_docs)
+    assert checked == min(DOCS, len(task.eval_docs))
     if task.instances[0].request_type == "generate_until":  # a perfect generation scores full marks
         task.apply_filters()
         metric = {"coqa": "f1"}.get(name, "exact_match")

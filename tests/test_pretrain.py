@@ -169,10 +169,15 @@ def test_checkpoint_saved_at_tp2_gives_the_same_loss_at_tp1(tiny_c4, tmp_path):
 
 
 def test_mlflow_run_has_params_metrics_and_artifacts(tiny_c4, tmp_path):
+    """Also, with Python's warnings shown as a user sees them (the test helpers otherwise silence them): the
+    job states its kernels in one line and none of Megatron-Core's apex / Transformer Engine fallback warnings."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={tmp_path / 'run'}",
-             *[b for b in BASE if not b.startswith("tracking")], "train.steps=3", f"tracking.uri={uri}",
-             "tracking.experiment=t", nproc=2)
+    proc = torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={tmp_path / 'run'}",
+                    *[b for b in BASE if not b.startswith("tracking")], "train.steps=3", f"tracking.uri={uri}",
+                    "tracking.experiment=t", nproc=2, PYTHONWARNINGS="default")
+    output = proc.stdout + proc.stderr
+    assert sum(line.startswith("kernels: ") for line in output.splitlines()) == 1  # rank 0 only
+    assert "not installed" not in output
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
