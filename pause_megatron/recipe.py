@@ -586,7 +586,21 @@ def _parent_run(r: Recipe) -> Optional[str]:
 
 def _local_command(stage: Stage, r: Recipe, python: str, parent: Optional[str]) -> list[str]:
     argv = list(stage.argv) + (["--parent-run-id", parent] if parent else [])
+    if r.launch.nproc == 1:  # one rank needs no launcher (saves torchrun's ~2 s a stage); see _local_env
+        return [python, *argv]
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r.launch.nproc}", *argv]
+
+
+# A rank's rendezvous variables (runtime.dist_env): a lone rank started from a shell inside a torchrun or Slurm
+# job must not join that job's world, so it gets none of them and picks its own free port, as torchrun would.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "SLURM_PROCID", "SLURM_NTASKS")
+
+
+def _local_env(r: Recipe) -> Optional[dict]:
+    if r.launch.nproc != 1:
+        return None
+    return {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
 
 
 def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) -> int:
@@ -634,7 +648,8 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             for cmd in cmds:
                 logfile.write("+ " + shlex.join(cmd) + "\n")
                 logfile.flush()
-                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT)
+                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                      env=_local_env(r) if stage.kind != "data" else None)
                 if proc.returncode != 0:
                     log(f"stage {stage.key} failed (exit {proc.returncode}); its log: {stage.out}/stage.log")
                     return proc.returncode

@@ -31,3 +31,24 @@ def test_slurm_variables_one_task_per_rank():
 def test_a_lone_process_gets_a_free_port():
     env = dist_env({})
     assert (env.rank, env.world_size) == (0, 1) and env.master_port > 0
+
+
+def test_a_one_rank_local_stage_runs_without_torchrun_and_alone_inside_another_job(monkeypatch):
+    """recipe run starts a one-rank stage as plain `python -m ...` (torchrun costs ~2 s a stage); run from a
+    shell inside a torchrun or Slurm job, the stage must still be a world of one with its own port."""
+    from pause_megatron import recipe
+
+    r = recipe.Recipe(name="x", output_dir="out")
+    stage = recipe.Stage("finetune/x", "finetune", ["-m", "pause_megatron.finetune", "task=piqa"], "out/x", [])
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n1")
+    assert recipe._local_command(stage, r, "py", None) == ["py", "-m", "pause_megatron.finetune", "task=piqa"]
+    env = dist_env(recipe._local_env(r))
+    assert (env.rank, env.world_size) == (0, 1) and env.master_port != 1234
+    r.launch.nproc = 2  # several ranks: torchrun, which sets the rank variables itself
+    assert recipe._local_command(stage, r, "py", None)[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert recipe._local_env(r) is None
