@@ -44,20 +44,9 @@ def test_loss_falls_and_validation_reports_pause_and_all_tokens(tiny_c4, tmp_pat
     assert {"perf/tokens_per_s", "perf/tflops_per_gpu", "perf/memory_gb", "train/grad_norm", "train/lr"} <= set(m[30])
 
 
-@pytest.fixture(scope="module")
-def std_run_unreachable_tracking(tiny_c4, tmp_path_factory):
-    """3 steps of the std variant, logging to an MLflow server that is not there: one run read by the two tests
-    below (each property asserted as before, one start-up fewer)."""
-    out = tmp_path_factory.mktemp("std_unreachable")
-    proc = torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={out}",
-                    *[b for b in BASE if not b.startswith("tracking")], "train.steps=3", "train.eval_interval=3",
-                    "data.variant=std", "tracking.uri=http://127.0.0.1:9")  # nothing listens on port 9 here
-    return out, proc
-
-
-def test_std_variant_has_no_pause_targets(std_run_unreachable_tracking):
-    out, _ = std_run_unreachable_tracking
-    m = metrics(out)
+def test_std_variant_has_no_pause_targets(tiny_c4, tmp_path):
+    pretrain(tiny_c4, tmp_path, "train.steps=3", "train.eval_interval=3", "data.variant=std")
+    m = metrics(tmp_path)
     assert m[3]["val/all_token_loss"] == pytest.approx(m[3]["val/loss"], rel=1e-9)
 
 
@@ -200,10 +189,12 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tiny_c4, tmp_path):
     assert {"config.json", "manifest.json"} <= names
 
 
-def test_unreachable_tracking_server_does_not_stop_training(std_run_unreachable_tracking):
-    out, proc = std_run_unreachable_tracking
+def test_unreachable_tracking_server_does_not_stop_training(tiny_c4, tmp_path):
+    proc = torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={tmp_path}",
+                    *[b for b in BASE if not b.startswith("tracking")], "train.steps=3",
+                    "tracking.uri=http://127.0.0.1:9")  # nothing listens on port 9 here
     assert "MLflow (http://127.0.0.1:9)" in proc.stderr and "training continues" in proc.stderr
-    assert max(metrics(out)) == 3
+    assert max(metrics(tmp_path)) == 3
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
