@@ -278,13 +278,45 @@ def _resolve(config: Optional[str], overrides: list[str], gpus: int, *, model: O
         raise ConfigError(f"{where} with {gpus} ranks: {exc}") from None
 
 
-def _estimate(cfg, gpus: int) -> float:
-    """Seconds for a training stage at ASSUMED_MFU on H100s."""
+def _estimate(cfg, gpus: int, width: Optional[float] = None) -> float:
+    """Seconds for a training stage at ASSUMED_MFU on H100s, each sequence `width` positions (default: the
+    config's seq_length; finetuning: the measured positions per example, `_finetune_estimate`)."""
     from pause_megatron.perf import model_flops_per_token
 
-    tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.model.seq_length
-    flops = model_flops_per_token(cfg, vocab_size=32128) * tokens
+    width = cfg.model.seq_length if width is None else width
+    tokens = cfg.train.steps * cfg.train.global_batch_size * width
+    flops = model_flops_per_token(cfg, vocab_size=32128, seq_length=width) * tokens
     return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
+
+
+def _finetune_estimate(cfg, gpus: int, task: str, rates: dict) -> float:
+    """A finetuning stage: its steps x global batch x the positions finetuning computes per example of this
+    task (padded to each microbatch's longest; measured on the built-in rows, `perf.measured_rates`), at most
+    seq_length, at ASSUMED_MFU."""
+    return _estimate(cfg, gpus, min(cfg.model.seq_length, rates["finetune"]["positions_per_example"][task]))
+
+
+def _eval_estimate(cfg, gpus: int, task: str, documents: int, rates: dict) -> float:
+    """An evaluation stage: documents x lm-eval's requests per document x positions per request (measured on the
+    built-in rows; generation counts max_gen_toks, an upper bound) x forward FLOPs (a third of training's), at
+    ASSUMED_MFU. On a GPU (the TE spec) every request computes its context itself (`decoding.shares_contexts`)."""
+    from pause_megatron.perf import model_flops_per_token
+
+    measured = rates["evaluate"]["tasks"][task]
+    width = min(cfg.model.seq_length, measured["positions_per_request"])
+    flops = documents * measured["requests_per_doc"] * width * model_flops_per_token(
+        cfg, vocab_size=32128, seq_length=width) / 3
+    return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
+
+
+def _eval_documents(task: str, task_dir: Optional[str], limit: Optional[int]) -> int:
+    """The documents an evaluation scores: the offline eval file's rows or the hub split's size, at most `limit`."""
+    if task_dir and os.path.isfile(TASKS[task].local_file(task_dir, "eval")):
+        with open(TASKS[task].local_file(task_dir, "eval")) as fh:
+            n = sum(1 for line in fh if line.strip())
+    else:
+        n = TASKS[task].eval_docs
+    return min(n, limit) if limit else n
 
 
 def _data_inputs(d: DataSpec) -> dict:
@@ -386,6 +418,10 @@ def full_plan(r: Recipe) -> list[Stage]:
     data_dir = ["--data-dir", f.task_dir] if f.task_dir else []
     limit = ["--limit", str(r.evaluate.limit)] if r.evaluate.limit else []
     task_files = {task: _task_files(f.task_dir, task) for task in f.tasks}  # read once, not once per stage
+    from pause_megatron.perf import measured_rates
+
+    rates = measured_rates()
+    documents = {task: _eval_documents(task, f.task_dir, r.evaluate.limit) for task in f.tasks}
     for v, placement, m, ablation, pt in finetunes:
         pretrain_key, pause_ratio = pretrained[pt]
         for task in f.tasks:
@@ -403,7 +439,8 @@ def full_plan(r: Recipe) -> list[Stage]:
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
-                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)), _disk(cfg),
+                                    f.nodes, f.time, tags, _finetune_estimate(cfg, gpus(f.nodes), task, rates),
+                                    _disk(cfg),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
@@ -421,6 +458,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                              f"pauses.placement={ev_place}", *_tracking_overrides(r), _run_name(ekey), *common,
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags,
+                                        _eval_estimate(cfg, gpus(r.evaluate.nodes), task, documents[task], rates),
                                         inputs={"task": task, "limit": r.evaluate.limit, "m_inf": m_inf,
                                                 "placement": ev_place, "task_files": task_files[task]}))
     # The report's scores come from its evaluations (their identities); its labels from the variants.
@@ -772,17 +810,28 @@ def print_plan(r: Recipe, *, log=print) -> None:
     gpu_hours, disk, extra = 0.0, 0.0, 0.0
     for s in stages:
         g = s.nodes * per_node if s.kind in GPU_STAGES else 0
-        est = f"{s.estimate_s / 3600:8.1f}" if s.estimate_s else "       -"
+        hours = (s.estimate_s or 0.0) / 3600
+        est = "       -" if not s.estimate_s else f"{hours:8.1f}" if hours >= 0.05 else f"{hours:8.0e}"
         gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
         end, peak = s.disk_bytes or (0.0, 0.0)
         disk, extra = disk + end, max(extra, peak - end)
         size = _size(peak) if peak else "-"
         done = " (done)" if is_done(s) else ""
         log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est} {size:>9s}")
-    log(f"total: {gpu_hours:,.0f} GPU-hours for the training stages (at {ASSUMED_MFU:.0%} MFU on H100); "
+    from pause_megatron.perf import measured_rates
+
+    rates = measured_rates()
+    log(f"total: {gpu_hours:,.0f} GPU-hours (estimated, not measured on a GPU); "
         f"{_size(disk)} of checkpoints kept at the end (train.keep_checkpoints bounds it; "
         f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter each), and up to {_size(extra)} more for each stage "
         "saving at the same time (the disk column: a stage's peak, during a save)")
+    log(f"hours: model FLOPs at an assumed {ASSUMED_MFU:.0%} MFU on H100 (not measured: no GPU run); per stage "
+        "kind the positions counted are: pretrain: steps x global batch x seq_length; finetune: steps x global "
+        "batch x the positions computed per example of its task (padded to each microbatch's longest, "
+        f"micro batch {rates['finetune']['micro_batch_size']}); evaluate: the documents (--limit, the offline "
+        "eval file's rows or the hub split's size) x lm-eval's requests per document x positions per request "
+        "(generation: prompt + max_gen_toks, an upper bound), forward only. Per-task figures measured on CPU on "
+        f"the built-in task rows by {rates['measured_by']} ({rates['measured_on']}; {rates['tokenizer']})")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

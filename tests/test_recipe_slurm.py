@@ -232,6 +232,42 @@ def test_dry_run_prints_gpus_hours_and_disk(tmp_path):
     assert disk(kept.stdout) * 3 == pytest.approx(disk(proc.stdout) * 2, rel=0.05)
 
 
+def test_dry_run_hours_of_finetuning_and_evaluation_follow_the_measured_task_figures(tmp_path, monkeypatch):
+    """In-process (the planner runs no Megatron): finetune and evaluate stages get hours from the per-task
+    figures `perf.measured_rates` holds (positions computed per finetuning example; requests per document and
+    positions per request in evaluation), printed with their basis; doubling a task's figure doubles them
+    (a little more: the attention term grows with the width)."""
+    import copy
+
+    from pause_megatron import perf, recipe
+
+    monkeypatch.chdir(ROOT)
+    path = write_recipe(tmp_path)
+    measured = perf.measured_rates()
+
+    def planned(rates):
+        monkeypatch.setattr(perf, "measured_rates", lambda: rates)
+        lines = []
+        recipe.print_plan(recipe.load_recipe(path), log=lines.append)
+        return {s.key: s.estimate_s for s in recipe.plan(recipe.load_recipe(path))}, lines
+
+    base, lines = planned(measured)
+    stages = {kind: [k for k in base if k.startswith(kind + "/")] for kind in ("finetune", "evaluate")}
+    assert all(stages.values()) and all(base[k] > 0 for keys in stages.values() for k in keys)
+    for key in stages["finetune"][:1] + stages["evaluate"][:1]:
+        row = next(line for line in lines if line.startswith(key))
+        assert float(row[94:102]) > 0  # the hours column (after stage 70, variant 16, GPUs 5 characters)
+    basis = next(line for line in lines if line.startswith("hours:"))
+    assert "not measured" in basis and "measured on CPU" in basis and "positions computed per example" in basis
+    doubled = copy.deepcopy(measured)
+    doubled["finetune"]["positions_per_example"]["piqa"] *= 2
+    doubled["evaluate"]["tasks"]["piqa"]["positions_per_request"] *= 2
+    more, _ = planned(doubled)
+    for key in stages["finetune"] + stages["evaluate"]:
+        assert 2 <= more[key] / base[key] < 2.5
+    assert more["pretrain/std"] == base["pretrain/std"]
+
+
 # ---- slurm/finetune_eval_array.sh with fake srun/scontrol: what runs after a stop, and the array's size ------
 
 FAKE_SRUN = """#!/bin/sh
