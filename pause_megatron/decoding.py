@@ -11,7 +11,7 @@ A batch holds sequences of different lengths without an attention mask, by the c
 - scoring continuations that share a context (the endings of a multiple-choice question) runs the
   positions every context of the batch holds before its last token once per context (a prefill with
   Megatron-Core's StaticInferenceContext), copies that KV cache to each continuation's row and runs the rest
-  of every row in one forward reading it (`score_shared`).
+  of every row in one forward reading it, causally (`score_shared`; the local spec's attention).
 Rows are grouped by length (lm-eval's `Collator`, longest first) so that little is computed on padding, and
 results come back in the callers' order. `run_batched` lowers a batch size that runs out of memory.
 """
@@ -43,10 +43,10 @@ def parse_batch_size(value: BatchSize) -> BatchSize:
     return n
 
 
-def forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None, mask=None) -> torch.Tensor:
-    """Logits [batch, seq, vocab] (float32) of a GPTModel without labels (`mask`: True where not attended)."""
+def forward(model, ids: torch.Tensor, positions: torch.Tensor, context=None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] (float32) of a GPTModel without labels."""
     # runtime_gather_output: with tensor parallelism each rank holds a slice of the vocabulary; gather it
-    return model(input_ids=ids, position_ids=positions, attention_mask=mask, inference_context=context,
+    return model(input_ids=ids, position_ids=positions, attention_mask=None, inference_context=context,
                  runtime_gather_output=True).float()
 
 
@@ -180,17 +180,18 @@ def _score_row(logits: torch.Tensor, continuation: list[int], **pick) -> tuple[f
 
 
 def shares_contexts(model) -> bool:
-    """Whether `score_shared` can run on this model: its attention applies an explicit mask over a KV cache.
+    """Whether `score_shared` can run on this model: its attention stays causal over a KV cache.
 
-    After a prefill, Megatron-Core's static inference context turns the causal mask off (it expects one new
-    position per step); the rows of `score_shared` are several positions each, so they need the explicit mask
-    it passes. Megatron-Core's own DotProductAttention (the local spec: CPU) applies it; Transformer Engine's
-    ignores it under the no_mask type, so with the TE spec (GPU) scoring keeps one row per request.
+    After a prefill, Megatron-Core's static inference context passes the `no_mask` type (it expects one new
+    position per step); the rows of `score_shared` are several positions each. `attention.SDPAttention` (the
+    local spec's core attention) keeps a causal layer causal, aligned to the cache's end; Transformer Engine's
+    attention would attend to every position of the rows (later ones too), so with the TE spec scoring keeps
+    one row per request.
     """
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from pause_megatron.attention import SDPAttention
 
     cores = [m.core_attention for m in _gpt(model).modules() if hasattr(m, "core_attention")]
-    return bool(cores) and all(type(c) is DotProductAttention for c in cores)
+    return bool(cores) and all(type(c) is SDPAttention for c in cores)
 
 
 @torch.no_grad()
@@ -202,9 +203,9 @@ def score_shared(model, groups: Sequence[tuple[list[int], list[list[int]]]], *, 
     The first `shared` positions (every context of the batch is longer: the shortest context less its last
     token) run once per context into a StaticInferenceContext; its keys and values are copied to one row per
     continuation (`index_select` on the cache's batch dimension), and each row's remaining context and its
-    continuation run in one forward at positions shared.. reading that cache, under an explicit causal mask
-    (padded on the right: a real token never attends to padding). Every row sees exactly the keys and rotary
-    positions it sees alone; only the matmuls' shapes differ (float32 rounding). Needs `shares_contexts`.
+    continuation run in one forward at positions shared.. reading that cache, causally (`shares_contexts`;
+    padded on the right: a real token never attends to padding). Every row sees exactly the keys and rotary
+    positions (by cache slot) it sees alone; only the matmuls' shapes differ (float32 rounding).
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -232,12 +233,10 @@ def score_shared(model, groups: Sequence[tuple[list[int], list[list[int]]]], *, 
             for r, (_, c, x) in enumerate(rows):
                 ids[r, : len(c) + len(x) - shared] = torch.tensor((c + x)[shared:], dtype=torch.long)
             positions = torch.arange(shared, width, device=device).unsqueeze(0).expand(len(rows), -1)
-            # query i (position shared + i) attends to keys 0..shared + i
-            mask = torch.ones(width - shared, width, dtype=torch.bool, device=device).triu(shared + 1)[None, None]
             at_row = torch.cat([torch.full((len(x),), r, dtype=torch.long) for r, (_, _, x) in enumerate(rows)])
             at_pos = torch.cat([torch.arange(len(c) - 1 - shared, len(c) - 1 - shared + len(x)) for _, c, x in rows])
             with logits_only_at(model, at_row, at_pos):
-                logits = forward(model, ids.to(device), positions, context, mask)[0]
+                logits = forward(model, ids.to(device), positions, context)[0]
         flat, k = [], 0
         for _, _, x in rows:
             flat.append(_score_row(logits[k: k + len(x)], x, vocab_size=vocab_size, banned_ids=banned_ids))
