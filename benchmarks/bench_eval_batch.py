@@ -6,7 +6,9 @@ Evaluation (tiny preset, random weights: speed does not depend on them; one proc
 of --repeats):
   * multiple choice: contexts of 40-200 tokens with 4 continuations of 5-40 tokens each (HellaSwag's shape),
     scored one request per forward with logits at every position (before: `all_logits_score`), and with
-    logits only at the continuations (`decoding.score_batch`) at batch 1 and in batches of --batch-size;
+    logits only at the continuations (`decoding.score_batch`) at batch 1 and in batches of --batch-size
+    rows; and each context computed once for its 4 continuations (`decoding.score_shared`) in batches of the
+    same rows (--batch-size / 4 contexts) and of --batch-size contexts (what `evaluate --batch-size` runs);
   * generation: prompts of 30-200 tokens; each row's answer ends after 5-60 tokens (a stop string, played by a
     stop callback at that length, as a GSM8K or nq_open answer ends at its `until`); before: one prompt at a
     time decoded to --max-gen-toks and cut afterwards; after: batched and stop-aware. The two mixed arms
