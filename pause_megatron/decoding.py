@@ -210,7 +210,7 @@ def score_shared(model, groups: Sequence[tuple[list[int], list[list[int]]]], *, 
     from megatron.core.inference.contexts import StaticInferenceContext
 
     from pause_megatron import cpu_emulation
-    from pause_megatron.compat import inference_mode
+    from pause_megatron.compat import inference_mode, logits_at_every_position
 
     rows = [(g, c, x) for g, (c, xs) in enumerate(groups) for x in xs]
     shared = min(len(c) for c, _ in groups) - 1
@@ -228,7 +228,7 @@ def score_shared(model, groups: Sequence[tuple[list[int], list[list[int]]]], *, 
                 context.key_value_memory_dict[layer] = (keys.index_select(1, index), values.index_select(1, index))
             context.max_batch_size = len(rows)
             context.sequence_len_offset = shared
-            context.materialize_only_last_token_logits = False  # logits at the continuations' positions
+            logits_at_every_position(context)  # the continuations' positions, not the rows' last one
             ids = torch.full((len(rows), width - shared), pad_id, dtype=torch.long)
             for r, (_, c, x) in enumerate(rows):
                 ids[r, : len(c) + len(x) - shared] = torch.tensor((c + x)[shared:], dtype=torch.long)
