@@ -27,5 +27,6 @@ def test_score_shared_equals_score_batch_one_row_at_a_time(shared, embedding):
     results = shared[embedding]
     assert len(results) == 5
     for name, got in results.items():
+        assert "error" not in got, (name, got)
         assert got["max_rel"] < LL_REL, (name, got)
         assert got["flags_equal"], name
