@@ -70,12 +70,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSize, *,
-                sort_key: Callable) -> list:
+                sort_key: Callable, split: Optional[Callable[[object], object]] = None) -> list:
     """fn over `items` in batches of `batch_size` ("auto": from AUTO_BATCH_START), results in `items`' order.
 
     Items are ordered by `sort_key` with lm-eval's `Collator` (callers sort longest first: a batch that does not
     fit fails on the first call). A batch that runs out of memory is retried at half its size (told on
-    stderr), down to 1 item, where the error is raised: results never depend on the size that ran them.
+    stderr), down to 1 item; one item that still does not fit is given to `split` (an item that is itself
+    several requests, a context with its continuations, scored in smaller pieces), else the error is raised:
+    results never depend on the size that ran them.
     """
     from lm_eval.models.utils import Collator
 
@@ -90,8 +92,15 @@ def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSi
         try:
             results.extend(fn(chunk))
         except Exception as exc:
-            if not _is_out_of_memory(exc) or len(chunk) == 1:
+            if not _is_out_of_memory(exc):
                 raise
+            if len(chunk) == 1:
+                if split is None:
+                    raise
+                print("evaluation: one batch item ran out of memory; scoring it in pieces", file=sys.stderr,
+                      flush=True)
+                results.append(split(chunk[0]))
+                continue
             size = len(chunk) // 2  # halved from what ran (the chunk may be smaller than `size`), at least 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

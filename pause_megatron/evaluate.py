@@ -92,6 +92,7 @@ def _make_lm_class():
             In batches (where the attention allows, `shares_contexts`), a batch item is a context with all its
             continuations (a multiple-choice question's endings), its context computed once (`score_shared`);
             `batch_size` then counts contexts, as lm-eval's HF backend counts them when it groups by context.
+            One context with all its continuations that does not fit is scored one row at a time.
             """
             kwargs = dict(device=self._device, pad_id=self.tok.pad_id, **self.decode_kwargs)
             if self.batch_size == 1 or not shares_contexts(self.model):
@@ -102,7 +103,8 @@ def _make_lm_class():
                 by_context.setdefault(tuple(context) if len(context) > 1 else i, []).append(i)
             groups = [(rows[idx[0]][0], [rows[i][1] for i in idx]) for idx in by_context.values()]
             scored = run_batched(groups, lambda chunk: score_shared(self.model, chunk, **kwargs), self.batch_size,
-                                 sort_key=lambda g: (-len(g[0]) - max(map(len, g[1])), tuple(g[0])))
+                                 sort_key=lambda g: (-len(g[0]) - max(map(len, g[1])), tuple(g[0])),
+                                 split=lambda g: [score_batch(self.model, [(g[0], x)], **kwargs)[0] for x in g[1]])
             out: list = [None] * len(rows)
             for idx, results in zip(by_context.values(), scored):
                 for i, result in zip(idx, results):
