@@ -171,10 +171,11 @@ def eval_requests(tok, m_inf=10):
     for name in sorted(TASKS):
         task = get_task_dict([lm_eval_config(get_task(name), data_dir=data_dir)], TaskManager())[f"pause_{name}"]
         task.build_all_requests(limit=None, rank=0, world_size=1)
-        positions = 0
+        positions, gen_toks = 0, set()
         for inst in task.instances:
             if inst.request_type == "generate_until":
                 context, kwargs = inst.args
+                gen_toks.add(int(kwargs.get("max_gen_toks", 64)))
                 positions += len(tok.encode(context)) + m_inf + int(kwargs.get("max_gen_toks", 64))
             else:
                 context, continuation = tok.encode_pair(*inst.args)
@@ -182,7 +183,8 @@ def eval_requests(tok, m_inf=10):
         docs = len({inst.doc_id for inst in task.instances})
         out[name] = {"kind": task.instances[0].request_type, "documents": docs,
                      "requests_per_doc": len(task.instances) / docs,
-                     "positions_per_request": positions / len(task.instances)}
+                     "positions_per_request": positions / len(task.instances),
+                     "max_gen_toks": max(gen_toks) if gen_toks else None}
     return out
 
 
@@ -195,7 +197,9 @@ def write_rates(result, path):
         "finetune": {"seq_length": 2048, "micro_batch_size": 4, "m_ft": 10,
                      "positions_per_example": {t: round(v["positions_per_example"], 2)
                                                for t, v in ft["tasks"].items()}},
-        "evaluate": {"m_inf": 10, "tasks": {t: {"kind": v["kind"], "requests_per_doc": round(v["requests_per_doc"], 3),
+        "tokenizer_vocab": ft["tokenizer_vocab"],
+        "evaluate": {"m_inf": 10, "max_gen_toks": {t: v["max_gen_toks"] for t, v in ev.items() if v["max_gen_toks"]},
+                     "tasks": {t: {"kind": v["kind"], "requests_per_doc": round(v["requests_per_doc"], 3),
                                                 "positions_per_request": round(v["positions_per_request"], 2)}
                                             for t, v in ev.items()}},
     }

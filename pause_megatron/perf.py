@@ -77,7 +77,10 @@ MEASURED_RATES = os.path.join(os.path.dirname(__file__), "measured_rates.json")
 def measured_rates(path: str = MEASURED_RATES) -> dict:
     """What `benchmarks/bench_eval_batch.py --write-rates` measured on the built-in task rows: per task, the
     positions finetuning computes per example (padded to each microbatch's longest) and evaluation's requests
-    per document and positions per request; the dry-run's basis for finetuning and evaluation hours."""
+    per document and positions per request; the dry-run's basis for finetuning and evaluation hours. No file:
+    {} (the dry-run falls back to padding and says so, `recipe._rates_basis`)."""
+    if not os.path.exists(path):
+        return {}
     with open(path) as f:
         return json.load(f)
 

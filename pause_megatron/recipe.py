@@ -53,6 +53,8 @@ RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when
 ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
 CHECKPOINT_BYTES_PER_PARAM = 16  # --dry-run disk: fp32 weights and main params' Adam moments (+ bf16 copy), roughly
 H100_BF16_TFLOPS = 989.4
+# --dry-run: stage kinds whose hours count FLOPs alone where other costs dominate (`print_plan`'s hours line)
+LOWER_BOUND_STAGES = ("finetune", "evaluate")
 
 
 @dataclass
@@ -291,22 +293,59 @@ def _estimate(cfg, gpus: int, width: Optional[float] = None) -> float:
 
 def _finetune_estimate(cfg, gpus: int, task: str, rates: dict) -> float:
     """A finetuning stage: its steps x global batch x the positions finetuning computes per example of this
-    task (padded to each microbatch's longest; measured on the built-in rows, `perf.measured_rates`), at most
-    seq_length, at ASSUMED_MFU."""
-    return _estimate(cfg, gpus, min(cfg.model.seq_length, rates["finetune"]["positions_per_example"][task]))
+    task (padded to each microbatch's longest; measured on the built-in rows at the rates file's M_ft,
+    `perf.measured_rates`), moved by this stage's M_ft less the measured one (every example holds M_ft
+    pauses; none with placement none), at most seq_length, at ASSUMED_MFU. A task the file lacks (or no file):
+    seq_length per example (`_rates_basis` names it). A lower bound: see `print_plan`."""
+    ft = rates.get("finetune", {})
+    measured = ft.get("positions_per_example", {}).get(task)
+    if measured is None:
+        return _estimate(cfg, gpus)
+    m = cfg.pauses.m_ft if cfg.pauses.placement != "none" else 0
+    return _estimate(cfg, gpus, min(cfg.model.seq_length, max(1.0, measured - ft["m_ft"] + m)))
 
 
-def _eval_estimate(cfg, gpus: int, task: str, documents: int, rates: dict) -> float:
+def _eval_estimate(cfg, gpus: int, task: str, documents: int, rates: dict, *, m_inf: int, placement: str) -> float:
     """An evaluation stage: documents x lm-eval's requests per document x positions per request (measured on the
-    built-in rows; generation counts max_gen_toks, an upper bound) x forward FLOPs (a third of training's), at
-    ASSUMED_MFU. On a GPU (the TE spec) every request computes its context itself (`decoding.shares_contexts`)."""
+    built-in rows at the rates file's M_inf, moved by this stage's M_inf less that one: pauses or filler, none
+    with placement none; generation counts max_gen_toks, an upper bound on the tokens it decodes) x forward
+    FLOPs (a third of training's), at ASSUMED_MFU. On a GPU (the TE spec) every request computes its context
+    itself (`decoding.shares_contexts`). A task the file lacks (or no file): one request of seq_length per
+    document. A lower bound: see `print_plan`."""
     from pause_megatron.perf import model_flops_per_token
 
-    measured = rates["evaluate"]["tasks"][task]
-    width = min(cfg.model.seq_length, measured["positions_per_request"])
-    flops = documents * measured["requests_per_doc"] * width * model_flops_per_token(
-        cfg, vocab_size=32128, seq_length=width) / 3
+    ev = rates.get("evaluate", {})
+    measured = ev.get("tasks", {}).get(task)
+    if measured is None:
+        requests, width = 1.0, float(cfg.model.seq_length)
+    else:
+        m = m_inf if placement != "none" else 0
+        requests = measured["requests_per_doc"]
+        width = min(cfg.model.seq_length, max(1.0, measured["positions_per_request"] - ev["m_inf"] + m))
+    flops = documents * requests * width * model_flops_per_token(cfg, vocab_size=32128, seq_length=width) / 3
     return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
+
+
+def _rates_basis(rates: dict, tasks: set[str]) -> str:
+    """The dry-run's words for where the finetuning and evaluation figures come from, naming what fell back."""
+    if not rates:
+        return ("no measured task figures (pause_megatron/measured_rates.json missing): finetuning counts "
+                "seq_length per example, evaluation one request of seq_length per document (padding)")
+    ft, ev = rates.get("finetune", {}), rates.get("evaluate", {})
+    gen = ev.get("max_gen_toks", {})
+    words = (f"per-task figures measured on CPU on the built-in task rows by {rates['measured_by']} "
+             f"({rates['measured_on']}; {rates['tokenizer']}; finetuning at M_ft {ft.get('m_ft')}, micro batch "
+             f"{ft.get('micro_batch_size')}, seq {ft.get('seq_length')}; evaluation at M_inf {ev.get('m_inf')}, "
+             f"max_gen_toks {', '.join(f'{t} {n}' for t, n in sorted(gen.items())) or 'not recorded'}), "
+             "moved by each stage's M less the measured one")
+    missing = {"finetuning": sorted(tasks - set(ft.get("positions_per_example", {}))),
+               "evaluation": sorted(tasks - set(ev.get("tasks", {})))}
+    for kind, names in missing.items():
+        if names:
+            words += (f"; no measured {kind} figure for {', '.join(names)}: "
+                      + ("seq_length per example" if kind == "finetuning" else
+                         "one request of seq_length per document") + " (padding)")
+    return words
 
 
 def _eval_documents(task: str, task_dir: Optional[str], limit: Optional[int]) -> int:
@@ -458,7 +497,8 @@ def full_plan(r: Recipe) -> list[Stage]:
                              f"pauses.placement={ev_place}", *_tracking_overrides(r), _run_name(ekey), *common,
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags,
-                                        _eval_estimate(cfg, gpus(r.evaluate.nodes), task, documents[task], rates),
+                                        _eval_estimate(cfg, gpus(r.evaluate.nodes), task, documents[task], rates,
+                                                       m_inf=m_inf, placement=ev_place),
                                         inputs={"task": task, "limit": r.evaluate.limit, "m_inf": m_inf,
                                                 "placement": ev_place, "task_files": task_files[task]}))
     # The report's scores come from its evaluations (their identities); its labels from the variants.
@@ -807,12 +847,17 @@ def print_plan(r: Recipe, *, log=print) -> None:
     per_node = ranks_per_node(r)
     log(f"recipe {r.name}: {len(stages)} stages, executor {r.launch.executor}")
     log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
-    gpu_hours, disk, extra = 0.0, 0.0, 0.0
+    gpu_hours, bound_hours, disk, extra = 0.0, 0.0, 0.0, 0.0
     for s in stages:
         g = s.nodes * per_node if s.kind in GPU_STAGES else 0
         hours = (s.estimate_s or 0.0) / 3600
-        est = "       -" if not s.estimate_s else f"{hours:8.1f}" if hours >= 0.05 else f"{hours:8.0e}"
-        gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
+        bound = s.kind in LOWER_BOUND_STAGES  # "≥": FLOPs only, see the hours line below
+        est = "       -" if not s.estimate_s else ("≥" if bound else " ") + (
+            f"{hours:7.1f}" if hours >= 0.05 else f"{hours:7.0e}")
+        if bound:
+            bound_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
+        else:
+            gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
         end, peak = s.disk_bytes or (0.0, 0.0)
         disk, extra = disk + end, max(extra, peak - end)
         size = _size(peak) if peak else "-"
@@ -821,17 +866,20 @@ def print_plan(r: Recipe, *, log=print) -> None:
     from pause_megatron.perf import measured_rates
 
     rates = measured_rates()
-    log(f"total: {gpu_hours:,.0f} GPU-hours (estimated, not measured on a GPU); "
+    log(f"total: {gpu_hours:,.0f} GPU-hours (estimated, not measured on a GPU) for pretraining and at least "
+        f"{bound_hours:,.0f} more for finetuning and evaluation (a lower bound); "
         f"{_size(disk)} of checkpoints kept at the end (train.keep_checkpoints bounds it; "
         f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter each), and up to {_size(extra)} more for each stage "
         "saving at the same time (the disk column: a stage's peak, during a save)")
     log(f"hours: model FLOPs at an assumed {ASSUMED_MFU:.0%} MFU on H100 (not measured: no GPU run); per stage "
         "kind the positions counted are: pretrain: steps x global batch x seq_length; finetune: steps x global "
-        "batch x the positions computed per example of its task (padded to each microbatch's longest, "
-        f"micro batch {rates['finetune']['micro_batch_size']}); evaluate: the documents (--limit, the offline "
-        "eval file's rows or the hub split's size) x lm-eval's requests per document x positions per request "
-        "(generation: prompt + max_gen_toks, an upper bound), forward only. Per-task figures measured on CPU on "
-        f"the built-in task rows by {rates['measured_by']} ({rates['measured_on']}; {rates['tokenizer']})")
+        "batch x the positions computed per example of its task (padded to each microbatch's longest); "
+        "evaluate: the documents (--limit, the offline eval file's rows or the hub split's size) x lm-eval's "
+        "requests per document x positions per request (generation: prompt + max_gen_toks), forward only. "
+        "Finetune and evaluate hours (≥) are lower bounds, not plannable figures: a few hundred tokens per GPU "
+        "per step cannot keep the assumed MFU, and per-step overhead, loading and saving checkpoints, and "
+        "greedy decoding (bound by per-token latency, not FLOPs) are not counted (docs/recipes.md). "
+        f"Finetune/evaluate positions: {_rates_basis(rates, {s.tags['task'] for s in stages if 'task' in s.tags})}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
