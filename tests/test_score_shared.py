@@ -30,3 +30,5 @@ def test_score_shared_equals_score_batch_one_row_at_a_time(shared, embedding):
         assert "error" not in got, (name, got)
         assert got["max_rel"] < LL_REL, (name, got)
         assert got["flags_equal"], name
+    # the all-positions switch is set for the rows' forward only: the prefill computes its last position's logits
+    assert shared[f"{embedding} prefill positions"] == 1

@@ -8,7 +8,8 @@ row's only logits at its first own position), a context of two tokens (one share
 continuation. With learned absolute positions `position_ids` decide a token's position (RoPE takes a cached
 token's position from `sequence_len_offset`), so only that arm sees rows given the wrong positions.
 The weights are scaled up from the initialisation so that a token at the wrong position changes its logits
-by far more than float32 rounding.
+by far more than float32 rounding. Also: how many positions reach the output layer in the prefill (its
+logits are never read; only the last should be computed, not the full vocabulary at every shared position).
 """
 
 import json
@@ -50,6 +51,8 @@ def main() -> None:
                 if p.numel() > 1:
                     p.add_(torch.randn(p.shape) * 3 * float(p.std()))
         assert shares_contexts(model)
+        seen = []  # the output layer's input [seq, batch, hidden] at each forward: the prefill's must be its last
+        model.output_layer.register_forward_pre_hook(lambda module, args: seen.append(list(args[0].shape[:2])))
         results = {}
         for name, groups in cases(random.Random(1)).items():
             try:  # each case on its own: one that crashes does not hide another that scores wrong silently
@@ -65,6 +68,9 @@ def main() -> None:
                     worst = max(worst, abs(ll - ref_ll) / max(1e-9, abs(ref_ll)))
                     flags &= greedy == ref_greedy
             results[name] = {"max_rel": worst, "flags_equal": flags}
+        seen.clear()
+        score_shared(model, [([1, 2, 3, 4, 5, 6], [[7, 8], [9]]), ([1, 2, 3, 4, 5, 6, 7, 8], [[9]])])
+        out[f"{embedding} prefill positions"] = seen[0][0]  # before logits_only_at (registered after this hook)
         out[embedding] = results
     print("SHARED " + json.dumps(out), flush=True)
 
