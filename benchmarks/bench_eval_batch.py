@@ -20,6 +20,7 @@ Evaluation requests: lm-eval's own requests for every task on the built-in eval 
 with M_inf=10 appended: requests per document and model positions per request (multiple choice: context and
 continuation; generation: prompt and max_gen_toks, an upper bound, rows stop at their `until` strings).
 Prints one JSON object; `--write-rates` also writes the task figures to pause_megatron/measured_rates.json,
+with the settings they were measured at (tokenizer size, M_ft, M_inf, micro batch, each task's max_gen_toks),
 the dry-run's basis for finetuning and evaluation hours (`recipe run --dry-run`, docs/recipes.md).
 """
 
