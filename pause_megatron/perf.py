@@ -8,6 +8,8 @@ its bf16 run. (Megatron-LM itself prints TFLOP/s per GPU, not MFU; we report bot
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Optional
 
@@ -67,6 +69,20 @@ def model_flops(cfg: Config, *, vocab_size: int, positions: int, width_sum: int)
     base = model_flops_per_token(cfg, vocab_size=vocab_size, seq_length=0)
     per_width = model_flops_per_token(cfg, vocab_size=vocab_size, seq_length=1) - base
     return base * positions + per_width * width_sum
+
+
+MEASURED_RATES = os.path.join(os.path.dirname(__file__), "measured_rates.json")
+
+
+def measured_rates(path: str = MEASURED_RATES) -> dict:
+    """What `benchmarks/bench_eval_batch.py --write-rates` measured on the built-in task rows: per task, the
+    positions finetuning computes per example (padded to each microbatch's longest) and evaluation's requests
+    per document and positions per request; the dry-run's basis for finetuning and evaluation hours. No file:
+    {} (the dry-run falls back to padding and says so, `recipe._rates_basis`)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def memory_gb(cuda: bool) -> float:
