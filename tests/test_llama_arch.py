@@ -1,0 +1,113 @@
+"""Llama-family decoders (RMSNorm, SwiGLU, grouped-query attention, no / QKV biases, Llama 3 RoPE scaling, tied
+embeddings): configuration, presets of the open models' shapes, and import/export checked against transformers'
+own LlamaForCausalLM and Qwen2ForCausalLM (models this project did not write)."""
+
+import json
+
+import pytest
+
+from helpers import ROOT, python, torchrun
+from pause_megatron.config import ConfigError, load_config
+
+# fp32 logits (size ~5) of 2-layer, 64-wide random models: transformers and Megatron-Core order the same sums
+# differently (fused QKV, SDPA vs eager softmax), ~1e-6; 1e-4 leaves room for another BLAS or thread count.
+# Each broken property (RoPE scaling dropped, QKV biases zeroed, gate and up swapped) moves them by > 1e-2
+# (`broken_diff`, asserted to be far above the tolerance so the comparison can tell).
+LOGIT_ATOL = 1e-4
+RTOL = 1e-5  # layouts differ in summation order only (tests/test_parallel.py)
+
+
+# ---- configuration (no Megatron start-up) -----------------------------------------------------------------
+
+def test_new_settings_at_their_defaults_are_the_papers_gpt():
+    m = load_config(None, []).model
+    assert (m.mlp, m.num_query_groups, m.linear_bias, m.rope_scaling_factor, m.norm_epsilon) == (
+        "gelu", None, "all", None, 1e-5)
+
+
+def test_a_preset_sets_architecture_and_a_later_layer_overrides_it():
+    m = load_config(None, ["model.preset=qwen2.5-0.5b", "model.num_query_groups=7"]).model
+    assert (m.normalization, m.mlp, m.linear_bias, m.untie_embeddings, m.num_query_groups) == (
+        "RMSNorm", "swiglu", "qkv", False, 7)
+    # a checkpoint's config (base) wins over the preset, as for the shape fields
+    m = load_config(None, ["model.preset=llama3.2-1b"], base={"model": {"normalization": "LayerNorm"}}).model
+    assert m.normalization == "LayerNorm" and m.rope_scaling_factor == 32.0
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.num_attention_heads=4", "model.num_query_groups=3"], "model.num_query_groups=3"),
+    (["model.num_query_groups=1", "parallel.tensor=2"], "model.num_query_groups=1 is not divisible by parallel.tensor"),
+    (["model.linear_bias=some"], "model.linear_bias"),
+    (["model.mlp=relu"], "model.mlp"),
+    (["model.rope_scaling_factor=0.5"], "model.rope_scaling_factor"),
+    (["model.rope_scaling_factor=8", "model.position_embedding=learned_absolute"], "model.rope_scaling_factor"),
+    (["model.norm_epsilon=0"], "model.norm_epsilon"),
+])
+def test_impossible_combinations_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+# Published config.json values (huggingface.co/{HuggingFaceTB/SmolLM2-135M, meta-llama/Llama-3.2-1B,
+# Qwen/Qwen2.5-0.5B}) and parameter counts with each model's own vocabulary (already a multiple of 128, so padded
+# and unpadded are the same; <pause> would add 128 padded rows).
+OPEN_MODELS = {"smollm2-135m": (49152, 134_515_008), "qwen2.5-0.5b": (151936, 494_032_768),
+               "llama3.2-1b": (128256, 1_235_814_400)}
+
+
+@pytest.mark.slow
+def test_presets_have_the_open_models_parameter_counts():
+    code = ("import json, sys\nfrom pause_megatron.config import load_config\n"
+            "from pause_megatron.model import preset_parameter_count\nout = {}\n"
+            "for name, (vocab, _) in json.loads(sys.argv[1]).items():\n"
+            "    out[name] = preset_parameter_count(load_config(None, [f'model.preset={name}']), vocab_size=vocab)\n"
+            "print(json.dumps(out))")
+    got = json.loads(python("-c", code, json.dumps(OPEN_MODELS), PAUSE_MEGATRON_CPU="1").stdout.splitlines()[-1])
+    assert got == {name: count for name, (_, count) in OPEN_MODELS.items()}
+
+
+# ---- import / export against transformers -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(tiny_c4, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama")
+    proc = python(str(ROOT / "tests" / "dist" / "llama_check.py"), "--tokenizer", str(tiny_c4 / "tokenizer.model"),
+                  "--out", str(out))
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "smollm2"])
+def test_import_computes_the_transformers_logits_and_export_gives_the_model_back(converted, kind):
+    _, report = converted
+    r = report[kind]
+    assert r["max_abs_diff"] < LOGIT_ATOL, r
+    assert r["broken_diff"] > 100 * LOGIT_ATOL, r  # the comparison tells the checked property apart
+    assert r["same_names"] and r["unequal"] == [] and r["config_diff"] == {}, r
+    m = r["config"]
+    assert (m["normalization"], m["mlp"], m["position_embedding"]) == ("RMSNorm", "swiglu", "rope")
+    assert (m["linear_bias"], m["untie_embeddings"], m["rope_scaling_factor"], m["num_query_groups"]) == {
+        "llama": ("none", True, 32.0, 2), "qwen2": ("qkv", False, None, 2), "smollm2": ("none", False, None, 1)}[kind]
+
+
+@pytest.mark.slow
+def test_continued_pretraining_of_an_imported_llama_at_tp2_and_pp2_follows_the_single_process_curve(
+        converted, tiny_c4, tmp_path):
+    out, _ = converted
+    ckpt = out / "llama-ckpt"
+    shape = python("-c", "import sys; from pause_megatron.hf import checkpoint_model_overrides as o; "
+                   "print(' '.join(o(sys.argv[1])))", str(ckpt)).stdout.split()
+    curves = []
+    for name, nproc, layout in (("single", 1, []), ("tp2", 2, ["parallel.tensor=2"]),
+                                ("pp2", 2, ["parallel.pipeline=2"])):
+        run = tmp_path / name
+        torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={run}",
+                 f"train.init_from={ckpt}", *shape, *layout, "train.steps=3", "optim.warmup_steps=1",
+                 "train.global_batch_size=4", "train.micro_batch_size=2", "tracking.enabled=false", nproc=nproc)
+        rows = {}
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            rows[r["step"]] = r
+        curves.append([rows[s]["train/loss"] for s in (1, 2, 3)])
+    assert curves[1] == pytest.approx(curves[0], rel=RTOL)
+    assert curves[2] == pytest.approx(curves[0], rel=RTOL)
