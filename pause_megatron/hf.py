@@ -198,7 +198,8 @@ def saved_gelu(extra: dict, asked: Optional[str]) -> tuple[str, str]:
 
 
 def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) -> str:
-    """Write `checkpoint_path` (any TP/PP layout) as a GPT-NeoX model directory at `out_dir`; returns it."""
+    """Write `checkpoint_path` (any TP/PP layout) as a model directory at `out_dir` (GPT-NeoX, Llama or Qwen2:
+    the architecture that computes it, `exporter`); returns it."""
     _cpu_only()
     from transformers import GenerationConfig
 
@@ -331,7 +332,7 @@ def _grow(table: torch.Tensor, rows: int, pieces: int, new: list[int]) -> torch.
 
 
 def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> str:
-    """Write the GPT-NeoX model in `hf_dir` as a checkpoint root at `out_root` (iter_0000000, `latest`,
+    """Write the model in `hf_dir` (GPT-NeoX, Llama or Qwen2: ARCHITECTURES) as a checkpoint root at `out_root` (iter_0000000, `latest`,
     tokenizer.model) from which `train.init_from` starts pretraining or finetuning; returns it."""
     _cpu_only()
     from safetensors.torch import load_file
@@ -666,7 +667,7 @@ def export_main(argv: Optional[list[str]] = None) -> int:
 
 def import_main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pause-megatron import-hf", description=import_.__doc__)
-    ap.add_argument("hf_dir", help="a GPT-NeoX model directory (config.json, safetensors, tokenizer.model)")
+    ap.add_argument("hf_dir", help="a GPT-NeoX, Llama or Qwen2 model directory (config.json, safetensors, tokenizer.model)")
     ap.add_argument("out_checkpoint", help="the checkpoint root to create (must not exist)")
     ap.add_argument("--seq-length", type=int, help="model.seq_length (default: max_position_embeddings)")
     args = ap.parse_args(argv)
