@@ -333,7 +333,8 @@ def _grow(table: torch.Tensor, rows: int, pieces: int, new: list[int]) -> torch.
 
 def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> str:
     """Write the model in `hf_dir` (GPT-NeoX, Llama or Qwen2: ARCHITECTURES) as a checkpoint root at `out_root`
-    (iter_0000000, `latest`, tokenizer.model) from which `train.init_from` starts pretraining or finetuning; returns it."""
+    (iter_0000000, `latest`, tokenizer.model) from which `train.init_from` starts pretraining or finetuning;
+    returns it."""
     _cpu_only()
     from safetensors.torch import load_file
 
