@@ -542,7 +542,8 @@ class LlamaFamily:
         m = cfg.model
         if m.normalization != "RMSNorm" or m.position_embedding != "rope" or tconfig.rotary_interleaved:
             raise ConversionError(f"{self.class_name} has RMSNorm and non-interleaved RoPE; the checkpoint has "
-                                  f"model.normalization={m.normalization}, model.position_embedding={m.position_embedding}")
+                                  f"model.normalization={m.normalization}, "
+                                  f"model.position_embedding={m.position_embedding}")
         kwargs = dict(
             vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
             num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -668,7 +669,8 @@ def export_main(argv: Optional[list[str]] = None) -> int:
 
 def import_main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pause-megatron import-hf", description=import_.__doc__)
-    ap.add_argument("hf_dir", help="a GPT-NeoX, Llama or Qwen2 model directory (config.json, safetensors, tokenizer.model)")
+    ap.add_argument("hf_dir",
+                    help="a GPT-NeoX, Llama or Qwen2 model directory (config.json, safetensors, tokenizer.model)")
     ap.add_argument("out_checkpoint", help="the checkpoint root to create (must not exist)")
     ap.add_argument("--seq-length", type=int, help="model.seq_length (default: max_position_embeddings)")
     args = ap.parse_args(argv)
