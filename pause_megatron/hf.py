@@ -590,9 +590,11 @@ class LlamaFamily:
         def get(key: str) -> torch.Tensor:
             if key not in weights:
                 raise ConversionError(f"{hf_dir}: no weight {key} in the safetensors files")
+            used.add(key)
             return weights[key]
 
         groups = c.get("num_key_value_heads") or c["num_attention_heads"]
+        used = set()
         out = {}
         for name in params:
             if name in self.TOP:
@@ -611,6 +613,9 @@ class LlamaFamily:
                 out[name] = ("/".join(keys), torch.cat([get(k) for k in keys], dim=0))
             else:
                 raise ConversionError(f"Megatron parameter {name} has no {self.class_name} counterpart")
+        unused = sorted(set(weights) - used)
+        if unused:  # a weight the model would compute with, which ours would silently drop
+            raise ConversionError(f"{hf_dir}: weights {unused[:4]} have no place in the model config.json describes")
         return out
 
 
