@@ -112,3 +112,55 @@ def test_continued_pretraining_of_an_imported_llama_at_tp2_and_pp2_follows_the_s
         curves.append([rows[s]["train/loss"] for s in (1, 2, 3)])
     assert curves[1] == pytest.approx(curves[0], rel=RTOL)
     assert curves[2] == pytest.approx(curves[0], rel=RTOL)
+
+
+def test_training_flops_count_grouped_query_attention_and_swiglu():
+    """Per token (no attention scores), 6 x the matmul weights: SmolLM2-135M's 30 layers of 3,538,944 linear
+    weights (its 3,540,096 per layer less two 576-wide norms) and the 576 x 49,152 logits."""
+    from pause_megatron.perf import model_flops_per_token
+
+    cfg = load_config(None, ["model.preset=smollm2-135m"])
+    assert model_flops_per_token(cfg, vocab_size=49152, seq_length=0) == 6 * (30 * 3_538_944 + 576 * 49152)
+
+
+# ---- refusals, read without starting Megatron --------------------------------------------------------------
+
+LLAMA_CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=500, hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=128, rms_norm_eps=1e-5, hidden_act="silu")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"head_dim": 32}, "head_dim=32"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}}, "rope_scaling="),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling="),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+])
+def test_llama_family_configs_ours_cannot_compute_are_refused_naming_the_key(tmp_path, change, message):
+    from pause_megatron.hf import ConversionError, read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, **change}))
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(")) as exc:
+        read_hf_config(str(tmp_path))
+    assert "config.json" in str(exc.value)
+
+
+def test_qkv_fusion_groups_each_query_groups_heads_with_its_key_and_value_and_import_refuses_spare_weights():
+    import torch
+
+    from pause_megatron.hf import ARCHITECTURES, ConversionError, fuse_qkv, split_qkv
+
+    heads, groups, d = 4, 2, 3  # rows labelled by (projection, head): q 0..3, k 10..11, v 20..21
+    q, k, v = (torch.arange(base, base + n).repeat_interleave(d)[:, None].float()
+               for base, n in ((0, heads), (10, groups), (20, groups)))
+    fused = fuse_qkv(q, k, v, groups=groups)
+    assert fused[::d, 0].tolist() == [0, 1, 10, 20, 2, 3, 11, 21]  # Megatron's [q_g..., k_g, v_g] per group g
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads, groups), (q, k, v)))
+    # a weight the model would compute with but ours has no place for (a Llama o_proj bias) is not dropped
+    llama = ARCHITECTURES["llama"]
+    weights = {"model.norm.weight": torch.ones(4), "model.layers.0.self_attn.o_proj.bias": torch.ones(4)}
+    with pytest.raises(ConversionError, match="o_proj.bias"):
+        llama.from_hf(weights, LLAMA_CONFIG, {"decoder.final_layernorm.weight": torch.ones(4)}, "dir")
