@@ -84,6 +84,42 @@ class ModelConfig:
     spec: str = "auto"  # layer spec: "te" (Transformer Engine), "local" (Megatron-Core + SDPA) or "auto" (te if present)
 
 
+# The model settings with which a checkpoint's weights compute what they were trained to compute: a run that
+# starts from a checkpoint (train.init_from) must have the checkpoint's (checkpoint.check_init_from_model).
+# seq_length is not one of them: with RoPE it is a training choice, and with learned absolute positions a
+# different length is a table shape the load refuses.
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "position_embedding", "rotary_base", "rope_scaling_factor", "normalization", "norm_epsilon",
+                     "mlp", "gelu", "linear_bias", "untie_embeddings")
+
+
+def _architecture(model: dict) -> dict:
+    """`model`'s ARCHITECTURE_KEYS it records, in the form that compares: no query groups is one per head, and
+    model.gelu means nothing under a SwiGLU MLP."""
+    out = {k: model[k] for k in ARCHITECTURE_KEYS if k in model}
+    if out.get("num_query_groups") is None and "num_attention_heads" in out:
+        out["num_query_groups"] = out["num_attention_heads"]
+    if out.get("mlp") == "swiglu":
+        out.pop("gelu", None)
+    return out
+
+
+def architecture_differences(saved: dict, model: dict) -> list[str]:
+    """The architecture keys on which a checkpoint's config.model (`saved`) and a run's (`model`) differ, as
+    "model.KEY: checkpoint X, this run Y". A key the checkpoint does not record (saved before it existed) is not
+    compared."""
+    a, b = _architecture(saved), _architecture(model)
+    return [f"model.{k}: checkpoint {a[k]!r}, this run {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+
+
+def model_overrides(model: dict, keys=("seq_length", *ARCHITECTURE_KEYS)) -> list[str]:
+    """`model.KEY=VALUE` overrides that set `keys` of a config.model dict (those it records) on a run."""
+    def text(value) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [f"model.{k}={text(model[k])}" for k in keys if k in model]
+
+
 @dataclass
 class ParallelConfig:
     """Model parallelism. Data parallelism is what is left: world_size / (tensor * pipeline)."""
@@ -186,7 +222,7 @@ class Config:
 
 def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_size: Optional[int] = None,
                 base: Optional[dict] = None, hardware: bool = True) -> Config:
-    """Defaults < `base` (e.g. a checkpoint's config) < model preset < YAML file < overrides, validated.
+    """Defaults < model preset < `base` (e.g. a checkpoint's config) < YAML file < overrides, validated.
 
     hardware=False: skip the checks of this machine (GPU, Transformer Engine), as a plan made on a login node
     for a GPU cluster must; the job checks them when it starts.

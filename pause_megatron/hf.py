@@ -31,7 +31,7 @@ import torch
 
 from pause_megatron.tokenizer import PAUSE_PIECE, PauseTokenizer, padded_vocab_size
 
-LAYER_NORM_EPS = 1e-5  # TransformerConfig.layernorm_epsilon's default; the project does not change it
+LAYER_NORM_EPS = 1e-5  # the GPT-NeoX epsilon export-hf writes and import-hf reads (model.norm_epsilon's default)
 # NeoX names of Megatron's local-spec parameters, per layer and outside the layers
 LAYER_MAP = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -113,6 +113,20 @@ def expressible(cfg) -> None:
                               "embeddings only, not learned absolute ones")
     if m.normalization != "LayerNorm":
         raise ConversionError(f"model.normalization={m.normalization!r}: GPT-NeoX has LayerNorm only")
+    # Checked on the config, before the model loads: neox_config writes no RoPE scaling, so nothing later would
+    # notice the factor, and the exported model would silently compute without it.
+    if m.rope_scaling_factor is not None:
+        raise ConversionError(f"model.rope_scaling_factor={m.rope_scaling_factor}: a model with a GELU MLP is written"
+                              " as GPT-NeoX, and export-hf writes GPT-NeoX without RoPE scaling (Llama 3's scaling"
+                              " is exported with model.mlp=swiglu, as Llama)")
+    if m.linear_bias != "all":
+        raise ConversionError(f"model.linear_bias={m.linear_bias!r}: GPT-NeoX has biases on every linear layer")
+    if (m.num_query_groups or m.num_attention_heads) != m.num_attention_heads:
+        raise ConversionError(f"model.num_query_groups={m.num_query_groups}: GPT-NeoX has one key/value head per "
+                              "query head")
+    if m.norm_epsilon != LAYER_NORM_EPS:
+        raise ConversionError(f"model.norm_epsilon={m.norm_epsilon}: export-hf writes GPT-NeoX with "
+                              f"layer_norm_eps={LAYER_NORM_EPS}")
 
 
 def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, hidden_act: str):
@@ -284,6 +298,15 @@ def read_hf_config(hf_dir: str) -> tuple:
     return arch, arch.read(path, c)
 
 
+DEFAULT_SEQ_LENGTH = 2048  # the paper's and the Llama-family presets' training length
+
+
+def default_seq_length(c: dict) -> int:
+    """import-hf's model.seq_length without --seq-length: the model's max_position_embeddings, at most 2048.
+    It is a training length, not the model's limit (Llama-3.2-1B allows 131072: far beyond what a run uses)."""
+    return min(int(c["max_position_embeddings"]), DEFAULT_SEQ_LENGTH)
+
+
 def _need(path: str):
     def need(ok: bool, what: str) -> None:
         if not ok:
@@ -295,7 +318,8 @@ def _check_neox(path: str, c: dict) -> dict:
     need = _need(path)
     need(c.get("use_parallel_residual", True) is False, "use_parallel_residual is not false (a parallel residual)")
     need(float(c.get("rotary_pct", 0.25)) == 1.0, f"rotary_pct={c.get('rotary_pct', 0.25)} (RoPE on part of a head)")
-    need(c.get("rope_scaling") in (None, {}), f"rope_scaling={c.get('rope_scaling')}")
+    need(c.get("rope_scaling") in (None, {}) or c["rope_scaling"].get("rope_type") == "default",
+         f"rope_scaling={c.get('rope_scaling')}")
     need(float(c.get("layer_norm_eps", 1e-5)) == LAYER_NORM_EPS, f"layer_norm_eps={c.get('layer_norm_eps')}")
     need(c.get("hidden_act", "gelu") in HF_GELUS, f"hidden_act={c.get('hidden_act')!r} (model.gelu computes "
          f"{', '.join(HF_GELUS)})")
@@ -444,7 +468,7 @@ class NeoX:
         return [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={c['hidden_size']}",
                 f"model.num_attention_heads={c['num_attention_heads']}",
                 f"model.ffn_hidden_size={c['intermediate_size']}",
-                f"model.seq_length={seq_length or c['max_position_embeddings']}",
+                f"model.seq_length={seq_length or default_seq_length(c)}",
                 f"model.rotary_base={int(c.get('rotary_emb_base', 10000))}", "model.position_embedding=rope",
                 "model.normalization=LayerNorm", "model.untie_embeddings=true",
                 f"model.gelu={HF_GELUS[c.get('hidden_act', 'gelu')]}",
@@ -516,6 +540,8 @@ class LlamaFamily:
              "attention_bias or mlp_bias (biases on every attention or MLP linear)")
         need(not full.get("use_sliding_window"), "use_sliding_window (sliding-window attention)")
         rope = full.get("rope_scaling") or None
+        if rope is not None and rope.get("rope_type", rope.get("type")) == "default":  # transformers' "no scaling"
+            rope = full["rope_scaling"] = None
         if rope is not None:
             need(rope.get("rope_type", rope.get("type")) == "llama3"
                  and all(float(rope.get(k, -1)) == v for k, v in LLAMA3_ROPE.items() if k != "rope_type"),
@@ -529,7 +555,7 @@ class LlamaFamily:
                 f"model.num_attention_heads={c['num_attention_heads']}",
                 f"model.num_query_groups={c.get('num_key_value_heads') or c['num_attention_heads']}",
                 f"model.ffn_hidden_size={c['intermediate_size']}",
-                f"model.seq_length={seq_length or c['max_position_embeddings']}",
+                f"model.seq_length={seq_length or default_seq_length(c)}",
                 f"model.rotary_base={int(float(c.get('rope_theta', 10000)))}",
                 f"model.rope_scaling_factor={float(rope['factor']) if rope else 'null'}",
                 "model.position_embedding=rope", "model.normalization=RMSNorm", "model.mlp=swiglu",
@@ -593,7 +619,9 @@ class LlamaFamily:
             used.add(key)
             return weights[key]
 
-        groups = c.get("num_key_value_heads") or c["num_attention_heads"]
+        heads = int(c["num_attention_heads"])
+        groups = int(c.get("num_key_value_heads") or heads)
+        head_dim = int(c["hidden_size"]) // heads
         used = set()
         out = {}
         for name in params:
@@ -607,7 +635,12 @@ class LlamaFamily:
                 out[name] = (key, get(key))
             elif sub in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
                 keys = [f"{hf}self_attn.{p}_proj.{sub.rsplit('.', 1)[1]}" for p in "qkv"]
-                out[name] = ("/".join(keys), fuse_qkv(*(get(k) for k in keys), groups=groups))
+                parts = [get(k) for k in keys]
+                for key, part, n in zip(keys, parts, (heads, groups, groups)):  # fuse_qkv would reshape any size
+                    if part.shape[0] != n * head_dim or part.shape[1:] != params[name].shape[1:]:
+                        raise ConversionError(f"{hf_dir}: {key} has shape {tuple(part.shape)}, expected "
+                                              f"{(n * head_dim, *params[name].shape[1:])} ({n} heads of {head_dim})")
+                out[name] = ("/".join(keys), fuse_qkv(*parts, groups=groups))
             elif sub == "mlp.linear_fc1.weight":
                 keys = [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]
                 out[name] = ("/".join(keys), torch.cat([get(k) for k in keys], dim=0))
@@ -677,7 +710,8 @@ def import_main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("hf_dir",
                     help="a GPT-NeoX, Llama or Qwen2 model directory (config.json, safetensors, tokenizer.model)")
     ap.add_argument("out_checkpoint", help="the checkpoint root to create (must not exist)")
-    ap.add_argument("--seq-length", type=int, help="model.seq_length (default: max_position_embeddings)")
+    ap.add_argument("--seq-length", type=int,
+                    help=f"model.seq_length (default: max_position_embeddings, at most {DEFAULT_SEQ_LENGTH})")
     args = ap.parse_args(argv)
     from pause_megatron.config import ConfigError
     from pause_megatron.tokenizer import TokenizerMismatch
@@ -693,15 +727,9 @@ def import_main(argv: Optional[list[str]] = None) -> int:
 
 
 def checkpoint_model_overrides(root: str) -> list[str]:
-    """model.* overrides that give pretraining the shape of the checkpoint at `root` (finetuning reads it)."""
+    """model.* overrides that give a run the model of the checkpoint at `root` (config.ARCHITECTURE_KEYS and
+    seq_length): what pretraining from it needs (finetuning reads them from the checkpoint)."""
     from pause_megatron import checkpoint
+    from pause_megatron.config import model_overrides
 
-    model = checkpoint.read_extra(root)["config"]["model"]
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length", "rotary_base",
-            "gelu", "normalization", "untie_embeddings", "mlp", "num_query_groups", "linear_bias",
-            "rope_scaling_factor", "norm_epsilon")
-
-    def text(value) -> str:
-        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-    return [f"model.{k}={text(model[k])}" for k in keys if k in model]
+    return model_overrides(checkpoint.read_extra(root)["config"]["model"])

@@ -101,7 +101,9 @@ def activation_kwargs(m, *, fused: bool) -> dict:
     if m.mlp == "swiglu":
         return {"activation_func": torch.nn.functional.silu, "gated_linear_unit": True,
                 "bias_activation_fusion": fused}
-    return gelu_kwargs(m.gelu, fused=fused)
+    # Megatron's fused bias-GELU needs the bias (TransformerConfig refuses it without add_bias_linear): with no
+    # MLP bias, gelu_kwargs' unfused branch computes the same function
+    return gelu_kwargs(m.gelu, fused=fused and m.linear_bias == "all")
 
 
 def layer_spec(cfg: Config, kernels: kernels_.Kernels):

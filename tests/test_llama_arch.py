@@ -164,3 +164,96 @@ def test_qkv_fusion_groups_each_query_groups_heads_with_its_key_and_value_and_im
     weights = {"model.norm.weight": torch.ones(4), "model.layers.0.self_attn.o_proj.bias": torch.ones(4)}
     with pytest.raises(ConversionError, match="o_proj.bias"):
         llama.from_hf(weights, LLAMA_CONFIG, {"decoder.final_layernorm.weight": torch.ones(4)}, "dir")
+
+
+# ---- export to GPT-NeoX refuses what NeoX would drop (config only, no Megatron) ------------------------------
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.rope_scaling_factor=8"], "model.rope_scaling_factor=8.0"),
+    (["model.linear_bias=qkv"], "model.linear_bias='qkv'"),
+    (["model.num_query_groups=2"], "model.num_query_groups=2"),
+    (["model.norm_epsilon=1e-6"], "model.norm_epsilon=1e-06"),
+])
+def test_export_of_a_gelu_model_as_gpt_neox_refuses_settings_neox_would_drop(overrides, field):
+    from pause_megatron.hf import ConversionError, NeoX, exporter
+
+    assert exporter(load_config(None, [])) is NeoX
+    with pytest.raises(ConversionError, match=field.replace(".", r"\.")):
+        exporter(load_config(None, overrides))
+
+
+# ---- continuing from a checkpoint with other model settings ------------------------------------------------
+
+def test_architecture_differences_name_every_setting_that_changes_what_the_weights_compute():
+    from pause_megatron.config import ARCHITECTURE_KEYS, ModelConfig, architecture_differences, model_overrides, \
+        to_dict
+
+    saved = to_dict(load_config(None, ["model.preset=qwen2.5-0.5b"]))["model"]  # a checkpoint's config.model
+    same = to_dict(load_config(None, model_overrides(saved)))["model"]
+    assert architecture_differences(saved, same) == []
+    # a run without the printed overrides: the preset's shape, but every other setting at its default
+    plain = to_dict(load_config(None, ["model.preset=qwen2.5-0.5b"], base={"model": {
+        k: getattr(ModelConfig, k) for k in ("norm_epsilon", "rotary_base", "linear_bias", "num_query_groups")}}))
+    diffs = architecture_differences(saved, plain["model"])
+    assert diffs == ["model.num_query_groups: checkpoint 2, this run 14", "model.rotary_base: checkpoint 1000000, "
+                     "this run 10000", "model.norm_epsilon: checkpoint 1e-06, this run 1e-05",
+                     "model.linear_bias: checkpoint 'qkv', this run 'all'"]
+    # every model setting is either architecture or named here as not (a new field must be placed)
+    others = {"preset", "seq_length", "init_method_std", "hidden_dropout", "attention_dropout",
+              "make_vocab_size_divisible_by", "spec"}
+    assert set(ModelConfig.__dataclass_fields__) == set(ARCHITECTURE_KEYS) | others
+    assert [o.split("=")[0] for o in model_overrides(saved)] == [f"model.{k}" for k in ("seq_length",
+                                                                                         *ARCHITECTURE_KEYS)]
+    # model.gelu means nothing under SwiGLU; no query groups is one per head
+    assert architecture_differences({**saved, "gelu": "exact"}, same) == []
+    assert architecture_differences({"num_attention_heads": 4, "num_query_groups": None},
+                                    {"num_attention_heads": 4, "num_query_groups": 4}) == []
+
+
+@pytest.mark.slow
+def test_pretraining_from_a_checkpoint_with_other_model_settings_is_refused_before_a_checkpoint_is_written(
+        pretrained, tiny_c4, tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun("-m pause_megatron.pretrain", f"data.path={tiny_c4}", f"train.output_dir={run}",
+                    f"train.init_from={pretrained}", "model.norm_epsilon=1e-6", "model.rotary_base=500",
+                    "train.steps=2", "tracking.enabled=false", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "model.norm_epsilon: checkpoint 1e-05, this run 1e-06" in proc.stderr
+    assert "model.rotary_base: checkpoint 10000, this run 500" in proc.stderr
+    assert "model.rotary_base=10000 model.norm_epsilon=1e-05" in proc.stderr  # the remedy
+    assert not (run / "checkpoints").exists()
+
+
+def test_a_gelu_mlp_without_biases_is_the_same_function_with_the_fusion_a_gpu_turns_on():
+    """Megatron fuses bias-GELU only with a bias (TransformerConfig refuses otherwise, built with a GPU's kernel
+    choice in tests/test_gpu_path.py); without one the unfused tanh form is the fused kernel's function."""
+    from pause_megatron.model import activation_kwargs, gelu_tanh
+
+    for bias in ("none", "qkv"):
+        m = load_config(None, [f"model.linear_bias={bias}"]).model
+        assert activation_kwargs(m, fused=True) == {"activation_func": gelu_tanh, "bias_activation_fusion": False}
+    m = load_config(None, []).model
+    assert activation_kwargs(m, fused=True)["bias_activation_fusion"]
+
+
+# ---- import-hf's reading of config.json and weights ---------------------------------------------------------
+
+def test_import_reads_default_rope_as_none_caps_seq_length_and_refuses_a_wrong_qkv_shape(tmp_path):
+    import torch
+
+    from pause_megatron.hf import ARCHITECTURES, ConversionError, read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, "max_position_embeddings": 131072,
+                                                      "rope_scaling": {"rope_type": "default"}}))
+    arch, c = read_hf_config(str(tmp_path))
+    overrides = arch.overrides(c, None)
+    assert "model.rope_scaling_factor=null" in overrides and "model.seq_length=2048" in overrides
+    assert "model.seq_length=512" in arch.overrides(c, 512)
+    # q has 3 heads' rows where the config says 4: a ConversionError naming it, not a reshape error
+    head_dim, hidden = 16, 64
+    weights = {"model.layers.0.self_attn.q_proj.weight": torch.ones(3 * head_dim, hidden),
+               "model.layers.0.self_attn.k_proj.weight": torch.ones(2 * head_dim, hidden),
+               "model.layers.0.self_attn.v_proj.weight": torch.ones(2 * head_dim, hidden)}
+    params = {"decoder.layers.0.self_attention.linear_qkv.weight": torch.ones(8 * head_dim, hidden)}
+    with pytest.raises(ConversionError, match=r"q_proj.weight has shape \(48, 64\), expected \(64, 64\)"):
+        ARCHITECTURES["llama"].from_hf(weights, LLAMA_CONFIG, params, "dir")
