@@ -318,7 +318,8 @@ def _check_neox(path: str, c: dict) -> dict:
     need = _need(path)
     need(c.get("use_parallel_residual", True) is False, "use_parallel_residual is not false (a parallel residual)")
     need(float(c.get("rotary_pct", 0.25)) == 1.0, f"rotary_pct={c.get('rotary_pct', 0.25)} (RoPE on part of a head)")
-    need(c.get("rope_scaling") in (None, {}) or c["rope_scaling"].get("rope_type") == "default",
+    rope = c.get("rope_scaling")
+    need(rope in (None, {}) or isinstance(rope, dict) and rope.get("rope_type") == "default",
          f"rope_scaling={c.get('rope_scaling')}")
     need(float(c.get("layer_norm_eps", 1e-5)) == LAYER_NORM_EPS, f"layer_norm_eps={c.get('layer_norm_eps')}")
     need(c.get("hidden_act", "gelu") in HF_GELUS, f"hidden_act={c.get('hidden_act')!r} (model.gelu computes "
