@@ -50,14 +50,16 @@ def peak_tflops(*, cuda: bool) -> Optional[float]:
 def model_flops_per_token(cfg: Config, *, vocab_size: int, seq_length: Optional[int] = None) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), counted from the config.
 
-    Forward per token: per layer 2*(3h*h) QKV + 2*h*h output projection + 2*2*h*ffn MLP + 2*2*s*h attention
-    scores and values (Megatron's convention: the causal half is not discounted); plus 2*h*V for the logits.
-    `s` is the width of the sequence the token sits in (default: the config's seq_length).
+    Forward per token: per layer 2*h*(h + 2*kv) QKV (kv = h * query groups / heads: h without grouped-query
+    attention) + 2*h*h output projection + 2*2*h*ffn MLP (2*3*h*ffn for SwiGLU's gate, up and down) + 2*2*s*h
+    attention scores and values (Megatron's convention: the causal half is not discounted); plus 2*h*V for the
+    logits. `s` is the width of the sequence the token sits in (default: the config's seq_length).
     """
     m = cfg.model
     h, f = m.hidden_size, m.ffn_hidden_size
+    kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
     s = m.seq_length if seq_length is None else seq_length
-    per_layer = 8 * h * h + 4 * h * f + 4 * s * h
+    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + (6 if m.mlp == "swiglu" else 4) * h * f + 4 * s * h
     return 3.0 * (m.num_layers * per_layer + 2 * h * vocab_size)
 
 

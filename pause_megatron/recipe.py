@@ -168,7 +168,9 @@ def _identity(stage: Stage, deps: list[Stage]) -> str:
 # Keys added after runs were made, at the value that does what those runs did: left out of the identity at that
 # value, so that adding them sets no finished stage aside. model.gelu "tanh" is what GPU runs always computed
 # (Megatron's fused bias-GELU); CPU runs computed exact GELU before, tiny runs whose rerun costs little.
-NEW_AT_OLD_BEHAVIOUR = {"pauses.source": "offline", "model.gelu": "tanh"}
+NEW_AT_OLD_BEHAVIOUR = {"pauses.source": "offline", "model.gelu": "tanh", "model.mlp": "gelu",
+                        "model.num_query_groups": None, "model.linear_bias": "all",
+                        "model.rope_scaling_factor": None, "model.norm_epsilon": 1e-5}
 
 
 def _config_inputs(cfg) -> dict:
