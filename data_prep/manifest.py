@@ -1,7 +1,8 @@
 """The layout of a prepared-data directory and its manifest (what the pretraining reads).
 
     OUT/manifest.json          configuration, tokenizer checksum and ids, one record per complete shard
-    OUT/tokenizer.model        the SentencePiece model, `<pause>` included
+    OUT/tokenizer.model        the SentencePiece model, `<pause>` included; or, for a Hugging Face tokenizer,
+    OUT/tokenizer.json         its tokenizer.json (`<pause>` included) and tokenizer_config.json (eos, pad)
     OUT/std/<name>.bin|.idx    standard variant: packed windows, one indexed-dataset document per window
     OUT/pause/<name>.bin|.idx  pause variant: the same windows with pauses injected, cut back to seq_length
     OUT/shards/<name>.json     a shard's record, written last: its presence marks the shard complete
@@ -17,7 +18,8 @@ import os
 import socket
 
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # a SentencePiece tokenizer's file
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")  # what either kind stores in OUT
 RECORDS = "shards"
 VARIANTS = ("std", "pause")
 TMP_SUFFIX = ".tmp"

@@ -118,7 +118,7 @@ class DataConfig:
 
     path: Optional[str] = None  # a data-prep output directory (manifest.json + shards)
     variant: str = "pause"  # "pause" (PausePT) or "std" (StdPT)
-    tokenizer: Optional[str] = None  # a SentencePiece .model; by default the one next to the manifest
+    tokenizer: Optional[str] = None  # a .model, tokenizer.json or a directory (tokenizer.load); default: data.path's
     split: str = "98,2,0"  # train, validation, test weights, as Megatron's dataset builder takes them
     task_dir: Optional[str] = None  # finetuning/eval data offline: <task_dir>/<task>/{train,eval}.jsonl
 

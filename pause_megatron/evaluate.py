@@ -24,7 +24,8 @@ import torch
 
 from pause_megatron.decoding import AUTO_BATCH_START, BatchSize, generate, parse_batch_size, run_batched, score_batch
 from pause_megatron.pauses import fit_placed, place_pauses
-from pause_megatron.tokenizer import PauseTokenizer
+from pause_megatron import tokenizer as tokenizers
+from pause_megatron.tokenizer import BaseTokenizer
 
 
 # ---- the lm-eval adapter ---------------------------------------------------------------------------------
@@ -35,14 +36,14 @@ def _make_lm_class():
     class PauseLM(TemplateLM):
         """A Megatron GPTModel for lm-eval, placing M_inf pauses after every context.
 
-        Contexts and continuations are split by `PauseTokenizer.encode_pair` (lm-eval's rule, which finetuning
+        Contexts and continuations are split by `BaseTokenizer.encode_pair` (lm-eval's rule, which finetuning
         targets follow too); the pauses are placed when a request is scored, after the context is cut to fit
         the window by `pauses.fit_placed` (finetuning's truncation rule). Decoding never emits `<pause>`: in the
         paper the outputs are read after the last pause, where a pause has no meaning, and pretraining and
         finetuning never train the model to predict one.
         """
 
-        def __init__(self, model, tokenizer: PauseTokenizer, *, m_inf: int, placement: str = "append",
+        def __init__(self, model, tokenizer: BaseTokenizer, *, m_inf: int, placement: str = "append",
                      filler_id: Optional[int] = None, max_length: int, device: torch.device,
                      batch_size: BatchSize = 1):
             super().__init__()
@@ -181,7 +182,7 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     # No world_size: the training batch split (global batch vs micro batch x data parallel) does not apply to
     # inference, where lm-eval splits the requests over any number of ranks.
     cfg = load_config(None, list(overrides), base=base)
-    tokenizer = PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path))
+    tokenizer = tokenizers.load(checkpoint.tokenizer_path(checkpoint_path))
     p = cfg.pauses
     if p.placement in ("append", "prepend") and (p.m_inf if p.m_inf is not None else p.m_ft) > 0:
         tokenizer.require_pause(why=f"evaluation asks for pauses (placement {p.placement})")
