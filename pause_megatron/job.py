@@ -136,14 +136,16 @@ def run_job(cfg: Config, *, tokenizer: BaseTokenizer, train_ds, valid_ds, stage:
     rank0 = torch.distributed.get_rank() == 0
     vocab = vocab_size(cfg, tokenizer)
     resume_from = checkpoint.latest_checkpoint(os.path.join(t.output_dir, "checkpoints"))
-    if resume_from:
-        try:  # before anything is written: a refused run leaves the output directory as it was
+    try:  # before anything is written: a refused run leaves the output directory as it was
+        if resume_from:
             check_resume(cfg, tokenizer, resume_from)
-        except (ResumeRefused, TokenizerMismatch) as exc:
-            if rank0:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            runtime.destroy()
-            return 2
+        elif t.init_from:  # shards made with another tokenizer (or kind) than the model's
+            tokenizer.check_matches(checkpoint.read_extra(t.init_from), where=t.init_from)
+    except (ResumeRefused, TokenizerMismatch) as exc:
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        runtime.destroy()
+        return 2
     ckpt_root = prepare_output_dir(cfg, tokenizer)
     state = build_train_state(cfg, vocab_size=vocab, cuda=runtime.use_cuda())
     if resume_from:
@@ -154,7 +156,6 @@ def run_job(cfg: Config, *, tokenizer: BaseTokenizer, train_ds, valid_ds, stage:
         if rank0:
             print(f"resumed from {resume_from} at step {state.step}", flush=True)
     elif t.init_from:
-        tokenizer.check_matches(checkpoint.read_extra(t.init_from), where=t.init_from)
         checkpoint.load(state, t.init_from, weights_only=True)
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

@@ -1,0 +1,279 @@
+"""Hugging Face tokenizer.json models (byte-level BPE) behind the tokenizer interface: `<pause>` added, EOD/pad
+from the model's own special tokens, data prep, pretraining, finetuning and evaluation with it, and mismatches
+between shards and a model's tokenizer refused. The BPE is trained here with the `tokenizers` library."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TINY_SEQ
+from helpers import ROOT, python, torchrun
+
+BPE_MERGES = 400  # "a few hundred merges": subwords of the sample's words, a vocabulary far below 32k
+# The eos is the model's second special token and pad its third: read from tokenizer_config.json, not guessed
+SPECIALS = ["<|im_start|>", "<|endoftext|>", "<|pad|>"]
+EOS, PAD = SPECIALS[1], SPECIALS[2]
+SAMPLES = str(ROOT / "pause_megatron" / "sample_tasks")
+
+
+def bpe_tokenizer_json(texts: list[str]) -> str:
+    """A GPT-2-style byte-level BPE (no normalizer, ByteLevel pre-tokenizer and decoder) trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(SPECIALS) + BPE_MERGES, special_tokens=SPECIALS,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok.to_str()
+
+
+def write_hf_tokenizer(folder, tokenizer_json: str, config: dict | None = None) -> str:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write(tokenizer_json)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": EOS, "pad_token": {"content": PAD}} if config is None else config, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def c4_json(tmp_path_factory):
+    from data_prep.c4_sample import write_c4_sample
+
+    folder = tmp_path_factory.mktemp("bpe_c4") / "json"
+    write_c4_sample(str(folder), num_files=2, docs_per_file=40, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bpe_json(c4_json) -> str:
+    from data_prep.c4_input import InputReport, read_c4_file
+
+    texts = [t for p in sorted(c4_json.iterdir()) for t in read_c4_file(str(p), report=InputReport(where=str(p)))]
+    return bpe_tokenizer_json(texts)
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(bpe_json, tmp_path_factory) -> str:
+    return write_hf_tokenizer(tmp_path_factory.mktemp("bpe") / "model", bpe_json)
+
+
+@pytest.fixture(scope="module")
+def sp_model(corpus_texts, tmp_path_factory) -> str:
+    from pause_megatron.tokenizer import train_tokenizer
+
+    path = str(tmp_path_factory.mktemp("sp") / "tokenizer.model")
+    train_tokenizer(corpus_texts, vocab_size=400).save(path)
+    return path
+
+
+def texts_to_round_trip(corpus_texts) -> list[str]:
+    return corpus_texts[:50] + ["  two  spaces\nnew line\n\n end ", " leading", "trailing ", "", "日本 🙂 Zürich\t—",
+                                "a literal <pause> and <|endoftext|> in a document"]
+
+
+# ---- the tokenizer ---------------------------------------------------------------------------------------
+
+
+def test_bpe_with_pause_added_round_trips_text_and_keeps_pause_one_token(bpe_dir, bpe_json, corpus_texts):
+    from tokenizers import Tokenizer
+
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.tokenizer import HFTokenizer, padded_vocab_size
+
+    original = Tokenizer.from_str(bpe_json)
+    tok = tokenizers.load(bpe_dir)
+    assert isinstance(tok, HFTokenizer) and tok.kind == "huggingface" and not tok.had_pause and tok.lossless
+    # one new id at the end; the embedding grows by one row, padded as the project pads
+    assert tok.pause_id == original.get_vocab_size() and tok.vocab_size == original.get_vocab_size() + 1
+    assert padded_vocab_size(tok.vocab_size) % 128 == 0 and padded_vocab_size(tok.vocab_size) >= tok.vocab_size
+    for text in texts_to_round_trip(corpus_texts):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert ids == original.encode(text, add_special_tokens=False).ids or "<" in text  # ids of the model itself
+        assert tok.pause_id not in ids and tok.eod_id not in ids  # no text encodes to a special token
+    context, target = tok.encode_pair("Question: where? Answer:", " rivers")
+    paused = context + [tok.pause_id] * 3 + target
+    assert paused.count(tok.pause_id) == 3  # one id per pause, and it decodes to nothing
+    assert tok.decode(paused) == "Question: where? Answer: rivers"
+    literal = tok.encode("think <pause> then speak")
+    assert tok.pause_id not in literal and len(literal) > 4 and tok.decode(literal) == "think <pause> then speak"
+
+
+def test_eod_and_pad_are_the_models_own_special_tokens(bpe_dir, bpe_json, tmp_path):
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.tokenizer import TokenizerMismatch
+
+    tok = tokenizers.load(os.path.join(bpe_dir, "tokenizer.json"))  # the file or its directory: the same
+    assert (tok.eod_id, tok.pad_id) == (SPECIALS.index(EOS), SPECIALS.index(PAD))
+    assert tok.ids() == tokenizers.load(bpe_dir).ids()
+    # config.json's eos_token_id, no pad: pad falls back to EOD (padding is always masked)
+    only_config = write_hf_tokenizer(tmp_path / "config_only", bpe_json, config={})
+    os.remove(os.path.join(only_config, "tokenizer_config.json"))
+    with open(os.path.join(only_config, "config.json"), "w") as f:
+        json.dump({"eos_token_id": [SPECIALS.index(EOS), 0]}, f)
+    assert (tokenizers.load(only_config).eod_id, tokenizers.load(only_config).pad_id) == (1, 1)
+    os.remove(os.path.join(only_config, "config.json"))
+    with pytest.raises(TokenizerMismatch, match="no eos token"):
+        tokenizers.load(only_config)
+
+
+def test_saved_tokenizer_reloads_as_the_same_tokenizer_with_pause(bpe_dir, tmp_path):
+    import pickle
+
+    from pause_megatron import tokenizer as tokenizers
+
+    tok = tokenizers.load(bpe_dir)
+    tok.save(str(tmp_path / tok.file_name))
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
+    again = tokenizers.load(str(tmp_path))
+    assert again.had_pause and again.checksum == tok.checksum and again.ids() == tok.ids()
+    assert pickle.loads(pickle.dumps(tok)).record() == tok.record()  # what data prep's workers receive
+
+
+def test_a_tokenizer_of_another_kind_or_file_is_refused(bpe_dir, sp_model, bpe_json, tmp_path):
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.tokenizer import TokenizerMismatch
+
+    bpe, sp = tokenizers.load(bpe_dir), tokenizers.load(sp_model)
+    with pytest.raises(TokenizerMismatch, match=r"SentencePiece .*Hugging Face"):
+        bpe.check_matches(sp.record(), where="shards")
+    with pytest.raises(TokenizerMismatch, match=r"Hugging Face .*SentencePiece"):
+        sp.check_matches(bpe.record(), where="checkpoint")
+    legacy = {k: v for k, v in sp.record().items() if k != "tokenizer_kind"}  # records from before kinds: SP's
+    with pytest.raises(TokenizerMismatch, match="SentencePiece"):
+        bpe.check_matches(legacy, where="old checkpoint")
+    # the same tokenizer.json with another eos (a base and an instruct model) is another tokenizer
+    other_eos = tokenizers.load(write_hf_tokenizer(tmp_path / "instruct", bpe_json, {"eos_token": SPECIALS[0]}))
+    with pytest.raises(TokenizerMismatch, match="eod_id"):
+        other_eos.check_matches(bpe.record(), where="shards")
+
+
+def test_export_writes_a_fast_tokenizer_with_our_ids_and_import_reads_it_back(bpe_dir, corpus_texts, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.hf import hf_tokenizer
+
+    tok = tokenizers.load(bpe_dir)
+    hf_tokenizer(tok, str(tmp_path), max_length=TINY_SEQ).save_pretrained(str(tmp_path))
+    fast = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in texts_to_round_trip(corpus_texts)[:-1]:
+        assert fast.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert fast.convert_tokens_to_ids("<pause>") == tok.pause_id
+    assert (fast.eos_token_id, fast.pad_token_id) == (tok.eod_id, tok.pad_id)
+    back = tokenizers.load(str(tmp_path))  # what import-hf reads from the exported directory
+    assert back.had_pause and back.record() == tok.record()
+
+
+# ---- data prep, pretraining, finetuning, evaluation -----------------------------------------------------
+
+
+def build(c4_json, out, tokenizer: str) -> int:
+    from data_prep import build_c4
+
+    return build_c4.main(["build", "--input", str(c4_json), "--output", str(out), "--tokenizer", tokenizer,
+                          "--seq-length", str(TINY_SEQ), "--workers", "2"])
+
+
+@pytest.fixture(scope="module")
+def bpe_shards(c4_json, bpe_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe_shards") / "out"
+    assert build(c4_json, out, bpe_dir) == 0
+    return out
+
+
+def test_data_prep_with_a_bpe_writes_shards_megatron_reads_and_records_the_kind(bpe_shards, bpe_dir, c4_json):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_prep.c4_input import InputReport, read_c4_file
+    from data_prep.validate import validate
+    from pause_megatron import tokenizer as tokenizers
+
+    tok = tokenizers.load(bpe_dir)
+    manifest = json.loads((bpe_shards / "manifest.json").read_text())
+    assert manifest["tokenizer_kind"] == "huggingface" and manifest["tokenizer_sha256"] == tok.checksum
+    assert manifest["tokenizer_source"] == {"given": os.path.abspath(bpe_dir)}
+    assert (manifest["eod_id"], manifest["pad_id"], manifest["pause_id"]) == (tok.eod_id, tok.pad_id, tok.pause_id)
+    assert tokenizers.load(str(bpe_shards)).record() == tok.record()  # stored as tokenizer.json
+    assert not (bpe_shards / "tokenizer.model").exists()
+    assert validate(str(bpe_shards))["errors"] == []
+    for path in sorted(c4_json.iterdir()):
+        name = path.name[: -len(".json.gz")]
+        std = IndexedDataset(str(bpe_shards / "std" / name))  # megatron-core's own reader
+        stream = np.concatenate([std[i] for i in range(len(std))])
+        docs = [tok.decode(d) for d in np.split(stream, np.flatnonzero(stream == tok.eod_id))[:-1]]
+        assert docs == list(read_c4_file(str(path), report=InputReport(where=str(path))))  # lossless, EOD each
+        pause = IndexedDataset(str(bpe_shards / "pause" / name))
+        assert sum(int((pause[i] == tok.pause_id).sum()) for i in range(len(pause))) == sum(
+            r["pauses"] for r in manifest["shards"] if r["name"] == name) > 0
+
+
+@pytest.fixture(scope="module")
+def bpe_pretrained(bpe_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe_pretrained")
+    torchrun("-m pause_megatron.pretrain", f"data.path={bpe_shards}", f"train.output_dir={out}", "model.preset=tiny",
+             "train.steps=2", "optim.warmup_steps=0", "train.global_batch_size=4", "train.micro_batch_size=2",
+             "tracking.enabled=false")
+    return out / "checkpoints"
+
+
+@pytest.mark.slow
+def test_pretraining_on_bpe_shards_stores_the_bpe_with_the_checkpoint(bpe_pretrained, bpe_shards, bpe_dir):
+    from pause_megatron import tokenizer as tokenizers
+
+    tok = tokenizers.load(bpe_dir)
+    assert sorted(p.name for p in bpe_pretrained.iterdir() if p.name.startswith("token")) == [
+        "tokenizer.json", "tokenizer_config.json"]
+    assert tokenizers.load(str(bpe_pretrained)).record() == tok.record()
+    assert (bpe_pretrained / "iter_0000002").is_dir()
+
+
+@pytest.mark.slow
+def test_finetuning_and_evaluation_load_the_checkpoints_bpe(bpe_pretrained, bpe_dir):
+    from pause_megatron import checkpoint
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.config import load_config
+    from pause_megatron.finetune import build_datasets
+
+    # finetuning: the tokenizer that pause_megatron.finetune loads from the checkpoint builds its examples
+    tok = tokenizers.load(checkpoint.tokenizer_path(str(bpe_pretrained / "iter_0000002")))
+    assert tok.record() == tokenizers.load(bpe_dir).record()
+    cfg = load_config("recipes/finetune.yaml", ["task=lambada", f"data.task_dir={SAMPLES}",
+                                                f"model.seq_length={TINY_SEQ}", "pauses.m_ft=2"], hardware=False)
+    train, _ = build_datasets(cfg, tok)
+    assert len(train) > 0 and int((np.asarray(train[0]["tokens"]) == tok.pause_id).sum()) == 2
+    # evaluation: the whole path (checkpoint, BPE, lm-eval adapter, generation) on one squad prompt
+    proc = python("-m", "pause_megatron.evaluate", "--checkpoint", str(bpe_pretrained), "--tasks", "squad",
+                  "--data-dir", SAMPLES, "--limit", "1", "tracking.enabled=false")
+    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
+    assert 0.0 <= report["scores"]["squad"]["exact_match"] <= 1.0
+
+
+@pytest.mark.slow
+def test_shards_of_one_kind_and_a_model_of_the_other_are_refused(bpe_shards, bpe_pretrained, sp_model, c4_json,
+                                                                 tmp_path):
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.config import load_config
+    from pause_megatron.data import check_manifest, read_manifest
+    from pause_megatron.tokenizer import TokenizerMismatch
+
+    # BPE shards read with a SentencePiece tokenizer (what data.tokenizer=... gives pretraining)
+    cfg = load_config(None, [f"data.path={bpe_shards}", f"model.seq_length={TINY_SEQ}"], hardware=False)
+    with pytest.raises(TokenizerMismatch, match="Hugging Face"):
+        check_manifest(read_manifest(str(bpe_shards)), cfg=cfg, tokenizer=tokenizers.load(sp_model), where="x")
+    # SentencePiece shards and a model pretrained with the BPE: refused before anything is written
+    sp_shards = tmp_path / "sp_shards"
+    assert build(c4_json, sp_shards, sp_model) == 0
+    out = tmp_path / "run"
+    proc = torchrun("-m pause_megatron.pretrain", f"data.path={sp_shards}", f"train.output_dir={out}",
+                    "model.preset=tiny", f"train.init_from={bpe_pretrained}", "train.steps=1",
+                    "tracking.enabled=false", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "made with a Hugging Face (tokenizer.json) tokenizer" in proc.stderr
+    assert not (out / "checkpoints").exists()
