@@ -273,7 +273,7 @@ def test_shards_of_one_kind_and_a_model_of_the_other_are_refused(bpe_shards, bpe
     out = tmp_path / "run"
     proc = torchrun("-m pause_megatron.pretrain", f"data.path={sp_shards}", f"train.output_dir={out}",
                     "model.preset=tiny", f"train.init_from={bpe_pretrained}", "train.steps=1",
-                    "tracking.enabled=false", check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
+                    "optim.warmup_steps=0", "tracking.enabled=false", check=False)
+    assert proc.returncode != 0, proc.stderr[-3000:]  # the rank exits 2; torchrun reports a failure
     assert "made with a Hugging Face (tokenizer.json) tokenizer" in proc.stderr
     assert not (out / "checkpoints").exists()
