@@ -171,6 +171,29 @@ def test_export_writes_a_fast_tokenizer_with_our_ids_and_import_reads_it_back(bp
     assert back.had_pause and back.record() == tok.record()
 
 
+@pytest.mark.slow
+def test_import_hf_reads_a_model_directory_with_tokenizer_json_and_adds_pause(bpe_dir, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from pause_megatron import tokenizer as tokenizers
+
+    tok = tokenizers.load(bpe_dir)
+    hf = tmp_path / "hf"
+    GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=tok.vocab_size - 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=TINY_SEQ, rotary_pct=1.0, use_parallel_residual=False,
+        tie_word_embeddings=False)).save_pretrained(hf, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # no tokenizer.model: a BPE model's directory
+        shutil.copy(os.path.join(bpe_dir, name), hf / name)
+    python("-m", "pause_megatron.cli", "import-hf", str(hf), str(tmp_path / "ckpt"))
+    assert tokenizers.load(str(tmp_path / "ckpt")).record() == tok.record()  # <pause> added, stored as json
+    extra = torch.load(tmp_path / "ckpt" / "iter_0000000" / "common.pt", weights_only=False)["extra"]
+    assert {k: extra[k] for k in tok.record()} == tok.record()
+
+
 # ---- data prep, pretraining, finetuning, evaluation -----------------------------------------------------
 
 
