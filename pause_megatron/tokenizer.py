@@ -71,9 +71,9 @@ def _with_pause_piece(model_proto: bytes) -> bytes:
 class BaseTokenizer:
     """What every tokenizer kind shares: the special ids, the pair split, and the checks against records.
 
-    A kind defines `kind`, `file_name` (what `save` writes in a directory), `serialized` (bytes that
-    `from_bytes` turns back into it), pause_id, eod_id, pad_id, had_pause, source, vocab_size, lossless,
-    checksum, piece_id, encode, encode_batch, decode and save.
+    A kind defines `kind`, `file_name` (what `save` writes in a directory), `serialized` (the saved bytes, which
+    the checksum hashes), pause_id, eod_id, pad_id, had_pause, source, vocab_size, lossless, checksum,
+    piece_id, encode, encode_batch, decode, save, and pickling (data prep's worker processes).
     """
 
     kind: str
@@ -128,7 +128,7 @@ class BaseTokenizer:
 class PauseTokenizer(BaseTokenizer):
     """A SentencePiece model that is guaranteed to have `<pause>`, EOD and pad ids."""
 
-    kind = "sentencepiece"
+    kind = SENTENCEPIECE
     file_name = "tokenizer.model"
 
     def __init__(self, model_proto: bytes, *, source: str = "<memory>"):
