@@ -93,13 +93,11 @@ def _staging(out: str) -> str:
 
 def require_lossless(tokenizer: BaseTokenizer, where: str) -> None:
     """The HF tokenizer reproduces SentencePiece's segmentation, not its normalizer: a model that rewrites text
-    (NFKC, collapsed spaces) would get other ids from it than the project gives. A tokenizer.json must be
-    byte-level (no normalizer, no added prefix space): the project's data must decode back to its text."""
-    if isinstance(tokenizer, HFTokenizer) and not tokenizer.lossless:
-        raise ConversionError(f"{where}: the tokenizer.json is not a lossless byte-level tokenizer (a normalizer, a "
-                              "pre-tokenizer or decoder other than ByteLevel, or add_prefix_space), so text would not "
-                              "decode back to itself; only byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2, GPT-2 "
-                              "style, without a normalizer) convert")
+    (NFKC, collapsed spaces) would get other ids from it than the project gives. A tokenizer.json is not
+    converted (export writes the very same one, `<pause>` included): its ids are ours whatever it normalizes
+    (Qwen2's NFC, say), so every one passes."""
+    if isinstance(tokenizer, HFTokenizer):
+        return
     if not tokenizer.lossless:
         raise ConversionError(f"{where}: the SentencePiece model normalizes text (a normalizer other than 'identity',"
                               " or remove_extra_whitespaces), so a Hugging Face tokenizer would give other ids; only"
