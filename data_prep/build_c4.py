@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -96,12 +96,13 @@ def file_sample(paths: list[str], *, num_docs: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- packing
 
 
-def with_eod(docs_ids: list[list[int]], *, eod_id: int, dtype) -> np.ndarray:
-    """The documents' token ids concatenated, each document followed by EOD."""
-    eod = (eod_id,)
-    total = sum(map(len, docs_ids)) + len(docs_ids)
+def with_eod(docs_ids: list[list[int]], *, eod_id: int, dtype, bos_ids: Sequence[int] = ()) -> np.ndarray:
+    """The documents' token ids concatenated, each document followed by EOD (and preceded by `bos_ids`: the
+    tokenizer's BOS, when it has one)."""
+    eod, bos = (eod_id,), tuple(bos_ids)
+    total = sum(map(len, docs_ids)) + len(docs_ids) * (1 + len(bos))
     return np.fromiter(
-        itertools.chain.from_iterable(x for ids in docs_ids for x in (ids, eod)), dtype=dtype, count=total
+        itertools.chain.from_iterable(x for ids in docs_ids for x in (bos, ids, eod)), dtype=dtype, count=total
     )
 
 
@@ -165,7 +166,7 @@ def _token_chunks(
     """Tokenize `texts` in batches; yield each batch as one EOD-separated token array; count documents."""
     texts = iter(texts)
     while batch := list(itertools.islice(texts, ENCODE_BATCH_DOCS)):
-        chunk = with_eod(tokenizer.encode_batch(batch), eod_id=tokenizer.eod_id, dtype=dtype)
+        chunk = with_eod(tokenizer.encode_batch(batch), eod_id=tokenizer.eod_id, dtype=dtype, bos_ids=tokenizer.bos_ids)
         counts["documents"] += len(batch)
         on_progress(len(batch), len(chunk))
         yield chunk

@@ -25,7 +25,11 @@ VARIANTS = ("std", "pause")
 TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1  # bump when the bytes written for a given configuration change
 # Settings that decide the bytes of every shard: an existing output built with others is refused.
-CONFIG_KEYS = ("format_version", "tokenizer_sha256", "seq_length", "pause_ratio", "seed", "dtype")
+# The tokenizer's identity is its kind, checksum and the special ids it writes (EOD after, BOS before a document).
+CONFIG_KEYS = ("format_version", "tokenizer_kind", "tokenizer_sha256", "eod_id", "pad_id", "bos_id", "seq_length",
+               "pause_ratio", "seed", "dtype")
+# What a manifest from before a key was recorded had: a SentencePiece tokenizer, which adds no BOS.
+LEGACY_CONFIG = {"tokenizer_kind": "sentencepiece", "bos_id": None}
 COUNTS = ("documents", "windows", "tokens_std", "tokens_pause", "pauses")  # per shard, summed in "totals"
 
 
@@ -78,6 +82,7 @@ def read_records(out_dir: str) -> dict[str, dict]:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """The CONFIG_KEYS on which two manifests disagree, as 'key: old -> new' lines."""
+    old = {**LEGACY_CONFIG, **old}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in CONFIG_KEYS if old.get(k) != new.get(k)]
 
 

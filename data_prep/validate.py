@@ -169,7 +169,7 @@ def _check_tokenizer(out_dir: str, manifest: dict) -> list[str]:
     except (FileNotFoundError, TokenizerMismatch) as e:
         return [str(e)]
     return [
-        f"manifest {key} {manifest[key]} but the tokenizer has {value}"
+        f"manifest {key} {manifest.get(key)} but the tokenizer has {value}"
         for key, value in tokenizer.ids().items()
         if manifest.get(key) != value
     ]

@@ -67,8 +67,14 @@ def _make_lm_class():
         def eot_token_id(self) -> int:
             return self.tok.eod_id
 
+        @property
+        def prefix_token_id(self) -> int:
+            """What an empty context becomes: the BOS when the tokenizer has one (lm-eval's HF backend), else EOD."""
+            return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eod_id
+
         def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-            return self.tok.encode(string)
+            """As lm-eval's HF backend: the BOS first (when there is one) unless add_special_tokens=False."""
+            return (self.tok.bos_ids if add_special_tokens is not False else []) + self.tok.encode(string)
 
         def tok_decode(self, ids, **kwargs) -> str:
             return self.tok.decode(ids)
@@ -80,9 +86,9 @@ def _make_lm_class():
             """The model's input: the context with M_inf pauses placed, leaving `room` tokens of the window free.
 
             The context is cut from the left, the pauses kept (`fit_placed`, as finetuning cuts its prompts).
-            An empty context becomes EOD (a document boundary), so that there is a position to predict from.
+            An empty context becomes `prefix_token_id` (BOS or EOD), so that there is a position to predict from.
             """
-            return fit_placed(context or [self.eot_token_id], m=self.m_inf, pause_id=self.tok.pause_id,
+            return fit_placed(context or [self.prefix_token_id], m=self.m_inf, pause_id=self.tok.pause_id,
                               placement=self.placement, filler_id=self.filler_id,
                               max_length=self.max_length - min(room, self.max_continuation))
 
@@ -107,9 +113,9 @@ def _make_lm_class():
             rows, owner = [], []
             for i, (string,) in enumerate(r.args for r in requests):
                 ids, start = self.tok.encode(string), 0
-                while start < len(ids):  # disjoint windows, each conditioned on EOD
+                while start < len(ids):  # disjoint windows, each conditioned on BOS or EOD (prefix_token_id)
                     chunk = ids[start : start + self.max_length - 1]
-                    rows.append(([self.eot_token_id], chunk))
+                    rows.append(([self.prefix_token_id], chunk))
                     owner.append(i)
                     start += len(chunk)
             totals = [0.0] * len(requests)
@@ -124,7 +130,7 @@ def _make_lm_class():
                 until = gen_kwargs.get("until", [])
                 until = [s for s in ([until] if isinstance(until, str) else until) if s]
                 max_new = int(gen_kwargs.get("max_gen_toks", 64))
-                rows.append((self.prompt(self.tok.encode(context), max_new), max_new, until))
+                rows.append((self.prompt(self.tok_encode(context), max_new), max_new, until))
 
             def run(chunk):
                 def stop(b, ids):  # a stop string in the text so far ends the row

@@ -150,15 +150,18 @@ def hf_tokenizer(tokenizer: BaseTokenizer, workdir: str, *, max_length: int):
 def fast_tokenizer(tokenizer: HFTokenizer, *, max_length: int):
     """A PreTrainedTokenizerFast on the checkpoint's own tokenizer.json (`<pause>` included, same ids).
 
-    EOD is both bos and eos, as for SentencePiece below: documents are separated by EOD in pretraining. Called
-    with add_special_tokens=False it gives the project's ids; a literal "<pause>" in a prompt becomes the one
-    token (transformers splits special tokens out of text, the project never does).
+    Its post-processor is kept: `encode(text)` gives the project's ids of a sequence's start, the BOS first when
+    the tokenizer has one (Llama 3), as data prep, finetuning and evaluation begin every sequence with it. The
+    bos token is that BOS, else EOD (documents are separated by EOD in pretraining, as for SentencePiece below).
+    A literal "<pause>" in a prompt becomes the one token (transformers splits special tokens out of text, the
+    project never does).
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     eos = tokenizer.eos_token
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.serialized.decode()), bos_token=eos,
+    bos = eos if tokenizer.bos_id is None else tokenizer.tk.id_to_token(tokenizer.bos_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.serialized.decode()), bos_token=bos,
                                    eos_token=eos, pad_token=tokenizer.pad_token, additional_special_tokens=[PAUSE_PIECE],
                                    clean_up_tokenization_spaces=False, model_max_length=max_length)
     got = fast.convert_tokens_to_ids(PAUSE_PIECE)

@@ -7,6 +7,12 @@ embedding outside the normal vocabulary) unless the tokenizer has one. No text e
 "<pause>" in C4 stays text — and it decodes to nothing: a CONTROL piece in SentencePiece, a special added token
 that encoding never splits out of text in `tokenizers`. EOD is SentencePiece's `</s>` or the Hugging Face
 model's eos token; pad is `<pad>` or its pad token, else EOD (padding is always masked).
+
+BOS: a Hugging Face tokenizer whose post-processor puts a BOS before a single sequence (Llama 3's
+`<|begin_of_text|>`) was trained with it at position 0, and lm-eval's Hugging Face backend adds it to every
+context. So wherever such a tokenizer begins a sequence, it begins with the BOS (`bos_ids`): every document in
+data prep (BOS + tokens + EOD), every finetuning prompt and evaluation context (`encode_pair`). `encode` itself
+never adds it. SentencePiece models (and tokenizer.json models without such a post-processor) have no BOS.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import re
 from typing import Iterable, Optional
 
 import sentencepiece as spm
+from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 TRAIN_THREADS = 16  # SentencePiece's trained model depends on its thread count: fixed, for reproducibility
@@ -37,6 +44,10 @@ class TokenizerTrainingError(ValueError):
 
 class TokenizerMismatch(ValueError):
     """Data or a checkpoint was made with a different tokenizer than the one loaded."""
+
+
+class UnreadableTokenizer(TokenizerMismatch):
+    """A tokenizer file that cannot be used (caught wherever a mismatch is: every entry point names the file)."""
 
 
 def padded_vocab_size(vocab_size: int, *, tensor_parallel: int = 1, divisible_by: int = 128) -> int:
@@ -78,6 +89,12 @@ class BaseTokenizer:
 
     kind: str
     file_name: str
+    bos_id: Optional[int] = None  # what every sequence starts with (see the module's docstring); None: nothing
+
+    @property
+    def bos_ids(self) -> list[int]:
+        """The ids before a sequence's own: [bos_id], or none."""
+        return [] if self.bos_id is None else [self.bos_id]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) split as lm-eval scores a causal model's pair (TemplateLM._encode_pair).
@@ -85,13 +102,14 @@ class BaseTokenizer:
         The context's trailing whitespace moves to the continuation, the two are encoded together and the
         continuation is what follows the context's own encoding. Encoding " answer" alone would instead start
         with a lone dummy-prefix piece. Finetuning targets and evaluation both use this, so the tokens a model
-        is trained on after its pauses are the tokens it is scored on (or must generate).
+        is trained on after its pauses are the tokens it is scored on (or must generate). The context starts
+        with the BOS when the tokenizer has one (as lm-eval's Hugging Face backend encodes it).
         """
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         context_ids = self.encode(context)
-        return context_ids, self.encode(context + continuation)[len(context_ids):]
+        return self.bos_ids + context_ids, self.encode(context + continuation)[len(context_ids):]
 
     def require_pause(self, *, why: str) -> None:
         """A model's tokenizer must already have `<pause>` (a trained or at least allocated embedding)."""
@@ -100,7 +118,8 @@ class BaseTokenizer:
 
     def ids(self) -> dict[str, int]:
         """The special ids, as recorded in manifests and checkpoints."""
-        return {"pause_id": self.pause_id, "eod_id": self.eod_id, "pad_id": self.pad_id, "vocab_size": self.vocab_size}
+        return {"pause_id": self.pause_id, "eod_id": self.eod_id, "pad_id": self.pad_id, "bos_id": self.bos_id,
+                "vocab_size": self.vocab_size}
 
     def record(self) -> dict:
         """What manifests and checkpoints record of their tokenizer: its kind, checksum and special ids."""
@@ -120,8 +139,10 @@ class BaseTokenizer:
                 f"{self.source} ({self.checksum[:12]}…)"
             )
         for key, have in self.ids().items():  # same file, other special tokens (a base and an instruct model)
-            if key != "vocab_size" and record.get(key) is not None and record[key] != have:
-                raise TokenizerMismatch(f"{where}: {key} {record[key]} does not match the loaded tokenizer's "
+            if key == "vocab_size" or (record.get(key) is None and key != "bos_id"):
+                continue
+            if record.get(key) != have:  # a record without bos_id is from before BOS existed: it had none
+                raise TokenizerMismatch(f"{where}: {key} {record.get(key)} does not match the loaded tokenizer's "
                                         f"{have} ({self.source})")
 
 
@@ -149,7 +170,11 @@ class PauseTokenizer(BaseTokenizer):
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         with open(path, "rb") as f:
-            return cls(f.read(), source=path)
+            data = f.read()
+        try:
+            return cls(data, source=path)
+        except (RuntimeError, DecodeError) as exc:  # not a SentencePiece model
+            raise UnreadableTokenizer(f"{path}: not a readable SentencePiece model ({exc})") from None
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp"
@@ -205,8 +230,9 @@ class HFTokenizer(BaseTokenizer):
 
     `<pause>` is added as a special token when missing (one new id at the end). Encoding never splits special
     tokens out of text (`encode_special_tokens`), so a literal "<pause>" or "<|endoftext|>" in a document stays
-    text, as SentencePiece's control pieces do; no BOS or template is added (`add_special_tokens=False`).
-    EOD and pad are the model's own eos and pad tokens, read from the files beside tokenizer.json.
+    text, as SentencePiece's control pieces do; `encode` adds no BOS or template (`add_special_tokens=False`):
+    the BOS of a post-processor is `bos_id`, put where sequences begin (see the module's docstring). EOD and pad
+    are the model's own eos and pad tokens, read from the files beside tokenizer.json.
     """
 
     kind = HUGGINGFACE
@@ -215,13 +241,16 @@ class HFTokenizer(BaseTokenizer):
     def __init__(self, tokenizer_json: bytes, *, eos_token: str, pad_token: Optional[str], source: str = "<memory>"):
         from tokenizers import AddedToken, Tokenizer
 
-        spec = json.loads(tokenizer_json)
-        added = [t for t in spec.get("added_tokens") or [] if t["content"] == PAUSE_PIECE]
-        for token in added:  # an added <pause> that is not special would be split out of text
-            token["special"] = True
+        try:
+            spec = json.loads(tokenizer_json)
+            added = [t for t in spec.get("added_tokens") or [] if t["content"] == PAUSE_PIECE]
+            for token in added:  # an added <pause> that is not special would be split out of text
+                token["special"] = True
+            self.tk = Tokenizer.from_str(json.dumps(spec))
+        except Exception as exc:  # JSON or the `tokenizers` library's own error (a bare Exception)
+            raise UnreadableTokenizer(f"{source}: not a readable tokenizer.json ({type(exc).__name__}: {exc})") from None
         self.had_pause = bool(added)
         self.source = source
-        self.tk = Tokenizer.from_str(json.dumps(spec))
         if not added and self.tk.token_to_id(PAUSE_PIECE) is not None:
             raise TokenizerMismatch(f"{source}: <pause> is an ordinary token of this tokenizer (text encodes to it); "
                                     "the pause token must be a special token of its own")
@@ -231,12 +260,28 @@ class HFTokenizer(BaseTokenizer):
             if self.tk.token_to_id(PAUSE_PIECE) != before:
                 raise TokenizerMismatch(f"{source}: <pause> was given id {self.tk.token_to_id(PAUSE_PIECE)}, not the "
                                         f"next free id {before}")
+        # A model's file may ask to cut or pad every encoding to a length: documents are never cut, nor padded.
+        self.tk.no_truncation()
+        self.tk.no_padding()
         self.tk.encode_special_tokens = True  # not part of the serialized form: set on every load
         self.serialized = self.tk.to_str().encode()
         self.eos_token, self.pad_token = eos_token, pad_token or eos_token
         self.pause_id = self.tk.token_to_id(PAUSE_PIECE)
         self.eod_id = self._special_id(self.eos_token, "eos")
         self.pad_id = self._special_id(self.pad_token, "pad")
+        self.bos_id = self._post_processor_bos()
+
+    def _post_processor_bos(self) -> Optional[int]:
+        """The one id the post-processor puts before a single sequence (Llama 3's BOS), or None."""
+        plain = self.tk.encode("a", add_special_tokens=False).ids
+        full = self.tk.encode("a", add_special_tokens=True).ids
+        if full == plain:
+            return None
+        if len(full) == len(plain) + 1 and full[1:] == plain:
+            return full[0]
+        raise TokenizerMismatch(
+            f"{self.source}: its post-processor turns a sequence {plain} into {full}; only a single BOS before it is "
+            "supported (the project adds EOD after each document itself)")
 
     def __reduce__(self):  # pickled as its tokenizer.json and special tokens
         return _rebuild_hf, (self.serialized, self.eos_token, self.pad_token, self.source)
@@ -257,6 +302,10 @@ class HFTokenizer(BaseTokenizer):
             raise FileNotFoundError(f"tokenizer not found: {path}")
         with open(path, "rb") as f:
             data = f.read()
+        try:
+            json.loads(data)
+        except ValueError as exc:
+            raise UnreadableTokenizer(f"{path}: not a readable tokenizer.json ({exc})") from None
         eos, pad = special_tokens(os.path.dirname(os.path.abspath(path)), data)
         return cls(data, eos_token=eos, pad_token=pad, source=path)
 
@@ -288,8 +337,15 @@ class HFTokenizer(BaseTokenizer):
 
     @property
     def checksum(self) -> str:
-        """sha256 of the serialized tokenizer.json, `<pause>` included: what manifests and checkpoints record."""
-        return hashlib.sha256(self.serialized).hexdigest()
+        """sha256 of the tokenizer's identity: what manifests and checkpoints record.
+
+        A canonical form (sorted keys, no whitespace) of the tokenizer.json as `tokenizers` reads it, `<pause>`
+        included, and the eos and pad tokens: the same file with another eos (a base and an instruct model) is
+        another tokenizer, and the same tokenizer written pretty-printed or compact is the same one.
+        """
+        identity = {"tokenizer": json.loads(self.serialized), "eos_token": self.eos_token, "pad_token": self.pad_token}
+        canonical = json.dumps(identity, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def piece_id(self, piece: str) -> int:
         tid = self.tk.token_to_id(piece)
@@ -324,20 +380,29 @@ def _token_content(value) -> Optional[str]:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+    except ValueError as exc:
+        raise UnreadableTokenizer(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(c, dict):
+        raise UnreadableTokenizer(f"{path}: not a JSON object")
+    return c
+
+
 def special_tokens(directory: str, tokenizer_json: bytes) -> tuple[str, Optional[str]]:
     """(eos, pad) of a Hugging Face tokenizer: tokenizer_config.json, else special_tokens_map.json, else
     config.json's eos_token_id / pad_token_id (the first eos when it lists several). pad may be None."""
     for name in (HF_CONFIG_FILE, "special_tokens_map.json"):
         path = os.path.join(directory, name)
         if os.path.exists(path):
-            with open(path) as f:
-                c = json.load(f)
+            c = _read_json(path)
             if _token_content(c.get("eos_token")):
                 return _token_content(c["eos_token"]), _token_content(c.get("pad_token"))
     path = os.path.join(directory, "config.json")
     if os.path.exists(path):
-        with open(path) as f:
-            c = json.load(f)
+        c = _read_json(path)
         by_id = {t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens") or []}
         eos, pad = c.get("eos_token_id"), c.get("pad_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
