@@ -114,6 +114,17 @@ def check_resume(cfg: Config, tokenizer: BaseTokenizer, resume_from: str) -> Non
             "the checkpoint's settings")
 
 
+def check_start(cfg: Config, tokenizer: BaseTokenizer) -> None:
+    """What must hold before a run writes anything (its data cache included): a checkpoint to resume agrees
+    with this run (`check_resume`), or else `train.init_from` was made with this run's tokenizer (shards made
+    with another tokenizer, or kind, than the model's). Raises ResumeRefused or TokenizerMismatch."""
+    resume_from = checkpoint.latest_checkpoint(os.path.join(cfg.train.output_dir, "checkpoints"))
+    if resume_from:
+        check_resume(cfg, tokenizer, resume_from)
+    elif cfg.train.init_from:
+        tokenizer.check_matches(checkpoint.read_extra(cfg.train.init_from), where=cfg.train.init_from)
+
+
 def _read_run_id(output_dir: str, uri: str) -> Optional[str]:
     """The MLflow run of an earlier start of this job, if it was tracked in the same store (another store has
     no such run: the resumed job then starts a new one there)."""
@@ -137,10 +148,7 @@ def run_job(cfg: Config, *, tokenizer: BaseTokenizer, train_ds, valid_ds, stage:
     vocab = vocab_size(cfg, tokenizer)
     resume_from = checkpoint.latest_checkpoint(os.path.join(t.output_dir, "checkpoints"))
     try:  # before anything is written: a refused run leaves the output directory as it was
-        if resume_from:
-            check_resume(cfg, tokenizer, resume_from)
-        elif t.init_from:  # shards made with another tokenizer (or kind) than the model's
-            tokenizer.check_matches(checkpoint.read_extra(t.init_from), where=t.init_from)
+        check_start(cfg, tokenizer)
     except (ResumeRefused, TokenizerMismatch) as exc:
         if rank0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
