@@ -373,13 +373,15 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
         if pid != tokenizer.pause_id:
             raise ConversionError(f"{hf_dir}: {where} says <pause> is id {pid}, but the tokenizer "
                                   f"{tok_path} gives it id {tokenizer.pause_id}")
-    vocab = padded_vocab_size(tokenizer.vocab_size)
     hf_vocab = int(c["vocab_size"])
     if hf_vocab < pieces:
         raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is smaller than its tokenizer ({pieces} pieces)")
-    if hf_vocab > vocab:
-        raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is larger than the tokenizer's padded size {vocab} "
-                              f"({tokenizer.vocab_size} pieces with <pause>, padded to a multiple of 128)")
+    # The padded vocabulary: the tokenizer's size (<pause> included) rounded up to a multiple of 128, or the
+    # model's own vocab_size when that is larger (Qwen2.5: 151936 rows for 151665 tokens), the model's spare
+    # rows kept and <pause> in the first free one. The divisor that pads the tokenizer's size to exactly
+    # vocab_size is recorded as model.make_vocab_size_divisible_by, so every later run pads to the same size.
+    divisible_by = 128 if hf_vocab <= padded_vocab_size(tokenizer.vocab_size) else hf_vocab
+    vocab = padded_vocab_size(tokenizer.vocab_size, divisible_by=divisible_by)
     weights = _read_weights(hf_dir, load_file)
     heads, hidden = int(c["num_attention_heads"]), int(c["hidden_size"])
     overrides = [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={hidden}",
@@ -391,7 +393,7 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
                  f"model.hidden_dropout={float(c.get('hidden_dropout', 0.0))}",
                  f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
                  f"model.init_method_std={float(c.get('initializer_range', 0.02))}",
-                 "precision.dtype=fp32", "tracking.enabled=false"]
+                 f"model.make_vocab_size_divisible_by={divisible_by}", "precision.dtype=fp32", "tracking.enabled=false"]
     cfg = load_config(None, overrides)
     tmp = _staging(out_root)
     try:
@@ -498,5 +500,5 @@ def checkpoint_model_overrides(root: str) -> list[str]:
 
     model = checkpoint.read_extra(root)["config"]["model"]
     keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length", "rotary_base",
-            "gelu")
+            "gelu", "make_vocab_size_divisible_by")
     return [f"model.{k}={model[k]}" for k in keys]
