@@ -63,6 +63,21 @@ def bpe_dir(bpe_json, tmp_path_factory) -> str:
     return write_hf_tokenizer(tmp_path_factory.mktemp("bpe") / "model", bpe_json)
 
 
+BOS = "<|begin_of_text|>"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(bpe_json, tmp_path_factory) -> str:
+    """The BPE made Llama-3-style: a BOS special token its post-processor puts before every sequence."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(bpe_json)
+    tok.add_special_tokens([BOS])
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return write_hf_tokenizer(tmp_path_factory.mktemp("llama") / "model", tok.to_str())
+
+
 @pytest.fixture(scope="module")
 def sp_model(corpus_texts, tmp_path_factory) -> str:
     from pause_megatron.tokenizer import train_tokenizer
@@ -150,21 +165,26 @@ def test_a_tokenizer_of_another_kind_or_file_is_refused(bpe_dir, sp_model, bpe_j
         bpe.check_matches(legacy, where="old checkpoint")
     # the same tokenizer.json with another eos (a base and an instruct model) is another tokenizer
     other_eos = tokenizers.load(write_hf_tokenizer(tmp_path / "instruct", bpe_json, {"eos_token": SPECIALS[0]}))
-    with pytest.raises(TokenizerMismatch, match="eod_id"):
+    with pytest.raises(TokenizerMismatch, match="checksum"):  # the eos is part of the checksum
         other_eos.check_matches(bpe.record(), where="shards")
+    with pytest.raises(TokenizerMismatch, match="eod_id"):  # and the ids are compared as well
+        other_eos.check_matches({**bpe.record(), "tokenizer_sha256": other_eos.checksum}, where="shards")
 
 
-def test_export_writes_a_fast_tokenizer_with_our_ids_and_import_reads_it_back(bpe_dir, corpus_texts, tmp_path):
+@pytest.mark.parametrize("model", ["bpe_dir", "llama_dir"])
+def test_export_writes_a_fast_tokenizer_with_our_ids_and_import_reads_it_back(model, request, corpus_texts,
+                                                                              tmp_path):
     from transformers import AutoTokenizer
 
     from pause_megatron import tokenizer as tokenizers
     from pause_megatron.hf import hf_tokenizer
 
-    tok = tokenizers.load(bpe_dir)
+    tok = tokenizers.load(request.getfixturevalue(model))
+    assert (tok.bos_id is not None) == (model == "llama_dir")
     hf_tokenizer(tok, str(tmp_path), max_length=TINY_SEQ).save_pretrained(str(tmp_path))
     fast = AutoTokenizer.from_pretrained(str(tmp_path))
-    for text in texts_to_round_trip(corpus_texts)[:-1]:
-        assert fast.encode(text, add_special_tokens=False) == tok.encode(text)
+    for text in texts_to_round_trip(corpus_texts)[:-1]:  # how a sequence starts: with the BOS, if any
+        assert fast.encode(text) == tok.bos_ids + tok.encode(text)
     assert fast.convert_tokens_to_ids("<pause>") == tok.pause_id
     assert (fast.eos_token_id, fast.pad_token_id) == (tok.eod_id, tok.pad_id)
     back = tokenizers.load(str(tmp_path))  # what import-hf reads from the exported directory
@@ -300,3 +320,145 @@ def test_shards_of_one_kind_and_a_model_of_the_other_are_refused(bpe_shards, bpe
     assert proc.returncode != 0, proc.stderr[-3000:]  # the rank exits 2; torchrun reports a failure
     assert "made with a Hugging Face (tokenizer.json) tokenizer" in proc.stderr
     assert not (out / "checkpoints").exists()
+
+
+# ---- the tokenizer's identity, its BOS, and what a tokenizer.json may not decide -------------------------
+
+
+def test_identity_is_the_content_with_eos_and_pad_not_the_bytes_of_the_file(bpe_dir, bpe_json, tmp_path):
+    from data_prep import manifest as mf
+    from pause_megatron import tokenizer as tokenizers
+
+    tok = tokenizers.load(bpe_dir)
+    spec = json.loads(bpe_json)
+    pretty = tokenizers.load(write_hf_tokenizer(tmp_path / "pretty", json.dumps(spec, indent=4)))
+    compact = tokenizers.load(write_hf_tokenizer(tmp_path / "compact", json.dumps(spec, separators=(",", ":"))))
+    assert pretty.checksum == compact.checksum == tok.checksum
+    # another serializer's formatting of the same content (another `tokenizers` release): the same checksum
+    pretty.serialized = json.dumps(json.loads(tok.serialized), indent=2, sort_keys=True).encode()
+    assert pretty.serialized != tok.serialized and pretty.checksum == tok.checksum
+    # the same tokenizer.json with another eos (a base and an instruct model) is another tokenizer
+    other = tokenizers.load(write_hf_tokenizer(tmp_path / "instruct", bpe_json, {"eos_token": SPECIALS[0]}))
+    assert other.checksum != tok.checksum
+    # what a data-prep rerun compares: the kind and the special ids too; an old manifest is SentencePiece's
+    record = tok.record()
+    assert mf.config_differences(record, {**record, "eod_id": 0}) == ["eod_id: 1 -> 0"]
+    assert mf.config_differences(record, {**record, "pad_id": 0}) == ["pad_id: 2 -> 0"]
+    assert mf.config_differences(record, {**record, "bos_id": 7}) == ["bos_id: None -> 7"]
+    old = {k: v for k, v in record.items() if k not in ("tokenizer_kind", "bos_id")}
+    assert mf.config_differences(old, {**record, "tokenizer_kind": "sentencepiece"}) == []
+    assert mf.config_differences(old, record) == ["tokenizer_kind: 'sentencepiece' -> 'huggingface'"]
+
+
+def test_a_rerun_with_the_same_tokenizer_json_and_another_eos_is_refused(c4_json, bpe_dir, bpe_json, tmp_path,
+                                                                         capsys):
+    from data_prep import build_c4
+
+    instruct = write_hf_tokenizer(tmp_path / "instruct", bpe_json, {"eos_token": SPECIALS[0]})
+    out = tmp_path / "out"
+    args = ["build", "--input", str(c4_json), "--output", str(out), "--seq-length", str(TINY_SEQ), "--workers", "1"]
+    assert build_c4.main([*args, "--tokenizer", bpe_dir, "--shard-range", "0:1"]) == 0
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert build_c4.main([*args, "--tokenizer", instruct]) == 2  # refused: EOD would be two ids in one output
+    assert "eod_id: 1 -> 0" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_a_bos_post_processor_starts_every_document_prompt_and_context_with_the_bos(llama_dir, c4_json, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_prep.c4_input import InputReport, read_c4_file
+    from pause_megatron import tokenizer as tokenizers
+
+    tok = tokenizers.load(llama_dir)
+    assert tok.bos_id == tok.piece_id(BOS) and tok.record()["bos_id"] == tok.bos_id
+    assert tok.bos_id not in tok.encode("a text")  # encode alone adds nothing
+    context, target = tok.encode_pair("Question: where? Answer:", " rivers")  # finetuning's and evaluation's split
+    assert context[0] == tok.bos_id and context[1:] == tok.encode("Question: where? Answer:")
+    out = tmp_path / "out"
+    assert build(c4_json, out, llama_dir) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["bos_id"] == tok.bos_id
+    path = sorted(c4_json.iterdir())[0]
+    std = IndexedDataset(str(out / "std" / path.name[: -len(".json.gz")]))  # megatron-core's own reader
+    stream = np.concatenate([std[i] for i in range(len(std))])
+    docs = np.split(stream, np.flatnonzero(stream == tok.eod_id) + 1)[:-1]  # each ends with its EOD
+    texts = list(read_c4_file(str(path), report=InputReport(where=str(path))))
+    assert [d.tolist() for d in docs] == [[tok.bos_id, *tok.encode(t), tok.eod_id] for t in texts]
+
+
+@pytest.mark.parametrize("model", ["bpe_dir", "llama_dir"])
+def test_eval_inputs_equal_lm_evals_hf_backend_tokenization(model, request, tmp_path):
+    """lm-eval's HFLM (its own tok_encode, prefix_token_id and _encode_pair, on the exported Hugging Face
+    tokenizer) and our adapter turn the same loglikelihood requests into the same token ids."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.evaluate import make_lm
+    from pause_megatron.hf import hf_tokenizer
+
+    tok = tokenizers.load(request.getfixturevalue(model))
+    hf_tokenizer(tok, str(tmp_path), max_length=TINY_SEQ).save_pretrained(str(tmp_path))
+    hflm = HFLM.__new__(HFLM)  # no model: only its tokenization runs
+    hflm.tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    hflm.add_bos_token, hflm.custom_prefix_token_id, hflm.backend = None, None, "causal"  # HFLM's defaults
+    hflm.enable_thinking = False
+    ours = make_lm(None, tok, m_inf=0, placement="none", max_length=TINY_SEQ, device=torch.device("cpu"))
+    requests = [Instance("loglikelihood", {}, (c, t), 0) for c, t in [
+        ("Question: where do rivers flow? Answer:", " to the sea"), ("The cat sat on the", " mat"),
+        ("trailing space ", "next"), ("", "A whole text scored from the start.")]]
+    seen = {}
+    for name, lm in (("hf", hflm), ("ours", ours)):  # the (context ids, continuation ids) each would score
+        lm._loglikelihood_tokens = lambda reqs, *a, _n=name, **k: seen.setdefault(_n, [r[1:] for r in reqs])
+        lm.loglikelihood(requests, disable_tqdm=True)
+    assert seen["ours"] == seen["hf"]
+    if model == "llama_dir":  # every context starts with the BOS, an empty one is the BOS
+        assert tok.bos_id is not None and all(context[0] == tok.bos_id for context, _ in seen["ours"])
+    assert seen["ours"][-1][0] == [tok.bos_id if model == "llama_dir" else tok.eod_id]
+
+
+def test_truncation_and_padding_in_the_file_are_not_obeyed(bpe_dir, bpe_json, tmp_path):
+    from pause_megatron import tokenizer as tokenizers
+
+    spec = json.loads(bpe_json)
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 2,
+                       "pad_type_id": 0, "pad_token": PAD}
+    tok, plain = tokenizers.load(write_hf_tokenizer(tmp_path / "cut", json.dumps(spec))), tokenizers.load(bpe_dir)
+    text = "The quick brown fox jumps over the lazy dog and keeps running far away"
+    assert tok.encode(text) == plain.encode(text) and len(plain.encode(text)) > 4
+    assert tok.encode_batch([text, "a"], num_threads=2) == [plain.encode(text), plain.encode("a")]
+    assert tok.checksum == plain.checksum
+
+
+def test_a_pause_that_is_an_added_token_but_not_special_becomes_special(bpe_json, tmp_path):
+    from tokenizers import AddedToken, Tokenizer
+
+    from pause_megatron import tokenizer as tokenizers
+
+    raw = Tokenizer.from_str(bpe_json)
+    raw.add_tokens([AddedToken("<pause>", special=False)])
+    assert raw.encode("think <pause> then", add_special_tokens=False).ids.count(raw.token_to_id("<pause>")) == 1
+    tok = tokenizers.load(write_hf_tokenizer(tmp_path / "m", raw.to_str()))
+    assert tok.had_pause and tok.pause_id == raw.token_to_id("<pause>") and tok.vocab_size == raw.get_vocab_size()
+    ids = tok.encode("think <pause> then")
+    assert tok.pause_id not in ids and tok.decode(ids) == "think <pause> then"  # a literal stays text
+    assert tok.decode(ids + [tok.pause_id]) == "think <pause> then"  # and the token decodes to nothing
+
+
+def test_an_unreadable_tokenizer_json_is_refused_naming_the_file(c4_json, bpe_json, tmp_path, capsys):
+    from data_prep import build_c4
+    from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.tokenizer import TokenizerMismatch
+
+    for name, text in (("truncated", bpe_json[: len(bpe_json) // 2]), ("not_a_tokenizer", '{"model": {}}')):
+        folder = write_hf_tokenizer(tmp_path / name, text)
+        with pytest.raises(TokenizerMismatch, match="not a readable tokenizer.json"):  # what every entry point catches
+            tokenizers.load(folder)
+        assert build_c4.main(["build", "--input", str(c4_json), "--output", str(tmp_path / "out"),
+                              "--tokenizer", folder]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {os.path.join(folder, 'tokenizer.json')}: not a readable") and "Traceback" not in err
