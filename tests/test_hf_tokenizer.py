@@ -196,22 +196,42 @@ def test_import_hf_reads_a_model_directory_with_tokenizer_json_and_adds_pause(bp
     import shutil
 
     import torch
+    from safetensors.torch import load_file
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from pause_megatron import tokenizer as tokenizers
+    from pause_megatron.tokenizer import padded_vocab_size
 
     tok = tokenizers.load(bpe_dir)
     hf = tmp_path / "hf"
+    # More rows than the padded tokenizer, as Qwen2.5's 151936 for 151665 tokens: the model's size is kept
+    rows = padded_vocab_size(tok.vocab_size) + 128
     GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=tok.vocab_size - 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=rows, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=TINY_SEQ, rotary_pct=1.0, use_parallel_residual=False,
         tie_word_embeddings=False)).save_pretrained(hf, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # no tokenizer.model: a BPE model's directory
         shutil.copy(os.path.join(bpe_dir, name), hf / name)
-    python("-m", "pause_megatron.cli", "import-hf", str(hf), str(tmp_path / "ckpt"))
+    proc = python("-m", "pause_megatron.cli", "import-hf", str(hf), str(tmp_path / "ckpt"))
+    assert f"model.make_vocab_size_divisible_by={rows}" in proc.stdout  # every later run pads to `rows`
     assert tokenizers.load(str(tmp_path / "ckpt")).record() == tok.record()  # <pause> added, stored as json
     extra = torch.load(tmp_path / "ckpt" / "iter_0000000" / "common.pt", weights_only=False)["extra"]
     assert {k: extra[k] for k in tok.record()} == tok.record()
+    # the model's rows kept, <pause> (the first free row) starts as the mean of the tokenizer's rows; read with
+    # torch.distributed.checkpoint's own reader
+    import torch.distributed.checkpoint as dcp
+
+    path = str(tmp_path / "ckpt" / "iter_0000000")
+    names = {"embedding.word_embeddings.weight": "gpt_neox.embed_in.weight", "output_layer.weight": "embed_out.weight"}
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    y = {k: torch.empty(meta[k].size) for k in names}
+    dcp.load(y, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    y = {names[k]: v for k, v in y.items()}
+    x, pieces = load_file(hf / "model.safetensors"), tok.pause_id
+    for name in names.values():
+        assert y[name].shape == x[name].shape == (rows, 32)
+        assert bool((y[name][:pieces] == x[name][:pieces]).all()) and bool((y[name][pieces + 1:] == x[name][pieces + 1:]).all())
+        assert torch.allclose(y[name][pieces], x[name][:pieces].mean(0))
 
 
 # ---- data prep, pretraining, finetuning, evaluation -----------------------------------------------------
@@ -319,7 +339,7 @@ def test_shards_of_one_kind_and_a_model_of_the_other_are_refused(bpe_shards, bpe
                     "optim.warmup_steps=0", "tracking.enabled=false", check=False)
     assert proc.returncode != 0, proc.stderr[-3000:]  # the rank exits 2; torchrun reports a failure
     assert "made with a Hugging Face (tokenizer.json) tokenizer" in proc.stderr
-    assert not (out / "checkpoints").exists()
+    assert not out.exists()  # nothing written: neither checkpoints nor the datasets' index cache
 
 
 # ---- the tokenizer's identity, its BOS, and what a tokenizer.json may not decide -------------------------
