@@ -26,8 +26,10 @@ TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1  # bump when the bytes written for a given configuration change
 # Settings that decide the bytes of every shard: an existing output built with others is refused.
 # The tokenizer's identity is its kind, checksum and the special ids it writes (EOD after, BOS before a document).
-CONFIG_KEYS = ("format_version", "tokenizer_kind", "tokenizer_sha256", "eod_id", "pad_id", "bos_id", "seq_length",
-               "pause_ratio", "seed", "dtype")
+# Its checksum covers the ids already (the SentencePiece model, or the tokenizer.json with its eos and pad); they
+# are compared too so that a difference is named.
+TOKENIZER_IDS = ("tokenizer_kind", "eod_id", "pad_id", "bos_id")
+CONFIG_KEYS = ("format_version", "tokenizer_sha256", *TOKENIZER_IDS, "seq_length", "pause_ratio", "seed", "dtype")
 # What a manifest from before a key was recorded had: a SentencePiece tokenizer, which adds no BOS.
 LEGACY_CONFIG = {"tokenizer_kind": "sentencepiece", "bos_id": None}
 COUNTS = ("documents", "windows", "tokens_std", "tokens_pause", "pauses")  # per shard, summed in "totals"
