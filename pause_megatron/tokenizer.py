@@ -248,7 +248,8 @@ class HFTokenizer(BaseTokenizer):
                 token["special"] = True
             self.tk = Tokenizer.from_str(json.dumps(spec))
         except Exception as exc:  # JSON or the `tokenizers` library's own error (a bare Exception)
-            raise UnreadableTokenizer(f"{source}: not a readable tokenizer.json ({type(exc).__name__}: {exc})") from None
+            raise UnreadableTokenizer(f"{source}: not a readable tokenizer.json ({type(exc).__name__}: {exc})") \
+                from None
         self.had_pause = bool(added)
         self.source = source
         if not added and self.tk.token_to_id(PAUSE_PIECE) is not None:

@@ -230,7 +230,8 @@ def test_import_hf_reads_a_model_directory_with_tokenizer_json_and_adds_pause(bp
     x, pieces = load_file(hf / "model.safetensors"), tok.pause_id
     for name in names.values():
         assert y[name].shape == x[name].shape == (rows, 32)
-        assert bool((y[name][:pieces] == x[name][:pieces]).all()) and bool((y[name][pieces + 1:] == x[name][pieces + 1:]).all())
+        assert bool((y[name][:pieces] == x[name][:pieces]).all())
+        assert bool((y[name][pieces + 1:] == x[name][pieces + 1:]).all())
         assert torch.allclose(y[name][pieces], x[name][:pieces].mean(0))
 
 
@@ -481,4 +482,5 @@ def test_an_unreadable_tokenizer_json_is_refused_naming_the_file(c4_json, bpe_js
         assert build_c4.main(["build", "--input", str(c4_json), "--output", str(tmp_path / "out"),
                               "--tokenizer", folder]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {os.path.join(folder, 'tokenizer.json')}: not a readable") and "Traceback" not in err
+        assert err.startswith(f"error: {os.path.join(folder, 'tokenizer.json')}: not a readable")
+        assert "Traceback" not in err
