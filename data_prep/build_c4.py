@@ -1,7 +1,7 @@
-"""Offline C4 data prep: json.gz -> SentencePiece ids -> packed windows -> Megatron indexed shards, std and pause.
+"""Offline C4 data prep: json.gz -> token ids -> packed windows -> Megatron indexed shards, std and pause.
 
     python -m data_prep.build_c4 build --input DIR_OR_GLOB --output OUT [--seq-length 2048] [--pause-ratio 0.1]
-        [--seed 1234] [--workers N] [--tokenizer M | --vocab-size V] [--strict] [--overwrite]
+        [--seed 1234] [--workers N] [--tokenizer DIR_OR_FILE | --vocab-size V] [--strict] [--overwrite]
     python -m data_prep.build_c4 validate OUT
 
 (`pause-build-c4` is the same command; `build` is the default subcommand.) Per input file, in one worker
@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -45,12 +45,14 @@ from pause_megatron.data import DataError, open_shard
 from pause_megatron.pauses import PAPER_SEQ_LENGTH, PRETRAIN_PAUSE_RATIO, inject_pauses, num_pretrain_pauses
 from pause_megatron.pauses import window_rng
 from pause_megatron.progress import bar as progress_bar
-from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, PauseTokenizer, TokenizerTrainingError, train_tokenizer
+from pause_megatron import tokenizer as tokenizers
+from pause_megatron.tokenizer import DEFAULT_VOCAB_SIZE, BaseTokenizer, PauseTokenizer, TokenizerMismatch
+from pause_megatron.tokenizer import TokenizerTrainingError, train_tokenizer
 
 DEFAULT_SEED = 1234
 DEFAULT_TOKENIZER_SAMPLE_DOCS = 100_000  # about 200 MB of C4 text; train_tokenizer samples at most 1M of its lines
 DEFAULT_HF_DOCS_PER_SHARD = 50_000  # about 150 MB of records, held in memory until a worker has written them
-ENCODE_BATCH_DOCS = 256  # documents per SentencePiece call: amortizes the call, keeps a worker's memory small
+ENCODE_BATCH_DOCS = 256  # documents per tokenizer call: amortizes the call, keeps a worker's memory small
 QUEUED_SHARDS = 1  # submitted beyond the running ones: no worker waits, and --hf reads the stream little ahead
 PROGRESS_INTERVAL_S = 0.2
 EXIT_BAD_INPUT = 1  # bad input under --strict, or a shard that failed
@@ -94,12 +96,13 @@ def file_sample(paths: list[str], *, num_docs: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- packing
 
 
-def with_eod(docs_ids: list[list[int]], *, eod_id: int, dtype) -> np.ndarray:
-    """The documents' token ids concatenated, each document followed by EOD."""
-    eod = (eod_id,)
-    total = sum(map(len, docs_ids)) + len(docs_ids)
+def with_eod(docs_ids: list[list[int]], *, eod_id: int, dtype, bos_ids: Sequence[int] = ()) -> np.ndarray:
+    """The documents' token ids concatenated, each document followed by EOD (and preceded by `bos_ids`: the
+    tokenizer's BOS, when it has one)."""
+    eod, bos = (eod_id,), tuple(bos_ids)
+    total = sum(map(len, docs_ids)) + len(docs_ids) * (1 + len(bos))
     return np.fromiter(
-        itertools.chain.from_iterable(x for ids in docs_ids for x in (ids, eod)), dtype=dtype, count=total
+        itertools.chain.from_iterable(x for ids in docs_ids for x in (bos, ids, eod)), dtype=dtype, count=total
     )
 
 
@@ -139,7 +142,7 @@ class ShardSettings:
     pause_ratio: float
     seed: int
     strict: bool
-    tokenizer_proto: bytes
+    tokenizer: BaseTokenizer  # sent pickled as its serialized model (either kind)
 
 
 def _shard_files(out_dir: str, name: str) -> dict[str, str]:
@@ -158,18 +161,18 @@ def _remove(paths: Iterable[str]) -> None:
 
 
 def _token_chunks(
-    texts: Iterable[str], *, tokenizer: PauseTokenizer, dtype, counts: Counter, on_progress: Callable
+    texts: Iterable[str], *, tokenizer: BaseTokenizer, dtype, counts: Counter, on_progress: Callable
 ) -> Iterator[np.ndarray]:
     """Tokenize `texts` in batches; yield each batch as one EOD-separated token array; count documents."""
     texts = iter(texts)
     while batch := list(itertools.islice(texts, ENCODE_BATCH_DOCS)):
-        chunk = with_eod(tokenizer.encode_batch(batch), eod_id=tokenizer.eod_id, dtype=dtype)
+        chunk = with_eod(tokenizer.encode_batch(batch), eod_id=tokenizer.eod_id, dtype=dtype, bos_ids=tokenizer.bos_ids)
         counts["documents"] += len(batch)
         on_progress(len(batch), len(chunk))
         yield chunk
 
 
-def build_shard(task: ShardTask, *, settings: ShardSettings, tokenizer: PauseTokenizer, on_progress: Callable) -> dict:
+def build_shard(task: ShardTask, *, settings: ShardSettings, tokenizer: BaseTokenizer, on_progress: Callable) -> dict:
     """Write the std and pause shards of one input and its record; returns the record.
 
     Files are written under temporary names and renamed once complete, the record last. A shard without
@@ -263,7 +266,7 @@ class _BuildProcessGone(Exception):
 def _init_worker(settings: ShardSettings, progress: multiprocessing.Queue, parent_pid: int) -> None:
     _worker.update(
         settings=settings,
-        tokenizer=PauseTokenizer(settings.tokenizer_proto),
+        tokenizer=settings.tokenizer,
         progress=progress,
         parent_pid=parent_pid,
     )
@@ -403,13 +406,14 @@ def _in_range(task: ShardTask, shard_range: tuple[int, int] | None) -> bool:
     return shard_range is None or shard_range[0] <= task.index < shard_range[1]
 
 
-def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[str]]) -> tuple[PauseTokenizer, dict]:
+def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[str]]) -> tuple[BaseTokenizer, dict]:
     """The run's tokenizer and how it was obtained; trains one only when there is none to reuse.
 
-    A rerun on an existing output reuses OUT/tokenizer.model, unless it asks for a tokenizer of its own.
+    --tokenizer is a SentencePiece .model, a tokenizer.json or a directory holding either (tokenizers.load). A
+    rerun on an existing output reuses the tokenizer stored in OUT, unless it asks for a tokenizer of its own.
     """
     if args.tokenizer:
-        tokenizer = PauseTokenizer.load(args.tokenizer)
+        tokenizer = tokenizers.load(args.tokenizer)
         if not tokenizer.lossless:
             print(f"note: {args.tokenizer} normalizes text: the std shards will not reproduce documents byte for byte")
         return tokenizer, {"given": os.path.abspath(args.tokenizer)}
@@ -425,7 +429,7 @@ def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[
             raise BuildRefused(
                 f"{args.output} holds a tokenizer from {manifest['tokenizer_source']}; this run asks for {wanted}"
             )
-        return PauseTokenizer.load(os.path.join(args.output, mf.TOKENIZER)), manifest["tokenizer_source"]
+        return tokenizers.load(args.output), manifest["tokenizer_source"]
     print(
         f"training a {wanted['trained']['vocab_size']}-piece tokenizer on {wanted['trained']['sample_docs']} documents"
     )
@@ -443,15 +447,14 @@ def resolve_tokenizer(args, *, manifest: dict | None, sample: Callable[[], list[
         raise BuildRefused(f"{source}: {e} (--vocab-size)") from None
 
 
-def run_config(tokenizer: PauseTokenizer, *, args, tokenizer_source: dict) -> dict:
+def run_config(tokenizer: BaseTokenizer, *, args, tokenizer_source: dict) -> dict:
     """The manifest's configuration part."""
     return {
         "tool": "data_prep.build_c4",
         "tool_version": tool_version(),
         "format_version": mf.FORMAT_VERSION,
-        "tokenizer_sha256": tokenizer.checksum,
+        **tokenizer.record(),  # tokenizer_kind, tokenizer_sha256 and the special ids
         "tokenizer_source": tokenizer_source,
-        **tokenizer.ids(),
         "seq_length": args.seq_length,
         "pause_ratio": args.pause_ratio,
         "pauses_per_window": num_pretrain_pauses(seq_length=args.seq_length, ratio=args.pause_ratio),
@@ -474,7 +477,7 @@ def _remove_outputs(out_dir: str) -> None:
     """Remove what a build writes in OUT (and nothing else that may live there)."""
     for folder in (*mf.VARIANTS, mf.RECORDS):
         shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
-    _remove(os.path.join(out_dir, f) for f in (mf.MANIFEST, mf.TOKENIZER, STREAM_END))
+    _remove(os.path.join(out_dir, f) for f in (mf.MANIFEST, *mf.TOKENIZER_FILES, STREAM_END))
 
 
 def _sample_size(args) -> int:
@@ -516,15 +519,16 @@ def _refuse_incompatible(args, *, manifest: dict, config: dict, records: dict, t
             raise BuildRefused(f"{task.name} was built as shard {old['shard_index']}, now it is {task.index}")
 
 
-def _prepare_output(args, *, tokenizer: PauseTokenizer) -> None:
+def _prepare_output(args, *, tokenizer: BaseTokenizer) -> None:
     """Create OUT's folders (emptied first under --overwrite) and store the tokenizer unless it is there."""
     if args.overwrite:
         _remove_outputs(args.output)
     for folder in ("", *mf.VARIANTS, mf.RECORDS):
         os.makedirs(os.path.join(args.output, folder), exist_ok=True)
-    path = os.path.join(args.output, mf.TOKENIZER)
-    if not (os.path.exists(path) and PauseTokenizer.load(path).checksum == tokenizer.checksum):
-        tokenizer.save(path)
+    stored = tokenizers.tokenizer_file(args.output)
+    if stored is None or tokenizers.load(stored).record() != tokenizer.record():
+        _remove(os.path.join(args.output, f) for f in mf.TOKENIZER_FILES)  # one tokenizer: `load(OUT)` finds it
+        tokenizer.save(os.path.join(args.output, tokenizer.file_name))
 
 
 def build(args) -> int:
@@ -570,7 +574,7 @@ def build(args) -> int:
         pause_ratio=args.pause_ratio,
         seed=args.seed,
         strict=args.strict,
-        tokenizer_proto=tokenizer.model_proto,
+        tokenizer=tokenizer,
     )
     failures = run_shards(todo(), settings=settings, workers=args.workers, on_record=on_record)
     # Complete only when every input has a record: a --shard-range run that leaves others to other tasks is not.
@@ -650,7 +654,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seeds the pause positions (default {DEFAULT_SEED})")
     b.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes (default: CPUs)")
     tok = b.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", help="an existing SentencePiece .model (<pause> is added if missing)")
+    tok.add_argument("--tokenizer", metavar="DIR_OR_FILE",
+                     help="an existing tokenizer: a SentencePiece .model, a Hugging Face tokenizer.json, or a model "
+                          "directory holding either (<pause> is added if missing)")
     tok.add_argument("--vocab-size", type=int, help=f"train a tokenizer of this size (default {DEFAULT_VOCAB_SIZE})")
     b.add_argument(
         "--tokenizer-sample-docs",
@@ -680,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     try:
         return build(args)
-    except (BuildRefused, FileNotFoundError) as e:  # FileNotFoundError: a --tokenizer that is not there
+    except (BuildRefused, FileNotFoundError, TokenizerMismatch) as e:  # a --tokenizer that is not there or unusable
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED
 

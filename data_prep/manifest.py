@@ -1,7 +1,8 @@
 """The layout of a prepared-data directory and its manifest (what the pretraining reads).
 
     OUT/manifest.json          configuration, tokenizer checksum and ids, one record per complete shard
-    OUT/tokenizer.model        the SentencePiece model, `<pause>` included
+    OUT/tokenizer.model        the SentencePiece model, `<pause>` included; or, for a Hugging Face tokenizer,
+    OUT/tokenizer.json         its tokenizer.json (`<pause>` included) and tokenizer_config.json (eos, pad)
     OUT/std/<name>.bin|.idx    standard variant: packed windows, one indexed-dataset document per window
     OUT/pause/<name>.bin|.idx  pause variant: the same windows with pauses injected, cut back to seq_length
     OUT/shards/<name>.json     a shard's record, written last: its presence marks the shard complete
@@ -17,13 +18,20 @@ import os
 import socket
 
 MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # a SentencePiece tokenizer's file
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")  # what either kind stores in OUT
 RECORDS = "shards"
 VARIANTS = ("std", "pause")
 TMP_SUFFIX = ".tmp"
 FORMAT_VERSION = 1  # bump when the bytes written for a given configuration change
 # Settings that decide the bytes of every shard: an existing output built with others is refused.
-CONFIG_KEYS = ("format_version", "tokenizer_sha256", "seq_length", "pause_ratio", "seed", "dtype")
+# The tokenizer's identity is its kind, checksum and the special ids it writes (EOD after, BOS before a document).
+# Its checksum covers the ids already (the SentencePiece model, or the tokenizer.json with its eos and pad); they
+# are compared too so that a difference is named.
+TOKENIZER_IDS = ("tokenizer_kind", "eod_id", "pad_id", "bos_id")
+CONFIG_KEYS = ("format_version", "tokenizer_sha256", *TOKENIZER_IDS, "seq_length", "pause_ratio", "seed", "dtype")
+# What a manifest from before a key was recorded had: a SentencePiece tokenizer, which adds no BOS.
+LEGACY_CONFIG = {"tokenizer_kind": "sentencepiece", "bos_id": None}
 COUNTS = ("documents", "windows", "tokens_std", "tokens_pause", "pauses")  # per shard, summed in "totals"
 
 
@@ -76,6 +84,7 @@ def read_records(out_dir: str) -> dict[str, dict]:
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """The CONFIG_KEYS on which two manifests disagree, as 'key: old -> new' lines."""
+    old = {**LEGACY_CONFIG, **old}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in CONFIG_KEYS if old.get(k) != new.get(k)]
 
 

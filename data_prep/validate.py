@@ -27,7 +27,8 @@ with warnings.catch_warnings():  # megatron-core warns about Transformer Engine 
 from data_prep import manifest as mf
 from pause_megatron.progress import bar as progress_bar
 from pause_megatron.data import DataError, open_shard
-from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch
+from pause_megatron import tokenizer as tokenizers
+from pause_megatron.tokenizer import TokenizerMismatch
 
 UNIFORMITY_BINS = 16
 UNIFORMITY_MIN_P = 1e-3  # below this the positions are not uniform ...
@@ -163,12 +164,12 @@ def uniformity(positions: np.ndarray, *, seq_length: int) -> Uniformity | None:
 def _check_tokenizer(out_dir: str, manifest: dict) -> list[str]:
     """The tokenizer in OUT is the one the manifest names, with the same special ids."""
     try:
-        tokenizer = PauseTokenizer.load(os.path.join(out_dir, mf.TOKENIZER))
+        tokenizer = tokenizers.load(out_dir)
         tokenizer.check_matches(manifest, where=os.path.join(out_dir, mf.MANIFEST))
     except (FileNotFoundError, TokenizerMismatch) as e:
         return [str(e)]
     return [
-        f"manifest {key} {manifest[key]} but the tokenizer has {value}"
+        f"manifest {key} {manifest.get(key)} but the tokenizer has {value}"
         for key, value in tokenizer.ids().items()
         if manifest.get(key) != value
     ]

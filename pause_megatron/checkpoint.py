@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from pause_megatron import tokenizer as tokenizers
 from pause_megatron.compat import LEGACY_COMMON_STATE, distributed_optimizer_loading, save_checkpoint
 from pause_megatron.model import unwrap
 from pause_megatron.train import TrainState
@@ -27,16 +28,19 @@ COMPLETE = "complete"  # written in an iteration directory after everything else
 # "fully_sharded_model_space", fails on 0.16.1 with "ShardedTensor.flattened_range is not supported").
 # Other optimizers ignore it. Both releases take it as `metadata` of sharded_state_dict.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-TOKENIZER_FILE = "tokenizer.model"  # next to `latest`: every checkpoint root carries its tokenizer
+# Next to `latest` every checkpoint root carries its tokenizer: tokenizer.model (SentencePiece) or tokenizer.json
+# with its tokenizer_config.json (Hugging Face), as the tokenizer's own `save` writes it.
+TOKENIZER_FILES = tokenizers.TOKENIZER_FILES
 
 
 def tokenizer_path(path: str) -> str:
-    """The tokenizer of a checkpoint root or of one of its iteration directories."""
+    """The tokenizer file of a checkpoint root or of one of its iteration directories (`tokenizer.load` reads it)."""
     path = os.path.abspath(path)
     for candidate in (path, os.path.dirname(path)):
-        if os.path.exists(os.path.join(candidate, TOKENIZER_FILE)):
-            return os.path.join(candidate, TOKENIZER_FILE)
-    raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} in the checkpoint directory or its parent")
+        found = tokenizers.tokenizer_file(candidate)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path}: no {' or '.join(TOKENIZER_FILES)} in the checkpoint directory or its parent")
 
 
 def iteration_dir(root: str, step: int) -> str:

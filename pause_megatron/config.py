@@ -90,7 +90,8 @@ class ModelConfig:
 # different length is a table shape the load refuses.
 ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "position_embedding", "rotary_base", "rope_scaling_factor", "normalization", "norm_epsilon",
-                     "mlp", "gelu", "linear_bias", "untie_embeddings")
+                     "mlp", "gelu", "linear_bias", "untie_embeddings",
+                     "make_vocab_size_divisible_by")  # the padded embedding rows (an imported Qwen2.5 keeps its own)
 
 
 def _architecture(model: dict) -> dict:
@@ -177,7 +178,7 @@ class DataConfig:
 
     path: Optional[str] = None  # a data-prep output directory (manifest.json + shards)
     variant: str = "pause"  # "pause" (PausePT) or "std" (StdPT)
-    tokenizer: Optional[str] = None  # a SentencePiece .model; by default the one next to the manifest
+    tokenizer: Optional[str] = None  # a .model, tokenizer.json or a directory (tokenizer.load); default: data.path's
     split: str = "98,2,0"  # train, validation, test weights, as Megatron's dataset builder takes them
     task_dir: Optional[str] = None  # finetuning/eval data offline: <task_dir>/<task>/{train,eval}.jsonl
 

@@ -21,7 +21,8 @@ import torch
 
 from pause_megatron.config import Config
 from pause_megatron.pauses import pause_loss_mask, paused_lengths
-from pause_megatron.tokenizer import PauseTokenizer
+from pause_megatron import tokenizer as tokenizers
+from pause_megatron.tokenizer import BaseTokenizer
 
 MANIFEST = "manifest.json"
 
@@ -54,10 +55,9 @@ def read_manifest(data_path: str) -> dict:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
-def load_tokenizer(cfg: Config) -> PauseTokenizer:
-    """data.tokenizer, or the tokenizer.model that data prep wrote next to the manifest."""
-    path = cfg.data.tokenizer or os.path.join(cfg.data.path or ".", "tokenizer.model")
-    return PauseTokenizer.load(path)
+def load_tokenizer(cfg: Config) -> BaseTokenizer:
+    """data.tokenizer, or the tokenizer (either kind) that data prep wrote next to the manifest."""
+    return tokenizers.load(cfg.data.tokenizer or cfg.data.path or ".")
 
 
 def shard_prefixes(data_path: str, variant: str) -> list[str]:
@@ -72,7 +72,7 @@ def shard_prefixes(data_path: str, variant: str) -> list[str]:
     return prefixes
 
 
-def check_manifest(manifest: dict, *, cfg: Config, tokenizer: PauseTokenizer, where: str) -> None:
+def check_manifest(manifest: dict, *, cfg: Config, tokenizer: BaseTokenizer, where: str) -> None:
     """The shards must be complete and made with this tokenizer and this sequence length."""
     if manifest.get("complete") is False:
         raise DataError(f"{where}: data prep has not finished every shard (complete: false); run it again to finish")
@@ -188,7 +188,7 @@ def _check_split_parts(prefixes, sizes, split_matrix, needed: dict[int, int], sp
                                 + (", or a share of 0" if i == 2 else ""))
 
 
-def build_pretrain_datasets(cfg: Config, tokenizer: PauseTokenizer, *, train_samples: int, valid_samples: int,
+def build_pretrain_datasets(cfg: Config, tokenizer: BaseTokenizer, *, train_samples: int, valid_samples: int,
                             cache_dir: str):
     """(train, validation) GPTDatasets over the shards of `cfg.data.variant`, blended by shard size.
 
@@ -342,13 +342,13 @@ class FinetuneDataset:
     A sample has as many positions as its example (no padding): `microbatches_from` pads each microbatch to its
     longest, so a short example does not cost a `seq_length` forward and backward.
 
-    Prompt and target are split as evaluation splits them (`PauseTokenizer.encode_pair`).
+    Prompt and target are split as evaluation splits them (`BaseTokenizer.encode_pair`).
 
     Index i is example perm_e[i mod N] of epoch e = i // N (a fresh seeded shuffle per epoch), so the order
     depends only on the seed and i, and training resumes exactly from `consumed_samples`.
     """
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], *, tokenizer: PauseTokenizer, seq_length: int, m: int,
+    def __init__(self, pairs: Sequence[tuple[str, str]], *, tokenizer: BaseTokenizer, seq_length: int, m: int,
                  placement: str, filler_id: Optional[int], seed: int, where: str):
         from pause_megatron.pauses import finetune_example
 

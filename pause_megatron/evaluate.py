@@ -25,7 +25,8 @@ import torch
 from pause_megatron.decoding import (AUTO_BATCH_START, BatchSize, generate, parse_batch_size, run_batched, score_batch,
                                      score_shared, shares_contexts)
 from pause_megatron.pauses import fit_placed, place_pauses
-from pause_megatron.tokenizer import PauseTokenizer
+from pause_megatron import tokenizer as tokenizers
+from pause_megatron.tokenizer import BaseTokenizer
 
 
 # ---- the lm-eval adapter ---------------------------------------------------------------------------------
@@ -36,14 +37,14 @@ def _make_lm_class():
     class PauseLM(TemplateLM):
         """A Megatron GPTModel for lm-eval, placing M_inf pauses after every context.
 
-        Contexts and continuations are split by `PauseTokenizer.encode_pair` (lm-eval's rule, which finetuning
+        Contexts and continuations are split by `BaseTokenizer.encode_pair` (lm-eval's rule, which finetuning
         targets follow too); the pauses are placed when a request is scored, after the context is cut to fit
         the window by `pauses.fit_placed` (finetuning's truncation rule). Decoding never emits `<pause>`: in the
         paper the outputs are read after the last pause, where a pause has no meaning, and pretraining and
         finetuning never train the model to predict one.
         """
 
-        def __init__(self, model, tokenizer: PauseTokenizer, *, m_inf: int, placement: str = "append",
+        def __init__(self, model, tokenizer: BaseTokenizer, *, m_inf: int, placement: str = "append",
                      filler_id: Optional[int] = None, max_length: int, device: torch.device,
                      batch_size: BatchSize = 1):
             super().__init__()
@@ -67,8 +68,14 @@ def _make_lm_class():
         def eot_token_id(self) -> int:
             return self.tok.eod_id
 
+        @property
+        def prefix_token_id(self) -> int:
+            """What an empty context becomes: the BOS when the tokenizer has one (lm-eval's HF backend), else EOD."""
+            return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eod_id
+
         def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-            return self.tok.encode(string)
+            """As lm-eval's HF backend: the BOS first (when there is one) unless add_special_tokens=False."""
+            return (self.tok.bos_ids if add_special_tokens is not False else []) + self.tok.encode(string)
 
         def tok_decode(self, ids, **kwargs) -> str:
             return self.tok.decode(ids)
@@ -80,9 +87,9 @@ def _make_lm_class():
             """The model's input: the context with M_inf pauses placed, leaving `room` tokens of the window free.
 
             The context is cut from the left, the pauses kept (`fit_placed`, as finetuning cuts its prompts).
-            An empty context becomes EOD (a document boundary), so that there is a position to predict from.
+            An empty context becomes `prefix_token_id` (BOS or EOD), so that there is a position to predict from.
             """
-            return fit_placed(context or [self.eot_token_id], m=self.m_inf, pause_id=self.tok.pause_id,
+            return fit_placed(context or [self.prefix_token_id], m=self.m_inf, pause_id=self.tok.pause_id,
                               placement=self.placement, filler_id=self.filler_id,
                               max_length=self.max_length - min(room, self.max_continuation))
 
@@ -126,9 +133,9 @@ def _make_lm_class():
             rows, owner = [], []
             for i, (string,) in enumerate(r.args for r in requests):
                 ids, start = self.tok.encode(string), 0
-                while start < len(ids):  # disjoint windows, each conditioned on EOD
+                while start < len(ids):  # disjoint windows, each conditioned on BOS or EOD (prefix_token_id)
                     chunk = ids[start : start + self.max_length - 1]
-                    rows.append(([self.eot_token_id], chunk))
+                    rows.append(([self.prefix_token_id], chunk))
                     owner.append(i)
                     start += len(chunk)
             totals = [0.0] * len(requests)
@@ -143,7 +150,7 @@ def _make_lm_class():
                 until = gen_kwargs.get("until", [])
                 until = [s for s in ([until] if isinstance(until, str) else until) if s]
                 max_new = int(gen_kwargs.get("max_gen_toks", 64))
-                rows.append((self.prompt(self.tok.encode(context), max_new), max_new, until))
+                rows.append((self.prompt(self.tok_encode(context), max_new), max_new, until))
 
             def run(chunk):
                 def stop(b, ids):  # a stop string in the text so far ends the row
@@ -201,7 +208,7 @@ def load_for_inference(checkpoint_path: str, overrides: list[str] = ()):
     # No world_size: the training batch split (global batch vs micro batch x data parallel) does not apply to
     # inference, where lm-eval splits the requests over any number of ranks.
     cfg = load_config(None, list(overrides), base=base)
-    tokenizer = PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path))
+    tokenizer = tokenizers.load(checkpoint.tokenizer_path(checkpoint_path))
     p = cfg.pauses
     if p.placement in ("append", "prepend") and (p.m_inf if p.m_inf is not None else p.m_ft) > 0:
         tokenizer.require_pause(why=f"evaluation asks for pauses (placement {p.placement})")

@@ -26,7 +26,8 @@ from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import DataError, FinetuneDataset
 from pause_megatron.job import add_tracking_args, run_job, tags_from
 from pause_megatron.tasks import TaskDataError, UnknownTask, get_task, load_examples, warn_if_overlapping
-from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch
+from pause_megatron import tokenizer as tokenizers
+from pause_megatron.tokenizer import BaseTokenizer, TokenizerMismatch
 
 
 def finetune_config(config_path: Optional[str], overrides: list[str]):
@@ -44,7 +45,7 @@ def finetune_config(config_path: Optional[str], overrides: list[str]):
                        world_size=runtime.world_size_from_env())
 
 
-def build_datasets(cfg, tokenizer: PauseTokenizer):
+def build_datasets(cfg, tokenizer: BaseTokenizer):
     """(train, eval) FinetuneDatasets of cfg.task with M_ft pauses placed as cfg.pauses says."""
     task = get_task(cfg.task)
     p = cfg.pauses
@@ -69,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = finetune_config(args.config, args.overrides)
-        tokenizer = PauseTokenizer.load(checkpoint.tokenizer_path(cfg.train.init_from))
+        tokenizer = tokenizers.load(checkpoint.tokenizer_path(cfg.train.init_from))
         if cfg.pauses.placement in ("append", "prepend") and cfg.pauses.m_ft > 0:
             tokenizer.require_pause(why=f"pauses.placement={cfg.pauses.placement} asks for pauses")
         tokenizer.check_matches(checkpoint.read_extra(cfg.train.init_from), where=cfg.train.init_from)

@@ -29,7 +29,8 @@ from typing import Optional
 
 import torch
 
-from pause_megatron.tokenizer import PAUSE_PIECE, PauseTokenizer, padded_vocab_size
+from pause_megatron import tokenizer as tokenizers
+from pause_megatron.tokenizer import PAUSE_PIECE, BaseTokenizer, HFTokenizer, padded_vocab_size
 
 LAYER_NORM_EPS = 1e-5  # the GPT-NeoX epsilon export-hf writes and import-hf reads (model.norm_epsilon's default)
 # NeoX names of Megatron's local-spec parameters, per layer and outside the layers
@@ -94,9 +95,13 @@ def _staging(out: str) -> str:
     return tmp
 
 
-def require_lossless(tokenizer: PauseTokenizer, where: str) -> None:
+def require_lossless(tokenizer: BaseTokenizer, where: str) -> None:
     """The HF tokenizer reproduces SentencePiece's segmentation, not its normalizer: a model that rewrites text
-    (NFKC, collapsed spaces) would get other ids from it than the project gives."""
+    (NFKC, collapsed spaces) would get other ids from it than the project gives. A tokenizer.json is not
+    converted (export writes the very same one, `<pause>` included): its ids are ours whatever it normalizes
+    (Qwen2's NFC, say), so every one passes."""
+    if isinstance(tokenizer, HFTokenizer):
+        return
     if not tokenizer.lossless:
         raise ConversionError(f"{where}: the SentencePiece model normalizes text (a normalizer other than 'identity',"
                               " or remove_extra_whitespaces), so a Hugging Face tokenizer would give other ids; only"
@@ -129,7 +134,7 @@ def expressible(cfg) -> None:
                               f"layer_norm_eps={LAYER_NORM_EPS}")
 
 
-def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, hidden_act: str):
+def neox_config(cfg, tconfig, tokenizer: BaseTokenizer, *, vocab_size: int, hidden_act: str):
     from transformers import GPTNeoXConfig
 
     if tconfig.num_query_groups not in (None, tconfig.num_attention_heads):
@@ -153,7 +158,37 @@ def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, hid
     )
 
 
-def hf_tokenizer(tokenizer: PauseTokenizer, workdir: str, *, max_length: int):
+def hf_tokenizer(tokenizer: BaseTokenizer, workdir: str, *, max_length: int):
+    """The Hugging Face tokenizer of `tokenizer`, whichever its kind: ids exactly as `tokenizer.encode` gives them."""
+    if isinstance(tokenizer, HFTokenizer):
+        return fast_tokenizer(tokenizer, max_length=max_length)
+    return sentencepiece_fast_tokenizer(tokenizer, workdir, max_length=max_length)
+
+
+def fast_tokenizer(tokenizer: HFTokenizer, *, max_length: int):
+    """A PreTrainedTokenizerFast on the checkpoint's own tokenizer.json (`<pause>` included, same ids).
+
+    Its post-processor is kept: `encode(text)` gives the project's ids of a sequence's start, the BOS first when
+    the tokenizer has one (Llama 3), as data prep, finetuning and evaluation begin every sequence with it. The
+    bos token is that BOS, else EOD (documents are separated by EOD in pretraining, as for SentencePiece below).
+    A literal "<pause>" in a prompt becomes the one token (transformers splits special tokens out of text, the
+    project never does).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    eos = tokenizer.eos_token
+    bos = eos if tokenizer.bos_id is None else tokenizer.tk.id_to_token(tokenizer.bos_id)
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.serialized.decode()), bos_token=bos,
+                                   eos_token=eos, pad_token=tokenizer.pad_token, additional_special_tokens=[PAUSE_PIECE],
+                                   clean_up_tokenization_spaces=False, model_max_length=max_length)
+    got = fast.convert_tokens_to_ids(PAUSE_PIECE)
+    if got != tokenizer.pause_id:
+        raise ConversionError(f"the Hugging Face tokenizer gives <pause> id {got}, the checkpoint {tokenizer.pause_id}")
+    return fast
+
+
+def sentencepiece_fast_tokenizer(tokenizer, workdir: str, *, max_length: int):
     """A LlamaTokenizerFast from the SentencePiece model: ids exactly as `tokenizer.encode` gives them.
 
     legacy + add_prefix_space reproduce SentencePiece's dummy prefix ("▁" before the text) and its unigram
@@ -231,7 +266,7 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) ->
     probe.pop("task", None)
     probe.pop("parallel", None)
     arch = exporter(load_config(None, overrides, base=probe, hardware=False))
-    require_lossless(PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path)), checkpoint_path)
+    require_lossless(tokenizers.load(checkpoint.tokenizer_path(checkpoint_path)), checkpoint_path)
     tmp = _staging(out_dir)
     try:
         model, cfg, tokenizer = load_for_inference(checkpoint_path, overrides)
@@ -256,8 +291,7 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) ->
                          ).save_pretrained(tmp)
         hf_tokenizer(tokenizer, tmp, max_length=cfg.model.seq_length).save_pretrained(tmp)
         with open(os.path.join(tmp, "pause_megatron.json"), "w") as f:
-            json.dump({"source": os.path.abspath(checkpoint_path), "gelu": gelu, **tokenizer.ids(),
-                       "tokenizer_sha256": tokenizer.checksum}, f, indent=1)
+            json.dump({"source": os.path.abspath(checkpoint_path), "gelu": gelu, **tokenizer.record()}, f, indent=1)
         runtime.destroy()
         os.rename(tmp, out_dir)
     except BaseException:
@@ -358,7 +392,7 @@ def _grow(table: torch.Tensor, rows: int, pieces: int, new: list[int]) -> torch.
 
 def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> str:
     """Write the model in `hf_dir` (GPT-NeoX, Llama or Qwen2: ARCHITECTURES) as a checkpoint root at `out_root`
-    (iter_0000000, `latest`, tokenizer.model) from which `train.init_from` starts pretraining or finetuning;
+    (iter_0000000, `latest`, its tokenizer) from which `train.init_from` starts pretraining or finetuning;
     returns it."""
     _cpu_only()
     from safetensors.torch import load_file
@@ -369,27 +403,28 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
     from pause_megatron.model import build_gpt
 
     arch, c = read_hf_config(hf_dir)
-    sp_path = os.path.join(hf_dir, "tokenizer.model")
-    if not os.path.exists(sp_path):
-        raise ConversionError(f"{hf_dir}: no tokenizer.model; import-hf needs the model's SentencePiece tokenizer "
-                              "(the project tokenizes with SentencePiece only)")
-    tokenizer = PauseTokenizer.load(sp_path)
-    require_lossless(tokenizer, sp_path)
+    tok_path = tokenizers.tokenizer_file(hf_dir)
+    if tok_path is None:
+        raise ConversionError(f"{hf_dir}: no tokenizer.model or tokenizer.json; import-hf needs the model's tokenizer")
+    tokenizer = tokenizers.load(tok_path)
+    require_lossless(tokenizer, tok_path)
     pieces = tokenizer.vocab_size - (0 if tokenizer.had_pause else 1)  # the pieces the HF model was made for
     for where, pid in _special_pause_ids(hf_dir, c).items():
         if pid != tokenizer.pause_id:
-            raise ConversionError(f"{hf_dir}: {where} says <pause> is id {pid}, but the SentencePiece model "
-                                  f"{sp_path} gives it id {tokenizer.pause_id}")
-    vocab = padded_vocab_size(tokenizer.vocab_size)
+            raise ConversionError(f"{hf_dir}: {where} says <pause> is id {pid}, but the tokenizer "
+                                  f"{tok_path} gives it id {tokenizer.pause_id}")
     hf_vocab = int(c["vocab_size"])
     if hf_vocab < pieces:
         raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is smaller than its tokenizer ({pieces} pieces)")
-    if hf_vocab > vocab:
-        raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is larger than the tokenizer's padded size {vocab} "
-                              f"({tokenizer.vocab_size} pieces with <pause>, padded to a multiple of 128)")
+    # The padded vocabulary: the tokenizer's size (<pause> included) rounded up to a multiple of 128, or the
+    # model's own vocab_size when that is larger (Qwen2.5: 151936 rows for 151665 tokens), the model's spare
+    # rows kept and <pause> in the first free one. The divisor that pads the tokenizer's size to exactly
+    # vocab_size is recorded as model.make_vocab_size_divisible_by, so every later run pads to the same size.
+    divisible_by = 128 if hf_vocab <= padded_vocab_size(tokenizer.vocab_size) else hf_vocab
+    vocab = padded_vocab_size(tokenizer.vocab_size, divisible_by=divisible_by)
     weights = _read_weights(hf_dir, load_file)
-    overrides = [*arch.overrides(c, seq_length), "model.spec=local", "precision.dtype=fp32",
-                 "tracking.enabled=false"]
+    overrides = [*arch.overrides(c, seq_length), f"model.make_vocab_size_divisible_by={divisible_by}",
+                 "model.spec=local", "precision.dtype=fp32", "tracking.enabled=false"]
     cfg = load_config(None, overrides)
     tmp = _staging(out_root)
     try:
@@ -413,13 +448,13 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
         assert not missing, missing
         path = checkpoint.iteration_dir(tmp, 0)
         os.makedirs(path)
-        extra = {"config": to_dict(cfg), "stage": "import-hf", "source": os.path.abspath(hf_dir), **tokenizer.ids(),
-                 "tokenizer_sha256": tokenizer.checksum, "hf_hidden_act": c.get("hidden_act", "gelu")}
+        extra = {"config": to_dict(cfg), "stage": "import-hf", "source": os.path.abspath(hf_dir), **tokenizer.record(),
+                 "hf_hidden_act": c.get("hidden_act", "gelu")}
         save_checkpoint({"model": model.sharded_state_dict(), "step": 0, "consumed_samples": 0, "extra": extra}, path)
         open(os.path.join(path, checkpoint.COMPLETE), "w").close()
         with open(os.path.join(tmp, checkpoint.LATEST), "w") as f:
             f.write(os.path.basename(path) + "\n")
-        tokenizer.save(os.path.join(tmp, checkpoint.TOKENIZER_FILE))
+        tokenizer.save(os.path.join(tmp, tokenizer.file_name))
         runtime.destroy()
         os.rename(tmp, out_root)
     except BaseException:
@@ -708,8 +743,8 @@ def export_main(argv: Optional[list[str]] = None) -> int:
 
 def import_main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pause-megatron import-hf", description=import_.__doc__)
-    ap.add_argument("hf_dir",
-                    help="a GPT-NeoX, Llama or Qwen2 model directory (config.json, safetensors, tokenizer.model)")
+    ap.add_argument("hf_dir", help="a GPT-NeoX, Llama or Qwen2 model directory (config.json, safetensors, "
+                                   "tokenizer.model or tokenizer.json)")
     ap.add_argument("out_checkpoint", help="the checkpoint root to create (must not exist)")
     ap.add_argument("--seq-length", type=int,
                     help=f"model.seq_length (default: max_position_embeddings, at most {DEFAULT_SEQ_LENGTH})")

@@ -19,7 +19,7 @@ from pause_megatron import checkpoint, runtime
 from pause_megatron.config import Config, flat_dict, to_dict
 from pause_megatron.data import microbatches_from
 from pause_megatron.model import kernel_summary
-from pause_megatron.tokenizer import PauseTokenizer, TokenizerMismatch, padded_vocab_size
+from pause_megatron.tokenizer import BaseTokenizer, TokenizerMismatch, padded_vocab_size, tokenizer_file
 from pause_megatron.tracking import Tracker
 from pause_megatron.train import build_train_state, fit, validate
 
@@ -41,23 +41,22 @@ def tags_from(args) -> dict[str, str]:
     return dict(t.split("=", 1) for t in args.tag)
 
 
-def vocab_size(cfg: Config, tokenizer: PauseTokenizer) -> int:
+def vocab_size(cfg: Config, tokenizer: BaseTokenizer) -> int:
     return padded_vocab_size(tokenizer.vocab_size, tensor_parallel=cfg.parallel.tensor,
                              divisible_by=cfg.model.make_vocab_size_divisible_by)
 
 
-def prepare_output_dir(cfg: Config, tokenizer: PauseTokenizer) -> str:
+def prepare_output_dir(cfg: Config, tokenizer: BaseTokenizer) -> str:
     """Create train.output_dir/checkpoints with the tokenizer in it (checkpoints are self-contained).
 
     A tokenizer already there is the one the checkpoints were made with: it is never rewritten (the caller
     has checked that it matches).
     """
     root = os.path.join(cfg.train.output_dir, "checkpoints")
-    path = os.path.join(root, checkpoint.TOKENIZER_FILE)
     if torch.distributed.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
-        if not os.path.exists(path):
-            tokenizer.save(path)
+        if tokenizer_file(root) is None:
+            tokenizer.save(os.path.join(root, tokenizer.file_name))
     torch.distributed.barrier()
     return root
 
@@ -98,7 +97,7 @@ def resume_refusal(saved: dict, new: dict, *, step: int) -> list[str]:
     return reasons
 
 
-def check_resume(cfg: Config, tokenizer: PauseTokenizer, resume_from: str) -> None:
+def check_resume(cfg: Config, tokenizer: BaseTokenizer, resume_from: str) -> None:
     """Raise ResumeRefused naming every unsafe difference between the checkpoint and this run, or
     TokenizerMismatch when this run's tokenizer is not the checkpoint's."""
     extra = checkpoint.read_extra(resume_from)
@@ -115,6 +114,19 @@ def check_resume(cfg: Config, tokenizer: PauseTokenizer, resume_from: str) -> No
             "the checkpoint's settings")
 
 
+def check_start(cfg: Config, tokenizer: BaseTokenizer) -> None:
+    """What must hold before a run writes anything (its data cache included): a checkpoint to resume agrees
+    with this run (`check_resume`), or else `train.init_from` was made with this run's tokenizer (shards made
+    with another tokenizer, or kind, than the model's) and model settings. Raises ResumeRefused,
+    TokenizerMismatch or checkpoint.ModelMismatch."""
+    resume_from = checkpoint.latest_checkpoint(os.path.join(cfg.train.output_dir, "checkpoints"))
+    if resume_from:
+        check_resume(cfg, tokenizer, resume_from)
+    elif cfg.train.init_from:
+        tokenizer.check_matches(checkpoint.read_extra(cfg.train.init_from), where=cfg.train.init_from)
+        checkpoint.check_init_from_model(cfg.train.init_from, cfg)
+
+
 def _read_run_id(output_dir: str, uri: str) -> Optional[str]:
     """The MLflow run of an earlier start of this job, if it was tracked in the same store (another store has
     no such run: the resumed job then starts a new one there)."""
@@ -127,7 +139,7 @@ def _read_run_id(output_dir: str, uri: str) -> Optional[str]:
     return None
 
 
-def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage: str, tags: dict[str, str],
+def run_job(cfg: Config, *, tokenizer: BaseTokenizer, train_ds, valid_ds, stage: str, tags: dict[str, str],
             artifacts: tuple[str, ...] = (), validate_only: bool = False,
             parent_run_id: Optional[str] = None) -> int:
     """Train (or, with validate_only, evaluate the newest checkpoint) and tear the process group down."""
@@ -138,10 +150,7 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
     vocab = vocab_size(cfg, tokenizer)
     resume_from = checkpoint.latest_checkpoint(os.path.join(t.output_dir, "checkpoints"))
     try:  # before anything is written: a refused run leaves the output directory as it was
-        if resume_from:
-            check_resume(cfg, tokenizer, resume_from)
-        elif t.init_from:
-            checkpoint.check_init_from_model(t.init_from, cfg)
+        check_start(cfg, tokenizer)
     except (ResumeRefused, TokenizerMismatch, checkpoint.ModelMismatch) as exc:
         if rank0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -157,7 +166,6 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
         if rank0:
             print(f"resumed from {resume_from} at step {state.step}", flush=True)
     elif t.init_from:
-        tokenizer.check_matches(checkpoint.read_extra(t.init_from), where=t.init_from)
         checkpoint.load(state, t.init_from, weights_only=True)
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -198,8 +206,7 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
         print("ranks per node: " + ", ".join(f"{n}: {nodes.count(n)}" for n in dict.fromkeys(nodes)), flush=True)
         print(kernel_summary(cfg, cuda=state.cuda), flush=True)
 
-    extra = {"config": to_dict(cfg), "mlflow_run_id": run_id, "stage": stage, **tokenizer.ids(),
-             "tokenizer_sha256": tokenizer.checksum}
+    extra = {"config": to_dict(cfg), "mlflow_run_id": run_id, "stage": stage, **tokenizer.record()}
     status, code = "FAILED", 1
     try:
         result = fit(state, train_batches=batches(train_ds),

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from pause_megatron import runtime
+from pause_megatron import checkpoint, runtime
 from pause_megatron.config import ConfigError, load_config
 from pause_megatron.data import MANIFEST, DataError, build_pretrain_datasets, load_tokenizer
-from pause_megatron.job import add_tracking_args, run_job, tags_from
+from pause_megatron.job import ResumeRefused, add_tracking_args, check_start, run_job, tags_from
 from pause_megatron.tokenizer import TokenizerMismatch
 
 
@@ -49,12 +49,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     t = cfg.train
     try:
         tokenizer = load_tokenizer(cfg)
+        check_start(cfg, tokenizer)  # before the datasets write their index cache into train.output_dir
         eval_on = (t.eval_interval > 0 or args.validate_only) and t.eval_steps > 0
         train_ds, valid_ds = build_pretrain_datasets(
             cfg, tokenizer, train_samples=t.steps * t.global_batch_size,
             valid_samples=(t.eval_steps * t.global_batch_size) if eval_on else 0,
             cache_dir=os.path.join(t.output_dir, "data_cache"))
-    except (DataError, TokenizerMismatch, FileNotFoundError) as exc:
+    except (DataError, TokenizerMismatch, ResumeRefused, checkpoint.ModelMismatch, FileNotFoundError) as exc:
         if torch.distributed.get_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         runtime.destroy()

@@ -188,7 +188,9 @@ def _manifest_inputs(path: Optional[str]) -> Optional[dict]:
     if not path or not os.path.exists(file):
         return None
     m = mf.read_json(file)
-    return {**{k: m.get(k) for k in mf.CONFIG_KEYS}, "complete": m.get("complete"), "totals": m.get("totals")}
+    # the tokenizer's ids are left to its checksum, which decides them: stages done before they were recorded stay done
+    keys = [k for k in mf.CONFIG_KEYS if k not in mf.TOKENIZER_IDS]
+    return {**{k: m.get(k) for k in keys}, "complete": m.get("complete"), "totals": m.get("totals")}
 
 
 def _task_files(task_dir: Optional[str], task: str) -> Optional[list]:

@@ -199,8 +199,7 @@ def test_architecture_differences_name_every_setting_that_changes_what_the_weigh
                      "this run 10000", "model.norm_epsilon: checkpoint 1e-06, this run 1e-05",
                      "model.linear_bias: checkpoint 'qkv', this run 'all'"]
     # every model setting is either architecture or named here as not (a new field must be placed)
-    others = {"preset", "seq_length", "init_method_std", "hidden_dropout", "attention_dropout",
-              "make_vocab_size_divisible_by", "spec"}
+    others = {"preset", "seq_length", "init_method_std", "hidden_dropout", "attention_dropout", "spec"}
     assert set(ModelConfig.__dataclass_fields__) == set(ARCHITECTURE_KEYS) | others
     assert [o.split("=")[0] for o in model_overrides(saved)] == [f"model.{k}" for k in ("seq_length",
                                                                                          *ARCHITECTURE_KEYS)]
