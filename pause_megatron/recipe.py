@@ -1,10 +1,13 @@
-"""Recipes: the paper's experiments as one chain of stages — data, pretraining, finetuning, evaluation, report.
+"""Recipes: the paper's experiments as one chain of stages — [import,] data, pretraining, finetuning, evaluation,
+report.
 
 `pause-megatron recipe run recipes/paper_1b.yaml [--dry-run] [key=value ...]`
 
 A recipe names the variants (StdPT_StdFT, StdPT_PauseFT, PausePT_StdFT, PausePT_PauseFT), tasks, M_ft values,
-seeds and ablations; `plan()` expands it into stages, each a command of this project's own CLIs (data_prep,
-pretrain, finetune, evaluate) with its output directory. Running the recipe runs the stages in order, each as
+seeds and ablations; `plan()` expands it into stages, each a command of this project's own CLIs (import-hf,
+data_prep, pretrain, finetune, evaluate) with its output directory. With `init.hf_dir` (a local Hugging Face model
+directory) the chain starts by importing that model: the data is tokenized with its tokenizer and both
+pretrainings (StdPT, PausePT) continue from its weights. Running the recipe runs the stages in order, each as
 an MLflow child run of one parent run. Stages run locally (torchrun) or are submitted to Slurm, one job per
 stage with dependencies.
 
@@ -46,7 +49,7 @@ from pause_megatron.pauses import PAPER_M_FT, num_pretrain_pauses
 from pause_megatron.tasks import TASKS
 
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
-STAGES = ("data", "pretrain", "finetune", "evaluate", "report")
+STAGES = ("import", "data", "pretrain", "finetune", "evaluate", "report")
 GPU_STAGES = ("pretrain", "finetune", "evaluate")  # Megatron ranks, one per GPU
 MARKER = "stage.json"
 RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when MLflow has none)
@@ -65,6 +68,16 @@ class DataSpec:
     vocab_size: int = 32000
     workers: int = 2  # also the data job's CPUs on Slurm
     time: str = "24:00:00"  # the data job's time limit on Slurm
+
+
+@dataclass
+class InitSpec:
+    # A local Hugging Face model directory (config.json, safetensors, tokenizer): imported by an `import` stage
+    # (`pause-megatron import-hf`, on the CPU); the data stage tokenizes with its tokenizer and both pretrainings
+    # start from its weights, with its architecture (read from config.json when the recipe is planned) and
+    # model.seq_length = data.seq_length. None: pretraining starts from random weights.
+    hf_dir: Optional[str] = None
+    time: str = "02:00:00"  # the import job's time limit on Slurm
 
 
 @dataclass
@@ -122,6 +135,7 @@ class Recipe:
     output_dir: str = "runs/recipe"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    init: InitSpec = field(default_factory=InitSpec)
     data: DataSpec = field(default_factory=DataSpec)
     pretrain: StageSpec = field(default_factory=lambda: StageSpec(config="recipes/pretrain_1b_pause.yaml"))
     finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(config="recipes/finetune.yaml"))
@@ -208,6 +222,100 @@ def _task_files(task_dir: Optional[str], task: str) -> Optional[list]:
     return files
 
 
+# ---- init: continued pretraining of a Hugging Face model ---------------------------------------------------
+
+IMPORT_KEY = "import"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")  # by name, size and mtime
+NOT_READ = (".md", ".gitattributes")  # model cards and git metadata: no part of the import's result
+
+
+def hf_dir_problem(r: Recipe) -> Optional[str]:
+    """Why init.hf_dir cannot be imported as it stands (no such directory, no config.json), or None."""
+    d = r.init.hf_dir
+    if d and not os.path.exists(os.path.join(d, "config.json")):
+        return (f"init.hf_dir: {d} is not a Hugging Face model directory (no config.json); download the model "
+                f"there first (e.g. `huggingface-cli download <repo> --local-dir {d}`)")
+    return None
+
+
+def missing_inputs(r: Recipe) -> list[str]:
+    """What the recipe reads from disk and does not find: the model to import, the data stage's input files.
+
+    `--dry-run` plans without them (a plan made before the downloads; its identities change once they are
+    there); `recipe run` refuses before anything runs (cli).
+    """
+    lines = [hf_dir_problem(r)] if hf_dir_problem(r) else []
+    if r.data.input and r.data.input != "sample":
+        from data_prep.c4_input import list_inputs
+
+        try:
+            list_inputs(r.data.input)
+        except FileNotFoundError as exc:
+            lines.append(f"data.input: {exc}")
+    return lines
+
+
+def _hf_dir_inputs(hf_dir: str) -> dict:
+    """What decides the import's result: config.json and the tokenizer files by content, the weight files by
+    name, size and mtime (hashing gigabytes at every plan would cost more than it guards); hidden entries
+    (huggingface-cli's .cache), sub-folders and model cards are not read by the import."""
+    if not os.path.isdir(hf_dir):
+        return {"missing": hf_dir}
+    files = []
+    for name in sorted(os.listdir(hf_dir)):
+        p = os.path.join(hf_dir, name)
+        if name.startswith(".") or name.endswith(NOT_READ) or not os.path.isfile(p):
+            continue
+        st = os.stat(p)
+        if name.endswith(WEIGHT_SUFFIXES) or st.st_size > SMALL_FILE:
+            files.append((name, st.st_size, st.st_mtime_ns))
+        else:
+            with open(p, "rb") as fh:
+                files.append((name, hashlib.sha256(fh.read()).hexdigest()))
+    return {"files": files}
+
+
+def _hf_model_overrides(hf_dir: str, seq_length: int) -> list[str]:
+    """The HF model's architecture as model.* overrides, read from its config.json when the recipe is planned
+    (the import has not run yet): the ones import-hf gives the checkpoint it writes (`hf.import_`), so the
+    pretraining stages build the shape the imported weights have (a different one is refused when they load)."""
+    from pause_megatron import hf
+
+    try:
+        c = hf.read_neox_config(hf_dir)
+    except hf.ConversionError as exc:
+        raise ConfigError(f"init.hf_dir: {exc}") from None
+    # import_'s settings, minus the conversion's own (spec, fp32, tracking): each stage keeps its config's
+    return [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={c['hidden_size']}",
+            f"model.num_attention_heads={c['num_attention_heads']}", f"model.ffn_hidden_size={c['intermediate_size']}",
+            f"model.seq_length={seq_length}", f"model.rotary_base={int(c.get('rotary_emb_base', 10000))}",
+            "model.position_embedding=rope", "model.normalization=LayerNorm", "model.untie_embeddings=true",
+            f"model.gelu={hf.HF_GELUS[c.get('hidden_act', 'gelu')]}",
+            f"model.hidden_dropout={float(c.get('hidden_dropout', 0.0))}",
+            f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
+            f"model.init_method_std={float(c.get('initializer_range', 0.02))}"]
+
+
+def _hf_vocab_size(hf_dir: str) -> int:
+    """The HF model's vocabulary padded as the project pads it (the logits' FLOPs in --dry-run estimates)."""
+    with open(os.path.join(hf_dir, "config.json")) as fh:
+        vocab = int(json.load(fh).get("vocab_size", 32000))
+    return -(-(vocab + 1) // 128) * 128  # + <pause>
+
+
+def import_root(r: Recipe) -> str:
+    """The checkpoint root the import stage writes (train.init_from of both pretrainings)."""
+    return f"{r.output_dir}/{IMPORT_KEY}/checkpoints"
+
+
+def import_tokenizer(r: Recipe) -> str:
+    """The tokenizer the import stored with its checkpoint, which the data stage tokenizes with (so data and
+    model share one tokenizer; pretraining checks its checksum against both)."""
+    from pause_megatron.checkpoint import TOKENIZER_FILE
+
+    return os.path.join(import_root(r), TOKENIZER_FILE)
+
+
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     """The recipe file with dotted overrides, checked: unknown stages, variants or tasks fail here."""
     if not os.path.exists(path):
@@ -278,12 +386,12 @@ def _resolve(config: Optional[str], overrides: list[str], gpus: int, *, model: O
         raise ConfigError(f"{where} with {gpus} ranks: {exc}") from None
 
 
-def _estimate(cfg, gpus: int) -> float:
+def _estimate(cfg, gpus: int, vocab_size: int = 32128) -> float:
     """Seconds for a training stage at ASSUMED_MFU on H100s."""
     from pause_megatron.perf import model_flops_per_token
 
     tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.model.seq_length
-    flops = model_flops_per_token(cfg, vocab_size=32128) * tokens
+    flops = model_flops_per_token(cfg, vocab_size=vocab_size) * tokens
     return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
 
 
@@ -295,8 +403,8 @@ def _data_inputs(d: DataSpec) -> dict:
 
         try:
             inputs["files"] = [(os.path.basename(p), os.path.getsize(p)) for p in list_inputs(d.input)]
-        except FileNotFoundError as exc:
-            raise ConfigError(f"data.input: {exc}") from None
+        except FileNotFoundError:
+            inputs["files"] = None  # missing_inputs: a --dry-run plans without them, a run refuses
     return inputs
 
 
@@ -305,12 +413,12 @@ def ranks_per_node(r: Recipe) -> int:
     return r.launch.gpus_per_node if r.launch.executor == "slurm" and r.launch.gpus_per_node > 0 else r.launch.nproc
 
 
-def _disk(cfg) -> tuple[float, float]:
+def _disk(cfg, vocab_size: int = 32128) -> tuple[float, float]:
     """Bytes of the checkpoints a training stage keeps at its end, and at its peak: with retention, a save
     writes the new checkpoint before the oldest kept one goes (keep + 1 at that moment)."""
     t, m = cfg.train, cfg.model
     h = m.hidden_size  # attention 4h^2 and MLP 2hf per layer; the embedding (and an untied output layer) hV
-    params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * 32128
+    params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * vocab_size
     saves = -(-t.steps // t.save_interval) if t.save_interval else 1
     keep = t.keep_checkpoints or saves
     each = params * CHECKPOINT_BYTES_PER_PARAM
@@ -323,10 +431,24 @@ def full_plan(r: Recipe) -> list[Stage]:
     gpus = lambda nodes: nodes * ranks_per_node(r)  # noqa
     common = ["--tag", f"recipe={r.name}"]
     stages: list[Stage] = []
-    data_deps = []
+    init_deps, init_overrides, vocab = [], [], 32128
+    if r.init.hf_dir:
+        root = import_root(r)
+        stages.append(Stage(IMPORT_KEY, "import", [], f"{out}/{IMPORT_KEY}", [], time=r.init.time,
+                            inputs={"hf_dir": _hf_dir_inputs(r.init.hf_dir), "seq_length": r.data.seq_length}))
+        init_deps = [IMPORT_KEY]
+        # Without the directory (a --dry-run before the download) the shape is the pretrain config's.
+        if hf_dir_problem(r) is None:
+            init_overrides = _hf_model_overrides(r.init.hf_dir, r.data.seq_length)
+            vocab = _hf_vocab_size(r.init.hf_dir)
+        else:
+            init_overrides = [f"model.seq_length={r.data.seq_length}"]
+        init_overrides.append(f"train.init_from={root}")
+    data_deps = list(init_deps)
     if r.data.input:
-        stages.append(Stage("data", "data", [], f"{out}/data", [], time=r.data.time, inputs=_data_inputs(r.data)))
-        data_deps = ["data"]
+        stages.append(Stage("data", "data", [], f"{out}/data", init_deps, time=r.data.time,
+                            inputs=_data_inputs(r.data)))
+        data_deps = ["data", *init_deps]
 
     # The pretrained models: "StdPT", "PausePT" (the main ones) and "PausePT-r<ratio>" (the pause-ratio sweep,
     # online pauses) -> (stage key, pause ratio or None for StdPT).
@@ -343,8 +465,9 @@ def full_plan(r: Recipe) -> list[Stage]:
         key = f"pretrain/{variant}" if ratio is None else f"pretrain/pause-r{ratio:g}"
         d = f"{out}/{key}"
         online = [] if ratio is None else ["pauses.source=online", f"pauses.ratio={ratio}"]
+        # The imported model's architecture comes after pretrain.overrides: its weights have that shape.
         overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
-                     *_tracking_overrides(r), *r.pretrain.overrides, *online, _run_name(key)]
+                     *_tracking_overrides(r), *r.pretrain.overrides, *online, *init_overrides, _run_name(key)]
         cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
         if variant == "pause":
             m = num_pretrain_pauses(seq_length=cfg.model.seq_length, ratio=cfg.pauses.ratio)
@@ -361,11 +484,12 @@ def full_plan(r: Recipe) -> list[Stage]:
         if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
             inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            tags, _estimate(cfg, gpus(r.pretrain.nodes)), _disk(cfg), inputs))
+                            tags, _estimate(cfg, gpus(r.pretrain.nodes), vocab), _disk(cfg, vocab), inputs))
         pretrained[model] = (key, cfg.pauses.ratio if variant == "pause" else None)
 
     f = r.finetune
-    pretrained_model = dataclasses.asdict(load_config(r.pretrain.config, r.pretrain.overrides, hardware=False).model)
+    pretrained_model = dataclasses.asdict(load_config(r.pretrain.config, [*r.pretrain.overrides, *init_overrides],
+                                                      hardware=False).model)
     finetunes = []  # (variant, placement, m, ablation, pretrained model)
     sweep_models = [m for m in pretrained if m.startswith("PausePT-r")]
     for v in r.variants:
@@ -403,7 +527,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
-                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes)), _disk(cfg),
+                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes), vocab), _disk(cfg, vocab),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
@@ -542,6 +666,12 @@ def claim(stage: Stage, *, log=print) -> None:
     write_marker(stage.out, stage.key, stage.identity, done=False)
 
 
+def _import_commands(r: Recipe, python: str) -> list[list[str]]:
+    """import-hf: one process on the CPU (no MLflow run, no Megatron job), model.seq_length = data.seq_length."""
+    return [[python, "-m", "pause_megatron.cli", "import-hf", r.init.hf_dir, import_root(r),
+             "--seq-length", str(r.data.seq_length)]]
+
+
 def _data_commands(r: Recipe, python: str) -> list[list[str]]:
     d = r.data
     cmds = []
@@ -550,8 +680,9 @@ def _data_commands(r: Recipe, python: str) -> list[list[str]]:
         source = f"{r.output_dir}/data/c4_json"
         cmds.append([python, "-m", "data_prep.c4_sample", source, "--files", str(d.sample_files),
                      "--docs-per-file", str(d.sample_docs_per_file)])
+    tokenizer = ["--tokenizer", import_tokenizer(r)] if r.init.hf_dir else ["--vocab-size", str(d.vocab_size)]
     cmds.append([python, "-m", "data_prep.build_c4", "build", "--input", source, "--output", d.path,
-                 "--seq-length", str(d.seq_length), "--vocab-size", str(d.vocab_size), "--workers", str(d.workers)])
+                 "--seq-length", str(d.seq_length), *tokenizer, "--workers", str(d.workers)])
     return cmds
 
 
@@ -597,8 +728,8 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
                   "SLURM_PROCID", "SLURM_NTASKS")
 
 
-def _local_env(r: Recipe) -> Optional[dict]:
-    if r.launch.nproc != 1:
+def _local_env(r: Recipe, kind: str) -> Optional[dict]:
+    if kind == "data" or (kind != "import" and r.launch.nproc != 1):  # the import is one process whatever nproc
         return None
     return {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
 
@@ -632,6 +763,8 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
         claim(stage, log=log)
         if stage.kind == "data":
             cmds = _data_commands(r, python)
+        elif stage.kind == "import":
+            cmds = _import_commands(r, python)
         elif stage.kind == "report":
             from pause_megatron.report import ReportError, build_report
 
@@ -648,8 +781,7 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             for cmd in cmds:
                 logfile.write("+ " + shlex.join(cmd) + "\n")
                 logfile.flush()
-                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                      env=_local_env(r) if stage.kind != "data" else None)
+                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=_local_env(r, stage.kind))
                 if proc.returncode != 0:
                     log(f"stage {stage.key} failed (exit {proc.returncode}); its log: {stage.out}/stage.log")
                     return proc.returncode
@@ -664,6 +796,9 @@ def _stage_job(r: Recipe, stage: Stage, *, python: str, parent: Optional[str], r
     if stage.kind == "data":
         steps = [cmd[2:] for cmd in _data_commands(r, python)]  # [python, "-m", module, ...] -> module, ...
         return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.data.workers), None
+    if stage.kind == "import":  # converts on the CPU in fp32 whatever the node has (hf._cpu_only)
+        steps = [cmd[2:] for cmd in _import_commands(r, python)]
+        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.launch.cpus_per_task), None
     if stage.kind == "report":
         steps = [["pause_megatron.cli", "recipe", "report", recipe_path, *overrides]]
         return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=1), None
@@ -783,6 +918,10 @@ def print_plan(r: Recipe, *, log=print) -> None:
     stages = plan(r)
     per_node = ranks_per_node(r)
     log(f"recipe {r.name}: {len(stages)} stages, executor {r.launch.executor}")
+    for line in missing_inputs(r):
+        log(f"note: {line}")
+    if hf_dir_problem(r):
+        log("note: until the model is there, this plan takes its shape from the pretrain config (model.* there)")
     log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
     gpu_hours, disk, extra = 0.0, 0.0, 0.0
     for s in stages:
