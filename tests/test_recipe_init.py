@@ -1,0 +1,136 @@
+"""Recipes that continue pretraining an imported Hugging Face model (init.hf_dir): the plan, and a tiny one run
+end to end (import -> data with the imported tokenizer -> StdPT and PausePT from the imported weights -> finetune,
+evaluate, report)."""
+
+import json
+
+import pytest
+
+from helpers import python
+
+NEW = ("continue_pretrain_smollm2_pause", "continue_pretrain_llama32_1b_pause")
+FEW = ("finetune.tasks=[squad,gsm8k]", "finetune.seeds=[4]")  # the plan's shape at a 30th of its 545 stages
+
+
+def plan_of(path, *overrides):
+    from pause_megatron.recipe import full_plan, load_recipe
+
+    recipe = load_recipe(path, list(overrides))
+    return recipe, {s.key: s for s in full_plan(recipe)}
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_continue_pretrain_recipes_plan_the_import_first_and_print_gpu_hours(name):
+    from pause_megatron.recipe import print_plan
+
+    recipe, stages = plan_of(f"recipes/{name}.yaml", *FEW)
+    root = f"{recipe.output_dir}/import/checkpoints"
+    assert list(stages)[:2] == ["import", "data"] and stages["data"].deps == ["import"]
+    for variant in ("std", "pause"):
+        pt = stages[f"pretrain/{variant}"]
+        assert set(pt.deps) == {"data", "import"} and f"train.init_from={root}" in pt.argv
+        assert "model.seq_length=2048" in pt.argv
+    for v in ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT"):
+        assert any(s.tags.get("variant") == v and s.kind == "evaluate" for s in stages.values()), v
+    lines = []
+    print_plan(recipe, log=lines.append)
+    out = "\n".join(lines)
+    # planned before the model and C4 are downloaded: it says so, and still prints every stage and the hours
+    assert f"note: init.hf_dir: {recipe.init.hf_dir} is not a Hugging Face model directory" in out
+    for key in ("import", "data", "pretrain/pause", "pretrain/std", "finetune/PausePT/squad/append50/seed4",
+                "evaluate/StdPT/gsm8k/none0/seed4/none0", "report"):
+        assert any(line.split()[:1] == [key] for line in lines), key
+    pretrain_hours = [float(line.split()[3]) for line in lines if line.startswith("pretrain/")]
+    assert len(pretrain_hours) == 2 and all(h > 0.1 for h in pretrain_hours)
+    assert "GPU-hours for the training stages" in out
+
+
+def test_running_without_the_model_directory_is_refused_before_anything_runs(tmp_path, capsys):
+    from pause_megatron.cli import main
+
+    code = main(["recipe", "run", f"recipes/{NEW[0]}.yaml", f"output_dir={tmp_path / 'out'}", *FEW])
+    err = capsys.readouterr().err
+    assert code == 2 and "init.hf_dir: models/SmolLM2-135M is not a Hugging Face model directory" in err
+    assert "nothing was run" in err and not (tmp_path / "out").exists()
+
+
+LR = 1e-4
+STEPS = 2
+
+
+def tiny_recipe(tmp_path, hf_dir) -> str:
+    import yaml
+
+    recipe = {
+        "name": "tiny_continue", "output_dir": str(tmp_path / "out"), "variants": ["StdPT_StdFT", "PausePT_PauseFT"],
+        "init": {"hf_dir": str(hf_dir)},
+        # vocab_size is not used with init (the imported tokenizer is): a 600-piece one would differ from it
+        "data": {"input": "sample", "sample_files": 1, "sample_docs_per_file": 150, "seq_length": 128,
+                 "vocab_size": 600, "path": str(tmp_path / "out" / "data" / "c4_128")},
+        "pretrain": {"config": "recipes/pretrain_tiny.yaml",
+                     "overrides": ["parallel.tensor=1", f"train.steps={STEPS}", "train.eval_interval=0",
+                                   "train.save_interval=0", "train.global_batch_size=4", "train.micro_batch_size=4",
+                                   f"optim.lr={LR}", f"optim.min_lr={LR}", "optim.warmup_steps=0",
+                                   "optim.weight_decay=0"]},
+        "finetune": {"config": "recipes/finetune.yaml", "tasks": ["piqa"], "m_ft": [1], "seeds": [0],
+                     "task_dir": "pause_megatron/sample_tasks",
+                     "overrides": ["train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=2",
+                                   "optim.warmup_steps=0", "train.eval_interval=0", "precision.dtype=fp32"]},
+        "evaluate": {"limit": 2},
+        "launch": {"executor": "local", "nproc": 1},
+        "tracking": {"enabled": False, "uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny_continue"},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def model_weights(iteration_dir) -> dict:
+    """A checkpoint's model tensors, read by PyTorch's own distributed-checkpoint reader (not the project's)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = iteration_dir.parent / f"{iteration_dir.name}.pt"
+    dcp_to_torch_save(str(iteration_dir), str(flat))
+    state = torch.load(flat, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")
+            and "_extra_state" not in k}
+
+
+@pytest.mark.slow
+def test_a_tiny_continued_pretraining_recipe_runs_end_to_end_from_the_imported_model(tiny_c4, tmp_path):
+    import torch
+
+    from test_hf import neox_without_pause
+
+    hf_dir = tmp_path / "hf"
+    neox_without_pause(tiny_c4, hf_dir)  # random GPT-NeoX, SentencePiece tokenizer without <pause>
+    recipe = tiny_recipe(tmp_path, hf_dir)
+    proc = python("-m", "pause_megatron.cli", "recipe", "run", recipe, timeout=1800)
+    out = tmp_path / "out"
+    assert "run  import" in proc.stdout and (out / "report" / "report.md").exists(), proc.stdout
+
+    imported = out / "import" / "checkpoints"
+    extra = torch.load(imported / "iter_0000000" / "common.pt", weights_only=False)["extra"]
+    # the shards were tokenized with the tokenizer the import stored (not one data prep trained itself)
+    manifest = json.loads((out / "data" / "c4_128" / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == extra["tokenizer_sha256"]
+    assert manifest["tokenizer_source"] == {"given": str(imported / "tokenizer.model")}
+
+    start = model_weights(imported / "iter_0000000")
+    for variant in ("std", "pause"):
+        run = out / "pretrain" / variant
+        # planned from the HF config.json: the shape the import wrote (its weights load into it)
+        model = json.loads((run / "config.json").read_text())["model"]
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "rotary_base", "gelu", "seq_length"):
+            assert model[key] == extra["config"]["model"][key], key
+        # STEPS Adam steps at LR move no weight by more than ~LR each: the run started from the imported
+        # weights (a fresh init differs by ~0.1, the HF model's initializer_range being 0.2)
+        end = model_weights(run / "checkpoints" / f"iter_{STEPS:07d}")
+        assert set(start) <= set(end)
+        moved = max((end[k].float() - start[k].float()).abs().max().item() for k in start)
+        assert 0 < moved <= 2 * STEPS * LR, (variant, moved)
+
+    again = python("-m", "pause_megatron.cli", "recipe", "run", recipe, timeout=600).stdout
+    ran = [line for line in again.splitlines() if line.startswith("[")]
+    assert ran and all(" skip " in line for line in ran), again
