@@ -728,7 +728,8 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
                   "SLURM_PROCID", "SLURM_NTASKS")
 
 
-def _local_env(r: Recipe, kind: str) -> Optional[dict]:
+def _local_env(r: Recipe, kind: str = "pretrain") -> Optional[dict]:
+    """A one-process stage's environment without rank variables; None (this one) for data and torchrun."""
     if kind == "data" or (kind != "import" and r.launch.nproc != 1):  # the import is one process whatever nproc
         return None
     return {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}

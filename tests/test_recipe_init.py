@@ -54,6 +54,24 @@ def test_running_without_the_model_directory_is_refused_before_anything_runs(tmp
     assert "nothing was run" in err and not (tmp_path / "out").exists()
 
 
+def test_the_import_runs_as_one_cpu_process_locally_and_on_slurm(monkeypatch):
+    from pause_megatron import recipe, slurm
+
+    r = recipe.Recipe(name="x", output_dir="out", init=recipe.InitSpec(hf_dir="models/m"),
+                      launch=recipe.LaunchSpec(executor="slurm", nproc=2, gpus_per_node=8))
+    r.data.seq_length = 256
+    stage = recipe.Stage("import", "import", [], "out/import", [])
+    steps, res, cpu = recipe._stage_job(r, stage, python="py", parent="run1", recipe_path="x.yaml", overrides=[])
+    assert steps == [["pause_megatron.cli", "import-hf", "models/m", "out/import/checkpoints", "--seq-length", "256"]]
+    assert res["gpus_per_node"] == 0 and res["nodes"] == res["ntasks_per_node"] == 1 and cpu is None
+    script = slurm.job_script(steps=steps, mark=["-m", "x"], home=".", python="py", cpu=cpu, title="t",
+                              stop_dir="out/import")
+    assert "run_step pause_megatron.cli import-hf models/m out/import/checkpoints" in script
+    assert "PAUSE_REQUIRE_GPU" not in script
+    monkeypatch.setenv("RANK", "3")  # locally, with launch.nproc=2 too: a plain process, a world of its own
+    assert "RANK" not in recipe._local_env(r, "import") and recipe._local_env(r, "pretrain") is None
+
+
 LR = 1e-4
 STEPS = 2
 
