@@ -152,3 +152,39 @@ def test_a_tiny_continued_pretraining_recipe_runs_end_to_end_from_the_imported_m
     again = python("-m", "pause_megatron.cli", "recipe", "run", recipe, timeout=600).stdout
     ran = [line for line in again.splitlines() if line.startswith("[")]
     assert ran and all(" skip " in line for line in ran), again
+
+
+def test_the_import_identity_follows_the_model_files_and_the_plan_takes_its_shape(tmp_path):
+    import os
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    config = dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], vocab_size=500, hidden_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=192, max_position_embeddings=64,
+                  rotary_pct=1.0, use_parallel_residual=False, rotary_emb_base=500, hidden_act="gelu_new")
+    (hf / "config.json").write_text(json.dumps(config))
+    (hf / "tokenizer.model").write_bytes(b"pieces")
+    (hf / "model.safetensors").write_bytes(b"weights")
+    path = tiny_recipe(tmp_path, hf)
+
+    def plan():
+        return {k: (s.identity, s.argv) for k, s in plan_of(path)[1].items()}
+
+    first = plan()
+    argv = first["pretrain/pause"][1]
+    # the HF config's shape comes after the pretrain config's (tiny: 4 layers, FFN 256), with data.seq_length
+    for override in ("model.num_layers=2", "model.ffn_hidden_size=192", "model.rotary_base=500", "model.gelu=tanh",
+                     "model.seq_length=128"):
+        assert override in argv and argv.index(override) > argv.index("train.steps=2"), override
+    (hf / "README.md").write_text("a model card")  # not read by the import
+    (hf / ".cache").mkdir()
+    assert plan() == first
+    st = os.stat(hf / "model.safetensors")  # weights: by name, size and mtime
+    os.utime(hf / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = plan()
+    assert all(second[k][0] != first[k][0] for k in first)  # every stage follows the import
+    (hf / "tokenizer.model").write_bytes(b"other!")  # tokenizer: by content (same size)
+    assert plan()["import"][0] != second["import"][0]
+    config["hidden_act"] = "gelu"
+    (hf / "config.json").write_text(json.dumps(config))
+    assert "model.gelu=exact" in plan()["pretrain/std"][1]
