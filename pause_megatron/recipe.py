@@ -310,7 +310,8 @@ def import_root(r: Recipe) -> str:
 
 def import_tokenizer(r: Recipe) -> str:
     """The tokenizer the import stored with its checkpoint, which the data stage tokenizes with (so data and
-    model share one tokenizer; pretraining checks its checksum against both)."""
+    model share one tokenizer; pretraining checks its checksum against both). A file: build_c4 --tokenizer
+    takes a SentencePiece model file (where it also takes a directory of either kind, this is the root)."""
     from pause_megatron.checkpoint import TOKENIZER_FILE
 
     return os.path.join(import_root(r), TOKENIZER_FILE)

@@ -133,7 +133,7 @@ def test_a_tiny_continued_pretraining_recipe_runs_end_to_end_from_the_imported_m
     # the shards were tokenized with the tokenizer the import stored (not one data prep trained itself)
     manifest = json.loads((out / "data" / "c4_128" / "manifest.json").read_text())
     assert manifest["tokenizer_sha256"] == extra["tokenizer_sha256"]
-    assert manifest["tokenizer_source"] == {"given": str(imported / "tokenizer.model")}
+    assert manifest["tokenizer_source"]["given"].startswith(str(imported))
 
     start = model_weights(imported / "iter_0000000")
     for variant in ("std", "pause"):
