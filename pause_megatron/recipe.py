@@ -308,6 +308,13 @@ def import_root(r: Recipe) -> str:
     return f"{r.output_dir}/{IMPORT_KEY}/checkpoints"
 
 
+def imported_unmarked(r: Recipe, stage: Stage) -> bool:
+    """An import stage (claimed: its folder holds this identity's output only) whose checkpoint root is there:
+    import-hf renames it into place whole as its last act, so it finished, and was stopped before its marker
+    (import-hf refuses to write over it: the stage is marked done instead of run again)."""
+    return stage.kind == "import" and os.path.exists(import_root(r))
+
+
 def import_tokenizer(r: Recipe) -> str:
     """The tokenizer the import stored with its checkpoint, which the data stage tokenizes with (so data and
     model share one tokenizer; pretraining checks its checksum against both). A file: build_c4 --tokenizer
@@ -763,6 +770,9 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             continue
         log(f"[{i}/{len(stages)}] run  {stage.key}")
         claim(stage, log=log)
+        if imported_unmarked(r, stage):
+            mark_done(stage)
+            continue
         if stage.kind == "data":
             cmds = _data_commands(r, python)
         elif stage.kind == "import":
@@ -878,6 +888,10 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
                 f"launch.max_jobs is {r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
             break
         claim(stage, log=log)
+        if imported_unmarked(r, stage):
+            mark_done(stage)
+            log(f"skip {stage.key} (done)")
+            continue
         steps, res, cpu = _stage_job(r, stage, python=python, parent=parent, recipe_path=recipe_path,
                                      overrides=overrides)
         mark = ["-m", "pause_megatron.recipe", "mark", stage.out, stage.key, stage.identity]

@@ -188,3 +188,20 @@ def test_the_import_identity_follows_the_model_files_and_the_plan_takes_its_shap
     config["hidden_act"] = "gelu"
     (hf / "config.json").write_text(json.dumps(config))
     assert "model.gelu=exact" in plan()["pretrain/std"][1]
+
+
+def test_an_import_stopped_after_writing_its_checkpoint_is_marked_done_not_run_again(tmp_path):
+    from pause_megatron import recipe
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(dict(
+        model_type="gpt_neox", vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=192, max_position_embeddings=64, rotary_pct=1.0, use_parallel_residual=False)))
+    r, stages = plan_of(tiny_recipe(tmp_path, hf), "stages=[import]")
+    stage = stages["import"]
+    recipe.claim(stage)  # the run that was stopped: claimed, its checkpoint root renamed into place, no marker
+    (tmp_path / "out" / "import" / "checkpoints").mkdir()
+    lines = []
+    assert recipe.run(r, recipe_path="x.yaml", log=lines.append) == 0 and recipe.is_done(stage)
+    assert not (tmp_path / "out" / "import" / "stage.log").exists(), lines  # import-hf was not started
