@@ -124,6 +124,27 @@ def read_extra(path: str) -> dict:
     return dist_checkpointing.load_common_state_dict(resolve(path)).get("extra", {})
 
 
+class ModelMismatch(ValueError):
+    """A run that starts from a checkpoint (train.init_from) has other model settings than the checkpoint."""
+
+
+def check_init_from_model(root: str, cfg) -> None:
+    """Raise ModelMismatch naming every architecture setting (config.ARCHITECTURE_KEYS) on which this run differs
+    from the checkpoint it starts from. Weight shapes alone do not catch them: another norm epsilon, RoPE base or
+    scaling, activation or normalization loads the same tensors and quietly computes another model."""
+    from pause_megatron.config import architecture_differences, model_overrides, to_dict
+
+    saved = (read_extra(root).get("config") or {}).get("model")
+    if not saved:  # a checkpoint that records no config: nothing to compare
+        return
+    diffs = architecture_differences(saved, to_dict(cfg)["model"])
+    if diffs:
+        keys = [d.split(":", 1)[0][len("model."):] for d in diffs]
+        raise ModelMismatch(f"{root} holds another model than this run's: " + "; ".join(diffs) + ". Start from it "
+                            "with its settings: " + " ".join(model_overrides(saved, keys)) + " (all of them: "
+                            "pause_megatron.hf.checkpoint_model_overrides, which import-hf prints)")
+
+
 def load_model(chunks: list, path: str) -> dict:
     """Load only the weights of a checkpoint (any TP/PP layout) into model chunks; returns its `extra`."""
     from megatron.core import dist_checkpointing

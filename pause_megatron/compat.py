@@ -100,6 +100,22 @@ def inference_mode():
     return InferenceMode.active()
 
 
+def logits_at_every_position(context) -> None:
+    """Make the next forward with this StaticInferenceContext return logits at every position it runs.
+
+    A static context asks for the last position's logits only (generation's prefill). By 0.19.0 the switch
+    moved from the context (`context.materialize_only_last_token_logits`, 0.16; 0.17-0.18 not checked) to its
+    InferenceConfig (`context.config.materialize_only_last_token_logits`), where GPTModel reads it; setting
+    the old attribute on 0.19 changes nothing, so the model keeps only each row's last position
+    (`score_shared` then reads wrong positions silently, or indexes past the one it got).
+    """
+    config = getattr(context, "config", None)
+    if config is not None and hasattr(config, "materialize_only_last_token_logits"):  # 0.19
+        config.materialize_only_last_token_logits = False
+    else:
+        context.materialize_only_last_token_logits = False
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 # 0.16.1 (and, as far as read, 0.19: the same code), without Apex or Transformer Engine (the CPU path), a

@@ -25,8 +25,15 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
 
 
-# Model shapes. 130m and 1b are the paper's (Goyal et al., Section 4); tiny runs the whole stack on a CPU.
-PRESETS: dict[str, dict[str, int]] = {
+# Llama-family architecture (RMSNorm, SwiGLU, grouped-query attention, no linear biases): the open models'
+# settings that differ from the paper's GPT; each preset below sets its own shape on top.
+_LLAMA = dict(normalization="RMSNorm", mlp="swiglu", linear_bias="none", untie_embeddings=False, seq_length=2048)
+
+# Model presets. 130m and 1b are the paper's (Goyal et al., Section 4); tiny runs the whole stack on a CPU. The
+# open models' presets reproduce the shapes of their published config.json (docs/pretraining.md lists the
+# values); no weights come with them (import-hf brings those). seq_length is a training choice, not the model's
+# max_position_embeddings.
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256, seq_length=128),
     "130m": dict(
         num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072, seq_length=PAPER_SEQ_LENGTH
@@ -34,7 +41,14 @@ PRESETS: dict[str, dict[str, int]] = {
     "1b": dict(
         num_layers=24, hidden_size=2048, num_attention_heads=32, ffn_hidden_size=8192, seq_length=PAPER_SEQ_LENGTH
     ),
+    "smollm2-135m": dict(_LLAMA, num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3,
+                         ffn_hidden_size=1536, rotary_base=100000, norm_epsilon=1e-5),
+    "llama3.2-1b": dict(_LLAMA, num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+                        ffn_hidden_size=8192, rotary_base=500000, norm_epsilon=1e-5, rope_scaling_factor=32.0),
+    "qwen2.5-0.5b": dict(_LLAMA, num_layers=24, hidden_size=896, num_attention_heads=14, num_query_groups=2,
+                         ffn_hidden_size=4864, rotary_base=1000000, norm_epsilon=1e-6, linear_bias="qkv"),
 }
+LINEAR_BIASES = ("all", "none", "qkv")
 
 
 @dataclass
@@ -54,11 +68,56 @@ class ModelConfig:
     # what Megatron's fused bias-GELU computes; "exact" (erf) turns that fusion off (for imported models)
     gelu: str = "tanh"
     untie_embeddings: bool = True  # separate output layer: 136M parameters at 130m, as in the paper
+    # Llama-family settings (defaults: the paper's GPT). MLP "gelu" (model.gelu's function) or "swiglu" (a gated
+    # linear unit: silu(gate) * up, Megatron's linear_fc1 holding [gate; up])
+    mlp: str = "gelu"
+    num_query_groups: Optional[int] = None  # key/value heads (grouped-query attention); None: one per head
+    linear_bias: str = "all"  # biases of the linear layers: "all", "none" (Llama) or "qkv" (Qwen2: QKV only)
+    # Llama 3.x's RoPE frequency scaling (factor; low/high frequency factors 1 and 4, original context 8192,
+    # Megatron-Core's fixed values); None: no scaling
+    rope_scaling_factor: Optional[float] = None
+    norm_epsilon: float = 1e-5  # LayerNorm/RMSNorm epsilon
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128  # padded size independent of TP (see tokenizer.padded_vocab_size)
     spec: str = "auto"  # layer spec: "te" (Transformer Engine), "local" (Megatron-Core + SDPA) or "auto" (te if present)
+
+
+# The model settings with which a checkpoint's weights compute what they were trained to compute: a run that
+# starts from a checkpoint (train.init_from) must have the checkpoint's (checkpoint.check_init_from_model).
+# seq_length is not one of them: with RoPE it is a training choice, and with learned absolute positions a
+# different length is a table shape the load refuses.
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "position_embedding", "rotary_base", "rope_scaling_factor", "normalization", "norm_epsilon",
+                     "mlp", "gelu", "linear_bias", "untie_embeddings")
+
+
+def _architecture(model: dict) -> dict:
+    """`model`'s ARCHITECTURE_KEYS it records, in the form that compares: no query groups is one per head, and
+    model.gelu means nothing under a SwiGLU MLP."""
+    out = {k: model[k] for k in ARCHITECTURE_KEYS if k in model}
+    if out.get("num_query_groups") is None and "num_attention_heads" in out:
+        out["num_query_groups"] = out["num_attention_heads"]
+    if out.get("mlp") == "swiglu":
+        out.pop("gelu", None)
+    return out
+
+
+def architecture_differences(saved: dict, model: dict) -> list[str]:
+    """The architecture keys on which a checkpoint's config.model (`saved`) and a run's (`model`) differ, as
+    "model.KEY: checkpoint X, this run Y". A key the checkpoint does not record (saved before it existed) is not
+    compared."""
+    a, b = _architecture(saved), _architecture(model)
+    return [f"model.{k}: checkpoint {a[k]!r}, this run {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+
+
+def model_overrides(model: dict, keys=("seq_length", *ARCHITECTURE_KEYS)) -> list[str]:
+    """`model.KEY=VALUE` overrides that set `keys` of a config.model dict (those it records) on a run."""
+    def text(value) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [f"model.{k}={text(model[k])}" for k in keys if k in model]
 
 
 @dataclass
@@ -163,7 +222,7 @@ class Config:
 
 def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_size: Optional[int] = None,
                 base: Optional[dict] = None, hardware: bool = True) -> Config:
-    """Defaults < `base` (e.g. a checkpoint's config) < model preset < YAML file < overrides, validated.
+    """Defaults < model preset < `base` (e.g. a checkpoint's config) < YAML file < overrides, validated.
 
     hardware=False: skip the checks of this machine (GPU, Transformer Engine), as a plan made on a login node
     for a GPU cluster must; the job checks them when it starts.
@@ -179,14 +238,12 @@ def load_config(path: Optional[str] = None, overrides: list[str] = (), *, world_
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
-        for layer in layers:
-            merged = OmegaConf.merge(merged, layer)
-        preset = merged.model.preset
+        preset = OmegaConf.merge(merged, *layers).model.preset
         if preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-        for key, value in PRESETS[preset].items():
-            if merged.model[key] is None:
-                merged.model[key] = value
+        # the preset's values are the model's defaults: any layer above (a checkpoint's config, the file, the
+        # overrides) sets a field over them
+        merged = OmegaConf.merge(merged, {"model": PRESETS[preset]}, *layers)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         where = f" in {path}" if path else ""
@@ -259,11 +316,22 @@ def validate(cfg: Config, *, world_size: Optional[int] = None, cuda: Optional[bo
          f"model.normalization must be 'LayerNorm' or 'RMSNorm', got {m.normalization!r}")
 
     need(m.gelu in ("tanh", "exact"), f"model.gelu must be 'tanh' or 'exact', got {m.gelu!r}")
+    need(m.mlp in ("gelu", "swiglu"), f"model.mlp must be 'gelu' or 'swiglu', got {m.mlp!r}")
+    need(m.linear_bias in LINEAR_BIASES, f"model.linear_bias must be one of {LINEAR_BIASES}, got {m.linear_bias!r}")
+    need(m.norm_epsilon > 0, f"model.norm_epsilon must be positive, got {m.norm_epsilon}")
+    need(m.rope_scaling_factor is None or (m.rope_scaling_factor >= 1 and m.position_embedding == "rope"),
+         f"model.rope_scaling_factor={m.rope_scaling_factor} must be null or >= 1, with model.position_embedding=rope")
+    groups = m.num_query_groups or m.num_attention_heads
+    need(groups > 0 and m.num_attention_heads % groups == 0,
+         f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.num_query_groups={groups}")
 
     need(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
     need(p.pipeline >= 1, f"parallel.pipeline must be >= 1, got {p.pipeline}")
     need(m.num_attention_heads % p.tensor == 0,
          f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
+    need(groups % p.tensor == 0,
+         f"model.num_query_groups={groups} is not divisible by parallel.tensor={p.tensor} (each tensor-parallel rank"
+         " holds whole key/value heads)")
     need(m.ffn_hidden_size % p.tensor == 0,
          f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={p.tensor}")
     chunks = p.pipeline * (p.virtual_pipeline or 1)

@@ -8,6 +8,10 @@ A batch holds sequences of different lengths without an attention mask, by the c
   a row still inside its prompt is given its next prompt token and a row past it its greedy pick (the
   static batching of Megatron-LM's text generation). No position of a row ever holds padding that a real
   token attends to, so each row decodes as it would alone.
+- scoring continuations that share a context (the endings of a multiple-choice question) runs the
+  positions every context of the batch holds before its last token once per context (a prefill with
+  Megatron-Core's StaticInferenceContext), copies that KV cache to each continuation's row and runs the rest
+  of every row in one forward reading it, causally (`score_shared`; the local spec's attention).
 Rows are grouped by length (lm-eval's `Collator`, longest first) so that little is computed on padding, and
 results come back in the callers' order. `run_batched` lowers a batch size that runs out of memory.
 """
@@ -66,12 +70,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSize, *,
-                sort_key: Callable) -> list:
+                sort_key: Callable, split: Optional[Callable[[object], object]] = None) -> list:
     """fn over `items` in batches of `batch_size` ("auto": from AUTO_BATCH_START), results in `items`' order.
 
     Items are ordered by `sort_key` with lm-eval's `Collator` (callers sort longest first: a batch that does not
     fit fails on the first call). A batch that runs out of memory is retried at half its size (told on
-    stderr), down to 1 item, where the error is raised: results never depend on the size that ran them.
+    stderr), down to 1 item; one item that still does not fit is given to `split` (an item that is itself
+    several requests, a context with its continuations, scored in smaller pieces), else the error is raised:
+    results never depend on the size that ran them.
     """
     from lm_eval.models.utils import Collator
 
@@ -86,8 +92,15 @@ def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSi
         try:
             results.extend(fn(chunk))
         except Exception as exc:
-            if not _is_out_of_memory(exc) or len(chunk) == 1:
+            if not _is_out_of_memory(exc):
                 raise
+            if len(chunk) == 1:
+                if split is None:
+                    raise
+                print("evaluation: one batch item ran out of memory; scoring it in pieces", file=sys.stderr,
+                      flush=True)
+                results.append(split(chunk[0]))
+                continue
             size = len(chunk) // 2  # halved from what ran (the chunk may be smaller than `size`), at least 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -96,11 +109,17 @@ def run_batched(items: Sequence, fn: Callable[[list], list], batch_size: BatchSi
     return collator.get_original(results)
 
 
-def _output_layer(model):
-    """The output layer of a GPTModel behind its wrappers (Float16Module, DDP: `.module`)."""
+def _gpt(model):
+    """The GPTModel behind its wrappers (Float16Module, DDP: `.module`)."""
     m = model
     while not hasattr(m, "output_layer") and hasattr(m, "module"):
         m = m.module
+    return m
+
+
+def _output_layer(model):
+    """The output layer of a GPTModel behind its wrappers."""
+    m = _gpt(model)
     if getattr(m, "output_layer", None) is None:
         raise ValueError("scoring needs the model's output layer (the last pipeline stage of a GPTModel)")
     return m.output_layer
@@ -156,11 +175,84 @@ def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], *, vocab_siz
         logits = forward(model, ids, positions)[0]  # [K, vocab], the rows' continuations one after another
     out, k = [], 0
     for c, x in rows:
-        logprobs = F.log_softmax(logits[k: k + len(x)], dim=-1)
+        out.append(_score_row(logits[k: k + len(x)], x, vocab_size=vocab_size, banned_ids=banned_ids))
         k += len(x)
-        target = torch.tensor(x, device=device)
-        greedy = greedy_pick(logprobs, vocab_size=vocab_size, banned_ids=banned_ids)
-        out.append((float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all())))
+    return out
+
+
+def _score_row(logits: torch.Tensor, continuation: list[int], **pick) -> tuple[float, bool]:
+    """(sum of log p(continuation), whether greedy picks it) from the logits [len, vocab] that predict it."""
+    logprobs = F.log_softmax(logits, dim=-1)
+    target = torch.tensor(continuation, device=logits.device)
+    greedy = greedy_pick(logprobs, **pick)
+    return float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all())
+
+
+def shares_contexts(model) -> bool:
+    """Whether `score_shared` can run on this model: its attention stays causal over a KV cache.
+
+    After a prefill, Megatron-Core's static inference context passes the `no_mask` type (it expects one new
+    position per step); the rows of `score_shared` are several positions each. `attention.SDPAttention` (the
+    local spec's core attention) keeps a causal layer causal, aligned to the cache's end; Transformer Engine's
+    attention would attend to every position of the rows (later ones too), so with the TE spec scoring keeps
+    one row per request.
+    """
+    from pause_megatron.attention import SDPAttention
+
+    cores = [m.core_attention for m in _gpt(model).modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(type(c) is SDPAttention for c in cores)
+
+
+@torch.no_grad()
+def score_shared(model, groups: Sequence[tuple[list[int], list[list[int]]]], *, vocab_size: Optional[int] = None,
+                 banned_ids: tuple[int, ...] = (), device: torch.device = torch.device("cpu"),
+                 pad_id: int = 0) -> list[list[tuple[float, bool]]]:
+    """`score_batch` of (context, its continuations) groups, each context's shared positions computed once.
+
+    The first `shared` positions (every context of the batch is longer: the shortest context less its last
+    token) run once per context into a StaticInferenceContext; its keys and values are copied to one row per
+    continuation (`index_select` on the cache's batch dimension), and each row's remaining context and its
+    continuation run in one forward at positions shared.. reading that cache, causally (`shares_contexts`;
+    padded on the right: a real token never attends to padding). Every row sees exactly the keys and rotary
+    positions (by cache slot) it sees alone; only the matmuls' shapes differ (float32 rounding).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from pause_megatron import cpu_emulation
+    from pause_megatron.compat import inference_mode, logits_at_every_position
+
+    rows = [(g, c, x) for g, (c, xs) in enumerate(groups) for x in xs]
+    shared = min(len(c) for c, _ in groups) - 1
+    if shared < 1:  # a one-token context: nothing to share
+        flat = score_batch(model, [(c, x) for _, c, x in rows], vocab_size=vocab_size, banned_ids=banned_ids,
+                           device=device, pad_id=pad_id)
+    else:
+        width = max(len(c) + len(x) for _, c, x in rows)
+        context = StaticInferenceContext(len(groups), width)
+        with inference_mode(), cpu_emulation.without_device_rewrites():
+            ids = torch.tensor([c[:shared] for c, _ in groups], device=device)
+            forward(model, ids, torch.arange(shared, device=device).unsqueeze(0).expand(len(groups), -1), context)
+            index = torch.tensor([g for g, _, _ in rows], device=device)
+            for layer, (keys, values) in list(context.key_value_memory_dict.items()):  # [seq, batch, heads, dim]
+                context.key_value_memory_dict[layer] = (keys.index_select(1, index), values.index_select(1, index))
+            context.max_batch_size = len(rows)
+            context.sequence_len_offset = shared
+            logits_at_every_position(context)  # the continuations' positions, not the rows' last one
+            ids = torch.full((len(rows), width - shared), pad_id, dtype=torch.long)
+            for r, (_, c, x) in enumerate(rows):
+                ids[r, : len(c) + len(x) - shared] = torch.tensor((c + x)[shared:], dtype=torch.long)
+            positions = torch.arange(shared, width, device=device).unsqueeze(0).expand(len(rows), -1)
+            at_row = torch.cat([torch.full((len(x),), r, dtype=torch.long) for r, (_, _, x) in enumerate(rows)])
+            at_pos = torch.cat([torch.arange(len(c) - 1 - shared, len(c) - 1 - shared + len(x)) for _, c, x in rows])
+            with logits_only_at(model, at_row, at_pos):
+                logits = forward(model, ids.to(device), positions, context)[0]
+        flat, k = [], 0
+        for _, _, x in rows:
+            flat.append(_score_row(logits[k: k + len(x)], x, vocab_size=vocab_size, banned_ids=banned_ids))
+            k += len(x)
+    out: list[list[tuple[float, bool]]] = [[] for _ in groups]
+    for (g, _, _), result in zip(rows, flat):
+        out[g].append(result)
     return out
 
 

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from pause_megatron.decoding import AUTO_BATCH_START, BatchSize, generate, parse_batch_size, run_batched, score_batch
+from pause_megatron.decoding import (AUTO_BATCH_START, BatchSize, generate, parse_batch_size, run_batched, score_batch,
+                                     score_shared, shares_contexts)
 from pause_megatron.pauses import fit_placed, place_pauses
 from pause_megatron.tokenizer import PauseTokenizer
 
@@ -86,10 +87,29 @@ def _make_lm_class():
                               max_length=self.max_length - min(room, self.max_continuation))
 
         def _score(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-            """(log-likelihood, is greedy) of each (model input, continuation), batched longest first."""
-            return run_batched(rows, lambda chunk: score_batch(self.model, chunk, device=self._device,
-                                                               pad_id=self.tok.pad_id, **self.decode_kwargs),
-                               self.batch_size, sort_key=lambda r: (-len(r[0]) - len(r[1]), tuple(r[0] + r[1])))
+            """(log-likelihood, is greedy) of each (model input, continuation), batched longest first.
+
+            In batches (where the attention allows, `shares_contexts`), a batch item is a context with all its
+            continuations (a multiple-choice question's endings), its context computed once (`score_shared`);
+            `batch_size` then counts contexts, as lm-eval's HF backend counts them when it groups by context.
+            One context with all its continuations that does not fit is scored one row at a time.
+            """
+            kwargs = dict(device=self._device, pad_id=self.tok.pad_id, **self.decode_kwargs)
+            if self.batch_size == 1 or not shares_contexts(self.model):
+                return run_batched(rows, lambda chunk: score_batch(self.model, chunk, **kwargs), self.batch_size,
+                                   sort_key=lambda r: (-len(r[0]) - len(r[1]), tuple(r[0] + r[1])))
+            by_context: dict = {}
+            for i, (context, _) in enumerate(rows):  # a one-token context (rolling windows: EOD) has nothing to share
+                by_context.setdefault(tuple(context) if len(context) > 1 else i, []).append(i)
+            groups = [(rows[idx[0]][0], [rows[i][1] for i in idx]) for idx in by_context.values()]
+            scored = run_batched(groups, lambda chunk: score_shared(self.model, chunk, **kwargs), self.batch_size,
+                                 sort_key=lambda g: (-len(g[0]) - max(map(len, g[1])), tuple(g[0])),
+                                 split=lambda g: [score_batch(self.model, [(g[0], x)], **kwargs)[0] for x in g[1]])
+            out: list = [None] * len(rows)
+            for idx, results in zip(by_context.values(), scored):
+                for i, result in zip(idx, results):
+                    out[i] = result
+            return out
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             # lm-eval passes disable=False to its "Tokenizing inputs" bar, over TQDM_DISABLE: off in a log here
@@ -263,8 +283,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tasks", help="comma-separated task names (also accepted as tasks=a,b)")
     ap.add_argument("--data-dir", help="offline task data: <dir>/<task>/eval.jsonl")
     ap.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
-    ap.add_argument("--batch-size", default="1", help="requests per forward pass: N, or auto (the largest that "
-                    f"fits, from {AUTO_BATCH_START}, halved while memory runs out); the answers do not depend on it")
+    ap.add_argument("--batch-size", default="1", help="requests per forward pass (multiple choice: contexts, "
+                    f"each with its continuations): N, or auto (the largest that fits, from {AUTO_BATCH_START}, halved "
+                    "while memory runs out); the answers do not depend on it")
     ap.add_argument("--output", help="write the scores (and every request's arguments and responses) to this JSON file")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pauses.m_inf=10 pauses.placement=append")
     from pause_megatron.job import add_tracking_args, tags_from

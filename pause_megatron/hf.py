@@ -1,13 +1,17 @@
-"""Hugging Face `transformers` export and import: a checkpoint as a GPT-NeoX model directory, and back.
+"""Hugging Face `transformers` export and import: a checkpoint as a model directory, and back.
 
     pause-megatron export-hf CHECKPOINT OUT_DIR [--gelu exact|tanh]
     pause-megatron import-hf HF_DIR OUT_CHECKPOINT
 
-GPT-NeoX with `use_parallel_residual=False` computes what our GPTModel computes (docs/huggingface.md has the
-term-by-term check): pre-LayerNorm blocks with a sequential residual, biased QKV / output / MLP linears, a
-GELU MLP, RoPE on the whole head dimension with non-interleaved `rotate_half`, a final LayerNorm and an
-untied, bias-free output layer. Megatron's `linear_qkv` rows are grouped per query group as [q, k, v]; with
-one query group per head (our presets) that is NeoX's `query_key_value` layout, row for row.
+Three architectures, one table each (ARCHITECTURES; docs/huggingface.md has the mapping):
+- GPT-NeoX with `use_parallel_residual=False`, for the paper's presets: pre-LayerNorm blocks with a sequential
+  residual, biased QKV / output / MLP linears, a GELU MLP, RoPE on the whole head dimension with non-interleaved
+  `rotate_half`, a final LayerNorm and an untied, bias-free output layer. Megatron's `linear_qkv` rows are
+  grouped per query group as [q, k, v]; with one query group per head that is NeoX's `query_key_value` layout.
+- Llama (LlamaForCausalLM) and Qwen2 (Qwen2ForCausalLM), for the Llama-family settings of `model`
+  (RMSNorm, SwiGLU, grouped-query attention, no biases / QKV biases, Llama 3 RoPE scaling, tied embeddings):
+  HF's separate q/k/v and gate/up projections are fused into Megatron's linear_qkv and linear_fc1.
+The architecture written is the one that computes the checkpoint's model (`exporter`).
 
 Both directions run the model at TP=1, PP=1 in one process on the CPU, in fp32; dist_checkpointing reshards
 any saved layout. Both write into a temporary directory next to the output and rename it at the end, so an
@@ -27,7 +31,7 @@ import torch
 
 from pause_megatron.tokenizer import PAUSE_PIECE, PauseTokenizer, padded_vocab_size
 
-LAYER_NORM_EPS = 1e-5  # TransformerConfig.layernorm_epsilon's default; the project does not change it
+LAYER_NORM_EPS = 1e-5  # the GPT-NeoX epsilon export-hf writes and import-hf reads (model.norm_epsilon's default)
 # NeoX names of Megatron's local-spec parameters, per layer and outside the layers
 LAYER_MAP = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -109,6 +113,20 @@ def expressible(cfg) -> None:
                               "embeddings only, not learned absolute ones")
     if m.normalization != "LayerNorm":
         raise ConversionError(f"model.normalization={m.normalization!r}: GPT-NeoX has LayerNorm only")
+    # Checked on the config, before the model loads: neox_config writes no RoPE scaling, so nothing later would
+    # notice the factor, and the exported model would silently compute without it.
+    if m.rope_scaling_factor is not None:
+        raise ConversionError(f"model.rope_scaling_factor={m.rope_scaling_factor}: a model with a GELU MLP is written"
+                              " as GPT-NeoX, and export-hf writes GPT-NeoX without RoPE scaling (Llama 3's scaling"
+                              " is exported with model.mlp=swiglu, as Llama)")
+    if m.linear_bias != "all":
+        raise ConversionError(f"model.linear_bias={m.linear_bias!r}: GPT-NeoX has biases on every linear layer")
+    if (m.num_query_groups or m.num_attention_heads) != m.num_attention_heads:
+        raise ConversionError(f"model.num_query_groups={m.num_query_groups}: GPT-NeoX has one key/value head per "
+                              "query head")
+    if m.norm_epsilon != LAYER_NORM_EPS:
+        raise ConversionError(f"model.norm_epsilon={m.norm_epsilon}: export-hf writes GPT-NeoX with "
+                              f"layer_norm_eps={LAYER_NORM_EPS}")
 
 
 def neox_config(cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, hidden_act: str):
@@ -194,9 +212,10 @@ def saved_gelu(extra: dict, asked: Optional[str]) -> tuple[str, str]:
 
 
 def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) -> str:
-    """Write `checkpoint_path` (any TP/PP layout) as a GPT-NeoX model directory at `out_dir`; returns it."""
+    """Write `checkpoint_path` (any TP/PP layout) as a model directory at `out_dir` (GPT-NeoX, Llama or Qwen2:
+    the architecture that computes it, `exporter`); returns it."""
     _cpu_only()
-    from transformers import GenerationConfig, GPTNeoXForCausalLM
+    from transformers import GenerationConfig
 
     from pause_megatron import checkpoint, runtime
     from pause_megatron.config import load_config
@@ -211,7 +230,7 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) ->
     probe = dict(extra.get("config") or {})
     probe.pop("task", None)
     probe.pop("parallel", None)
-    expressible(load_config(None, overrides, base=probe, hardware=False))
+    arch = exporter(load_config(None, overrides, base=probe, hardware=False))
     require_lossless(PauseTokenizer.load(checkpoint.tokenizer_path(checkpoint_path)), checkpoint_path)
     tmp = _staging(out_dir)
     try:
@@ -221,16 +240,15 @@ def export(checkpoint_path: str, out_dir: str, *, gelu: Optional[str] = None) ->
         if "output_layer.weight" not in state:  # tied embeddings: the head is the embedding table
             state["output_layer.weight"] = state["embedding.word_embeddings.weight"]
         vocab = state["embedding.word_embeddings.weight"].shape[0]
-        config = neox_config(cfg, model.config, tokenizer, vocab_size=vocab, hidden_act=hidden_act)
-        hf_state = {}
-        for name, tensor in state.items():
-            hf_state[_to_neox(name)] = tensor.detach().float().clone()
+        config = arch.hf_config(cfg, model.config, tokenizer, vocab_size=vocab, hidden_act=hidden_act)
+        hf_state = arch.to_hf({name: t.detach().float().clone() for name, t in state.items()}, cfg)
         with torch.device("meta"):
-            hf = GPTNeoXForCausalLM(config)
+            hf = arch.model_class()(config)
         missing = set(hf.state_dict()) - set(hf_state)
         if missing:
             raise ConversionError(f"no Megatron weight for {sorted(missing)[:4]}")
         hf.load_state_dict(hf_state, strict=True, assign=True)
+        hf.tie_weights()  # a tied model's head is its embedding table (one tensor, saved once)
         hf.save_pretrained(tmp, safe_serialization=True)
         # Decoding never emits <pause> nor a padded id, as pause_megatron.evaluate decodes (greedy_pick).
         GenerationConfig(bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.pad_id,
@@ -266,22 +284,43 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def read_neox_config(hf_dir: str) -> dict:
-    """The model's config.json, checked to be a GPT-NeoX that our GPTModel computes exactly."""
+def read_hf_config(hf_dir: str) -> tuple:
+    """(architecture, config.json) of the model at `hf_dir`, checked to be one our GPTModel computes exactly."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir) or not os.path.exists(path):
         raise ConversionError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     c = _read_json(path)
     kind = c.get("model_type")
-    if kind != "gpt_neox":
+    if kind not in ARCHITECTURES:
         raise ConversionError(f"{path}: model_type {kind!r} (architectures {c.get('architectures')}) is not supported;"
-                              " import-hf reads GPT-NeoX (model_type 'gpt_neox'), the architecture export-hf writes")
+                              f" import-hf reads {', '.join(repr(k) for k in ARCHITECTURES)}")
+    arch = ARCHITECTURES[kind]
+    return arch, arch.read(path, c)
+
+
+DEFAULT_SEQ_LENGTH = 2048  # the paper's and the Llama-family presets' training length
+
+
+def default_seq_length(c: dict) -> int:
+    """import-hf's model.seq_length without --seq-length: the model's max_position_embeddings, at most 2048.
+    It is a training length, not the model's limit (Llama-3.2-1B allows 131072: far beyond what a run uses)."""
+    return min(int(c["max_position_embeddings"]), DEFAULT_SEQ_LENGTH)
+
+
+def _need(path: str):
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise ConversionError(f"{path}: {what}, which the project's GPTModel does not compute")
+    return need
+
+
+def _check_neox(path: str, c: dict) -> dict:
+    need = _need(path)
     need(c.get("use_parallel_residual", True) is False, "use_parallel_residual is not false (a parallel residual)")
     need(float(c.get("rotary_pct", 0.25)) == 1.0, f"rotary_pct={c.get('rotary_pct', 0.25)} (RoPE on part of a head)")
-    need(c.get("rope_scaling") in (None, {}), f"rope_scaling={c.get('rope_scaling')}")
+    rope = c.get("rope_scaling")
+    need(rope in (None, {}) or isinstance(rope, dict) and rope.get("rope_type") == "default",
+         f"rope_scaling={c.get('rope_scaling')}")
     need(float(c.get("layer_norm_eps", 1e-5)) == LAYER_NORM_EPS, f"layer_norm_eps={c.get('layer_norm_eps')}")
     need(c.get("hidden_act", "gelu") in HF_GELUS, f"hidden_act={c.get('hidden_act')!r} (model.gelu computes "
          f"{', '.join(HF_GELUS)})")
@@ -318,8 +357,9 @@ def _grow(table: torch.Tensor, rows: int, pieces: int, new: list[int]) -> torch.
 
 
 def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> str:
-    """Write the GPT-NeoX model in `hf_dir` as a checkpoint root at `out_root` (iter_0000000, `latest`,
-    tokenizer.model) from which `train.init_from` starts pretraining or finetuning; returns it."""
+    """Write the model in `hf_dir` (GPT-NeoX, Llama or Qwen2: ARCHITECTURES) as a checkpoint root at `out_root`
+    (iter_0000000, `latest`, tokenizer.model) from which `train.init_from` starts pretraining or finetuning;
+    returns it."""
     _cpu_only()
     from safetensors.torch import load_file
 
@@ -328,7 +368,7 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
     from pause_megatron.config import load_config, to_dict
     from pause_megatron.model import build_gpt
 
-    c = read_neox_config(hf_dir)
+    arch, c = read_hf_config(hf_dir)
     sp_path = os.path.join(hf_dir, "tokenizer.model")
     if not os.path.exists(sp_path):
         raise ConversionError(f"{hf_dir}: no tokenizer.model; import-hf needs the model's SentencePiece tokenizer "
@@ -348,37 +388,23 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
         raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is larger than the tokenizer's padded size {vocab} "
                               f"({tokenizer.vocab_size} pieces with <pause>, padded to a multiple of 128)")
     weights = _read_weights(hf_dir, load_file)
-    heads, hidden = int(c["num_attention_heads"]), int(c["hidden_size"])
-    overrides = [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={hidden}",
-                 f"model.num_attention_heads={heads}", f"model.ffn_hidden_size={c['intermediate_size']}",
-                 f"model.seq_length={seq_length or c['max_position_embeddings']}",
-                 f"model.rotary_base={int(c.get('rotary_emb_base', 10000))}", "model.position_embedding=rope",
-                 "model.normalization=LayerNorm", "model.untie_embeddings=true", "model.spec=local",
-                 f"model.gelu={HF_GELUS[c.get('hidden_act', 'gelu')]}",
-                 f"model.hidden_dropout={float(c.get('hidden_dropout', 0.0))}",
-                 f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
-                 f"model.init_method_std={float(c.get('initializer_range', 0.02))}",
-                 "precision.dtype=fp32", "tracking.enabled=false"]
+    overrides = [*arch.overrides(c, seq_length), "model.spec=local", "precision.dtype=fp32",
+                 "tracking.enabled=false"]
     cfg = load_config(None, overrides)
     tmp = _staging(out_root)
     try:
         runtime.init_distributed(cfg)
         model = build_gpt(cfg, vocab_size=vocab, cuda=False)
         new_rows = [] if tokenizer.had_pause else [tokenizer.pause_id]
+        params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        mapped = arch.from_hf(weights, c, params, hf_dir)
         state = {}
         for name, value in model.state_dict().items():
             if name.endswith("_extra_state"):
                 continue
-            key = _to_neox(name)
-            if key == "embed_out.weight" and key not in weights and c.get("tie_word_embeddings", True):
-                key = "gpt_neox.embed_in.weight"
-            if key not in weights:
-                if key.endswith(".bias") and c.get("attention_bias", True) is False and ".attention." in key:
-                    state[name] = torch.zeros_like(value)  # no bias computes what a zero bias does
-                    continue
-                raise ConversionError(f"{hf_dir}: no weight {key} in the safetensors files")
-            tensor = weights[key].float()
-            if key in ("gpt_neox.embed_in.weight", "embed_out.weight"):
+            key, tensor = mapped[name]
+            tensor = tensor.float()
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 tensor = _grow(tensor, vocab, pieces, new_rows)
             if tensor.shape != value.shape:
                 raise ConversionError(f"{hf_dir}: {key} has shape {tuple(tensor.shape)}, expected {tuple(value.shape)}")
@@ -418,6 +444,246 @@ def _read_weights(hf_dir: str, load_file) -> dict:
     return weights
 
 
+# ---- architectures: one table each, for both directions -------------------------------------------------
+
+class NeoX:
+    """GPTNeoXForCausalLM with use_parallel_residual=False: the paper's GPT (LayerNorm, GELU, biased linears)."""
+
+    model_type = "gpt_neox"
+
+    @staticmethod
+    def model_class():
+        from transformers import GPTNeoXForCausalLM
+
+        return GPTNeoXForCausalLM
+
+    read = staticmethod(_check_neox)
+    hf_config = staticmethod(neox_config)
+
+    @staticmethod
+    def to_hf(state: dict, cfg) -> dict:
+        return {_to_neox(name): tensor for name, tensor in state.items()}
+
+    @staticmethod
+    def overrides(c: dict, seq_length: Optional[int]) -> list[str]:
+        return [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={c['hidden_size']}",
+                f"model.num_attention_heads={c['num_attention_heads']}",
+                f"model.ffn_hidden_size={c['intermediate_size']}",
+                f"model.seq_length={seq_length or default_seq_length(c)}",
+                f"model.rotary_base={int(c.get('rotary_emb_base', 10000))}", "model.position_embedding=rope",
+                "model.normalization=LayerNorm", "model.untie_embeddings=true",
+                f"model.gelu={HF_GELUS[c.get('hidden_act', 'gelu')]}",
+                f"model.hidden_dropout={float(c.get('hidden_dropout', 0.0))}",
+                f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
+                f"model.init_method_std={float(c.get('initializer_range', 0.02))}"]
+
+    @staticmethod
+    def from_hf(weights: dict, c: dict, params: dict, hf_dir: str) -> dict:
+        """{Megatron name: (HF name, tensor)} for every parameter in `params` (Megatron name: tensor)."""
+        out = {}
+        for name, value in params.items():
+            key = _to_neox(name)
+            if key == "embed_out.weight" and key not in weights and c.get("tie_word_embeddings", True):
+                key = "gpt_neox.embed_in.weight"
+            if key not in weights:
+                if key.endswith(".bias") and c.get("attention_bias", True) is False and ".attention." in key:
+                    out[name] = (key, torch.zeros_like(value))  # no bias computes what a zero bias does
+                    continue
+                raise ConversionError(f"{hf_dir}: no weight {key} in the safetensors files")
+            out[name] = (key, weights[key])
+        return out
+
+
+# Llama 3.x's RoPE frequency scaling as Megatron-Core computes it: only the factor is free
+# (RotaryEmbedding._apply_scaling fixes the other three, in 0.16.1 and 0.19 alike)
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+class LlamaFamily:
+    """LlamaForCausalLM (no linear biases) and Qwen2ForCausalLM (biases on q, k, v only): pre-RMSNorm blocks,
+    a SwiGLU MLP down_proj(silu(gate_proj(x)) * up_proj(x)), grouped-query attention, RoPE on the whole head with
+    rotate_half (Megatron's non-interleaved rotary), tied or untied embeddings.
+
+    Megatron fuses two pairs of HF linears: linear_qkv holds, per query group g, the rows of g's query heads, then
+    g's key head, then its value head ([q_g..., k_g, v_g] for g = 0..groups-1); linear_fc1 holds [gate; up]
+    (the first half goes through silu). The rest map one to one (LAYER)."""
+
+    LAYER = {"input_layernorm.weight": "input_layernorm.weight",
+             "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+             "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+             "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
+    TOP = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+           "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
+
+    def __init__(self, model_type: str, class_name: str, linear_bias: str):
+        self.model_type, self.class_name, self.linear_bias = model_type, class_name, linear_bias
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.class_name)
+
+    def _config_class(self):
+        import transformers
+
+        return getattr(transformers, self.class_name.replace("ForCausalLM", "Config"))
+
+    def read(self, path: str, c: dict) -> dict:
+        """config.json with the architecture's defaults filled in (transformers' own config class), checked."""
+        need = _need(path)
+        full = self._config_class().from_dict(c).to_dict()
+        heads, hidden = int(full["num_attention_heads"]), int(full["hidden_size"])
+        need(full.get("hidden_act") == "silu", f"hidden_act={full.get('hidden_act')!r} (SwiGLU is silu)")
+        need(hidden % heads == 0, f"hidden_size={hidden} not divisible by num_attention_heads={heads}")
+        need(full.get("head_dim") in (None, hidden // heads), f"head_dim={full.get('head_dim')} (not hidden/heads)")
+        need(not full.get("attention_bias") and not full.get("mlp_bias"),
+             "attention_bias or mlp_bias (biases on every attention or MLP linear)")
+        need(not full.get("use_sliding_window"), "use_sliding_window (sliding-window attention)")
+        rope = full.get("rope_scaling") or None
+        if rope is not None and rope.get("rope_type", rope.get("type")) == "default":  # transformers' "no scaling"
+            rope = full["rope_scaling"] = None
+        if rope is not None:
+            need(rope.get("rope_type", rope.get("type")) == "llama3"
+                 and all(float(rope.get(k, -1)) == v for k, v in LLAMA3_ROPE.items() if k != "rope_type"),
+                 f"rope_scaling={rope} (Megatron-Core's RoPE scaling is Llama 3's with {LLAMA3_ROPE})")
+        need(float(full.get("rope_theta", 10000)).is_integer(), f"rope_theta={full.get('rope_theta')}")
+        return full
+
+    def overrides(self, c: dict, seq_length: Optional[int]) -> list[str]:
+        rope = c.get("rope_scaling") or {}
+        return [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={c['hidden_size']}",
+                f"model.num_attention_heads={c['num_attention_heads']}",
+                f"model.num_query_groups={c.get('num_key_value_heads') or c['num_attention_heads']}",
+                f"model.ffn_hidden_size={c['intermediate_size']}",
+                f"model.seq_length={seq_length or default_seq_length(c)}",
+                f"model.rotary_base={int(float(c.get('rope_theta', 10000)))}",
+                f"model.rope_scaling_factor={float(rope['factor']) if rope else 'null'}",
+                "model.position_embedding=rope", "model.normalization=RMSNorm", "model.mlp=swiglu",
+                f"model.linear_bias={self.linear_bias}", f"model.norm_epsilon={float(c['rms_norm_eps'])}",
+                f"model.untie_embeddings={'false' if c.get('tie_word_embeddings') else 'true'}",
+                "model.hidden_dropout=0.0", f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
+                f"model.init_method_std={float(c.get('initializer_range', 0.02))}"]
+
+    def hf_config(self, cfg, tconfig, tokenizer: PauseTokenizer, *, vocab_size: int, hidden_act: str):
+        m = cfg.model
+        if m.normalization != "RMSNorm" or m.position_embedding != "rope" or tconfig.rotary_interleaved:
+            raise ConversionError(f"{self.class_name} has RMSNorm and non-interleaved RoPE; the checkpoint has "
+                                  f"model.normalization={m.normalization}, "
+                                  f"model.position_embedding={m.position_embedding}")
+        kwargs = dict(
+            vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups or m.num_attention_heads, hidden_act="silu",
+            max_position_embeddings=m.seq_length, initializer_range=m.init_method_std, rms_norm_eps=m.norm_epsilon,
+            tie_word_embeddings=not m.untie_embeddings, rope_theta=float(m.rotary_base),
+            rope_scaling=None if m.rope_scaling_factor is None else {**LLAMA3_ROPE, "factor": m.rope_scaling_factor},
+            attention_dropout=0.0, use_cache=True, bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id,
+            pad_token_id=tokenizer.pad_id, architectures=[self.class_name], torch_dtype="float32",
+            pause_token_id=tokenizer.pause_id)  # read back by import-hf; the model itself ignores it
+        if self.model_type == "llama":
+            kwargs.update(attention_bias=False, mlp_bias=False)
+        return self._config_class()(**kwargs)
+
+    @staticmethod
+    def _layer(name: str) -> tuple[str, str]:
+        prefix, _, rest = name.partition(".layers.")
+        layer, _, sub = rest.partition(".")
+        if prefix != "decoder" or not layer.isdigit():
+            raise ConversionError(f"Megatron parameter {name} has no Llama-family counterpart")
+        return f"model.layers.{layer}.", sub
+
+    def to_hf(self, state: dict, cfg) -> dict:
+        heads, groups = cfg.model.num_attention_heads, cfg.model.num_query_groups or cfg.model.num_attention_heads
+        out = {}
+        for name, tensor in state.items():
+            if name in self.TOP:
+                out[self.TOP[name]] = tensor
+                continue
+            hf, sub = self._layer(name)
+            if sub in self.LAYER:
+                out[hf + self.LAYER[sub]] = tensor
+            elif sub in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                kind = sub.rsplit(".", 1)[1]
+                for proj, part in zip("qkv", split_qkv(tensor, heads, groups)):
+                    out[f"{hf}self_attn.{proj}_proj.{kind}"] = part
+            elif sub == "mlp.linear_fc1.weight":
+                out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = tensor.chunk(2, dim=0)
+            else:
+                raise ConversionError(f"Megatron parameter {name} has no {self.class_name} counterpart")
+        return out
+
+    def from_hf(self, weights: dict, c: dict, params: dict, hf_dir: str) -> dict:
+        def get(key: str) -> torch.Tensor:
+            if key not in weights:
+                raise ConversionError(f"{hf_dir}: no weight {key} in the safetensors files")
+            used.add(key)
+            return weights[key]
+
+        heads = int(c["num_attention_heads"])
+        groups = int(c.get("num_key_value_heads") or heads)
+        head_dim = int(c["hidden_size"]) // heads
+        used = set()
+        out = {}
+        for name in params:
+            if name in self.TOP:
+                key = self.TOP[name]
+                out[name] = (key, get(key))
+                continue
+            hf, sub = self._layer(name)
+            if sub in self.LAYER:
+                key = hf + self.LAYER[sub]
+                out[name] = (key, get(key))
+            elif sub in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+                keys = [f"{hf}self_attn.{p}_proj.{sub.rsplit('.', 1)[1]}" for p in "qkv"]
+                parts = [get(k) for k in keys]
+                for key, part, n in zip(keys, parts, (heads, groups, groups)):  # fuse_qkv would reshape any size
+                    if part.shape[0] != n * head_dim or part.shape[1:] != params[name].shape[1:]:
+                        raise ConversionError(f"{hf_dir}: {key} has shape {tuple(part.shape)}, expected "
+                                              f"{(n * head_dim, *params[name].shape[1:])} ({n} heads of {head_dim})")
+                out[name] = ("/".join(keys), fuse_qkv(*parts, groups=groups))
+            elif sub == "mlp.linear_fc1.weight":
+                keys = [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]
+                out[name] = ("/".join(keys), torch.cat([get(k) for k in keys], dim=0))
+            else:
+                raise ConversionError(f"Megatron parameter {name} has no {self.class_name} counterpart")
+        unused = sorted(set(weights) - used)
+        if unused:  # a weight the model would compute with, which ours would silently drop
+            raise ConversionError(f"{hf_dir}: weights {unused[:4]} have no place in the model config.json describes")
+        return out
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, groups: int) -> torch.Tensor:
+    """HF's separate q, k, v projections (weights or biases) as Megatron's linear_qkv: per query group
+    [its query heads' rows, its key head's rows, its value head's rows]."""
+    parts = [t.reshape(groups, -1, *t.shape[1:]) for t in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, groups: int) -> tuple:
+    """The inverse of fuse_qkv: (q, k, v)."""
+    head_dim = qkv.shape[0] // (heads + 2 * groups)
+    per_group = qkv.reshape(groups, -1, *qkv.shape[1:])
+    q, k, v = per_group.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+    return tuple(t.reshape(-1, *qkv.shape[1:]).contiguous() for t in (q, k, v))
+
+
+ARCHITECTURES = {"gpt_neox": NeoX, "llama": LlamaFamily("llama", "LlamaForCausalLM", "none"),
+                 "qwen2": LlamaFamily("qwen2", "Qwen2ForCausalLM", "qkv")}
+
+
+def exporter(cfg):
+    """The architecture that computes `cfg`'s model exactly, or ConversionError saying why none does."""
+    m = cfg.model
+    if m.mlp == "swiglu":
+        if m.linear_bias == "all":
+            raise ConversionError("model.linear_bias=all with model.mlp=swiglu: Llama has no linear biases and Qwen2"
+                                  " biases on q, k, v only (model.linear_bias none or qkv)")
+        return ARCHITECTURES["llama" if m.linear_bias == "none" else "qwen2"]
+    expressible(cfg)
+    return NeoX
+
+
 # ---- command line --------------------------------------------------------------------------------------
 
 def export_main(argv: Optional[list[str]] = None) -> int:
@@ -442,9 +708,11 @@ def export_main(argv: Optional[list[str]] = None) -> int:
 
 def import_main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="pause-megatron import-hf", description=import_.__doc__)
-    ap.add_argument("hf_dir", help="a GPT-NeoX model directory (config.json, safetensors, tokenizer.model)")
+    ap.add_argument("hf_dir",
+                    help="a GPT-NeoX, Llama or Qwen2 model directory (config.json, safetensors, tokenizer.model)")
     ap.add_argument("out_checkpoint", help="the checkpoint root to create (must not exist)")
-    ap.add_argument("--seq-length", type=int, help="model.seq_length (default: max_position_embeddings)")
+    ap.add_argument("--seq-length", type=int,
+                    help=f"model.seq_length (default: max_position_embeddings, at most {DEFAULT_SEQ_LENGTH})")
     args = ap.parse_args(argv)
     from pause_megatron.config import ConfigError
     from pause_megatron.tokenizer import TokenizerMismatch
@@ -460,10 +728,9 @@ def import_main(argv: Optional[list[str]] = None) -> int:
 
 
 def checkpoint_model_overrides(root: str) -> list[str]:
-    """model.* overrides that give pretraining the shape of the checkpoint at `root` (finetuning reads it)."""
+    """model.* overrides that give a run the model of the checkpoint at `root` (config.ARCHITECTURE_KEYS and
+    seq_length): what pretraining from it needs (finetuning reads them from the checkpoint)."""
     from pause_megatron import checkpoint
+    from pause_megatron.config import model_overrides
 
-    model = checkpoint.read_extra(root)["config"]["model"]
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length", "rotary_base",
-            "gelu")
-    return [f"model.{k}={model[k]}" for k in keys]
+    return model_overrides(checkpoint.read_extra(root)["config"]["model"])

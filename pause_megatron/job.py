@@ -137,14 +137,16 @@ def run_job(cfg: Config, *, tokenizer: PauseTokenizer, train_ds, valid_ds, stage
     rank0 = torch.distributed.get_rank() == 0
     vocab = vocab_size(cfg, tokenizer)
     resume_from = checkpoint.latest_checkpoint(os.path.join(t.output_dir, "checkpoints"))
-    if resume_from:
-        try:  # before anything is written: a refused run leaves the output directory as it was
+    try:  # before anything is written: a refused run leaves the output directory as it was
+        if resume_from:
             check_resume(cfg, tokenizer, resume_from)
-        except (ResumeRefused, TokenizerMismatch) as exc:
-            if rank0:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            runtime.destroy()
-            return 2
+        elif t.init_from:
+            checkpoint.check_init_from_model(t.init_from, cfg)
+    except (ResumeRefused, TokenizerMismatch, checkpoint.ModelMismatch) as exc:
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        runtime.destroy()
+        return 2
     ckpt_root = prepare_output_dir(cfg, tokenizer)
     state = build_train_state(cfg, vocab_size=vocab, cuda=runtime.use_cuda())
     if resume_from:

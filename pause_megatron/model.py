@@ -65,7 +65,8 @@ def transformer_config(cfg: Config, *, cuda: bool, kernels: Optional[kernels_.Ke
         batch_p2p_comm=cuda,
         **no_cuda_graph_modules(),
     )
-    kwargs.update(gelu_kwargs(m.gelu, fused=k.bias_activation_fusion))
+    kwargs.update(architecture_kwargs(m))
+    kwargs.update(activation_kwargs(m, fused=k.bias_activation_fusion))
     if cfg.precision.fp8 is not None:
         kwargs.update(fp8=cfg.precision.fp8, fp8_recipe=cfg.precision.fp8_recipe)
     return TransformerConfig(**kwargs)
@@ -85,6 +86,24 @@ def gelu_kwargs(gelu: str, *, fused: bool) -> dict:
     if gelu == "exact":
         return {"activation_func": torch.nn.functional.gelu, "bias_activation_fusion": False}
     return {"activation_func": torch.nn.functional.gelu if fused else gelu_tanh, "bias_activation_fusion": fused}
+
+
+def architecture_kwargs(m) -> dict:
+    """TransformerConfig's keywords for the Llama-family settings (at their defaults: the paper's GPT)."""
+    return dict(num_query_groups=m.num_query_groups, add_bias_linear=m.linear_bias == "all",
+                add_qkv_bias=m.linear_bias == "qkv", layernorm_epsilon=m.norm_epsilon)
+
+
+def activation_kwargs(m, *, fused: bool) -> dict:
+    """The MLP's activation: model.gelu's GELU, or SwiGLU (gated: silu(first half of fc1) * second half). Megatron
+    fuses SwiGLU (bias_swiglu_impl, with or without bias) where bias-activation fusion is on; unfused it computes
+    the same function in torch."""
+    if m.mlp == "swiglu":
+        return {"activation_func": torch.nn.functional.silu, "gated_linear_unit": True,
+                "bias_activation_fusion": fused}
+    # Megatron's fused bias-GELU needs the bias (TransformerConfig refuses it without add_bias_linear): with no
+    # MLP bias, gelu_kwargs' unfused branch computes the same function
+    return gelu_kwargs(m.gelu, fused=fused and m.linear_bias == "all")
 
 
 def layer_spec(cfg: Config, kernels: kernels_.Kernels):
@@ -155,6 +174,8 @@ def build_gpt(
         position_embedding_type=cfg.model.position_embedding,
         rotary_base=cfg.model.rotary_base,
     )
+    if cfg.model.rope_scaling_factor is not None:  # Llama 3.x: GPTModel's keywords in 0.16.1 and 0.19 alike
+        kwargs.update(rope_scaling=True, rope_scaling_factor=cfg.model.rope_scaling_factor)
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
     return gpt_model(**kwargs)

@@ -8,6 +8,8 @@ its bf16 run. (Megatron-LM itself prints TFLOP/s per GPU, not MFU; we report bot
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Optional
 
@@ -48,14 +50,16 @@ def peak_tflops(*, cuda: bool) -> Optional[float]:
 def model_flops_per_token(cfg: Config, *, vocab_size: int, seq_length: Optional[int] = None) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), counted from the config.
 
-    Forward per token: per layer 2*(3h*h) QKV + 2*h*h output projection + 2*2*h*ffn MLP + 2*2*s*h attention
-    scores and values (Megatron's convention: the causal half is not discounted); plus 2*h*V for the logits.
-    `s` is the width of the sequence the token sits in (default: the config's seq_length).
+    Forward per token: per layer 2*h*(h + 2*kv) QKV (kv = h * query groups / heads: h without grouped-query
+    attention) + 2*h*h output projection + 2*2*h*ffn MLP (2*3*h*ffn for SwiGLU's gate, up and down) + 2*2*s*h
+    attention scores and values (Megatron's convention: the causal half is not discounted); plus 2*h*V for the
+    logits. `s` is the width of the sequence the token sits in (default: the config's seq_length).
     """
     m = cfg.model
     h, f = m.hidden_size, m.ffn_hidden_size
+    kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
     s = m.seq_length if seq_length is None else seq_length
-    per_layer = 8 * h * h + 4 * h * f + 4 * s * h
+    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + (6 if m.mlp == "swiglu" else 4) * h * f + 4 * s * h
     return 3.0 * (m.num_layers * per_layer + 2 * h * vocab_size)
 
 
@@ -67,6 +71,20 @@ def model_flops(cfg: Config, *, vocab_size: int, positions: int, width_sum: int)
     base = model_flops_per_token(cfg, vocab_size=vocab_size, seq_length=0)
     per_width = model_flops_per_token(cfg, vocab_size=vocab_size, seq_length=1) - base
     return base * positions + per_width * width_sum
+
+
+MEASURED_RATES = os.path.join(os.path.dirname(__file__), "measured_rates.json")
+
+
+def measured_rates(path: str = MEASURED_RATES) -> dict:
+    """What `benchmarks/bench_eval_batch.py --write-rates` measured on the built-in task rows: per task, the
+    positions finetuning computes per example (padded to each microbatch's longest) and evaluation's requests
+    per document and positions per request; the dry-run's basis for finetuning and evaluation hours. No file:
+    {} (the dry-run falls back to padding and says so, `recipe._rates_basis`)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def memory_gb(cuda: bool) -> float:

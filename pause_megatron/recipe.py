@@ -56,6 +56,8 @@ RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when
 ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
 CHECKPOINT_BYTES_PER_PARAM = 16  # --dry-run disk: fp32 weights and main params' Adam moments (+ bf16 copy), roughly
 H100_BF16_TFLOPS = 989.4
+# --dry-run: stage kinds whose hours count FLOPs alone where other costs dominate (`print_plan`'s hours line)
+LOWER_BOUND_STAGES = ("finetune", "evaluate")
 
 
 @dataclass
@@ -180,7 +182,9 @@ def _identity(stage: Stage, deps: list[Stage]) -> str:
 # Keys added after runs were made, at the value that does what those runs did: left out of the identity at that
 # value, so that adding them sets no finished stage aside. model.gelu "tanh" is what GPU runs always computed
 # (Megatron's fused bias-GELU); CPU runs computed exact GELU before, tiny runs whose rerun costs little.
-NEW_AT_OLD_BEHAVIOUR = {"pauses.source": "offline", "model.gelu": "tanh"}
+NEW_AT_OLD_BEHAVIOUR = {"pauses.source": "offline", "model.gelu": "tanh", "model.mlp": "gelu",
+                        "model.num_query_groups": None, "model.linear_bias": "all",
+                        "model.rope_scaling_factor": None, "model.norm_epsilon": 1e-5}
 
 
 def _config_inputs(cfg) -> dict:
@@ -394,13 +398,83 @@ def _resolve(config: Optional[str], overrides: list[str], gpus: int, *, model: O
         raise ConfigError(f"{where} with {gpus} ranks: {exc}") from None
 
 
-def _estimate(cfg, gpus: int, vocab_size: int = 32128) -> float:
-    """Seconds for a training stage at ASSUMED_MFU on H100s."""
+def _estimate(cfg, gpus: int, width: Optional[float] = None, *, vocab: int) -> float:
+    """Seconds for a training stage at ASSUMED_MFU on H100s, each sequence `width` positions (default: the
+    config's seq_length; finetuning: the measured positions per example, `_finetune_estimate`)."""
     from pause_megatron.perf import model_flops_per_token
 
-    tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.model.seq_length
-    flops = model_flops_per_token(cfg, vocab_size=vocab_size) * tokens
+    width = cfg.model.seq_length if width is None else width
+    tokens = cfg.train.steps * cfg.train.global_batch_size * width
+    flops = model_flops_per_token(cfg, vocab_size=vocab, seq_length=width) * tokens
     return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
+
+
+def _finetune_estimate(cfg, gpus: int, task: str, rates: dict, *, vocab: int) -> float:
+    """A finetuning stage: its steps x global batch x the positions finetuning computes per example of this
+    task (padded to each microbatch's longest; measured on the built-in rows at the rates file's M_ft,
+    `perf.measured_rates`), moved by this stage's M_ft less the measured one (every example holds M_ft
+    pauses; none with placement none), at most seq_length, at ASSUMED_MFU. A task the file lacks (or no file):
+    seq_length per example (`_rates_basis` names it). A lower bound: see `print_plan`."""
+    ft = rates.get("finetune", {})
+    measured = ft.get("positions_per_example", {}).get(task)
+    if measured is None:
+        return _estimate(cfg, gpus, vocab=vocab)
+    m = cfg.pauses.m_ft if cfg.pauses.placement != "none" else 0
+    return _estimate(cfg, gpus, min(cfg.model.seq_length, max(1.0, measured - ft["m_ft"] + m)), vocab=vocab)
+
+
+def _eval_estimate(cfg, gpus: int, task: str, documents: int, rates: dict, *, m_inf: int, placement: str,
+                   vocab: int) -> float:
+    """An evaluation stage: documents x lm-eval's requests per document x positions per request (measured on the
+    built-in rows at the rates file's M_inf, moved by this stage's M_inf less that one: pauses or filler, none
+    with placement none; generation counts max_gen_toks, an upper bound on the tokens it decodes) x forward
+    FLOPs (a third of training's), at ASSUMED_MFU. On a GPU (the TE spec) every request computes its context
+    itself (`decoding.shares_contexts`). A task the file lacks (or no file): one request of seq_length per
+    document. A lower bound: see `print_plan`."""
+    from pause_megatron.perf import model_flops_per_token
+
+    ev = rates.get("evaluate", {})
+    measured = ev.get("tasks", {}).get(task)
+    if measured is None:
+        requests, width = 1.0, float(cfg.model.seq_length)
+    else:
+        m = m_inf if placement != "none" else 0
+        requests = measured["requests_per_doc"]
+        width = min(cfg.model.seq_length, max(1.0, measured["positions_per_request"] - ev["m_inf"] + m))
+    flops = documents * requests * width * model_flops_per_token(cfg, vocab_size=vocab, seq_length=width) / 3
+    return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
+
+
+def _rates_basis(rates: dict, tasks: set[str]) -> str:
+    """The dry-run's words for where the finetuning and evaluation figures come from, naming what fell back."""
+    if not rates:
+        return ("no measured task figures (pause_megatron/measured_rates.json missing): finetuning counts "
+                "seq_length per example, evaluation one request of seq_length per document (padding)")
+    ft, ev = rates.get("finetune", {}), rates.get("evaluate", {})
+    gen = ev.get("max_gen_toks", {})
+    words = (f"per-task figures measured on CPU on the built-in task rows by {rates['measured_by']} "
+             f"({rates['measured_on']}; {rates['tokenizer']}; finetuning at M_ft {ft.get('m_ft')}, micro batch "
+             f"{ft.get('micro_batch_size')}, seq {ft.get('seq_length')}; evaluation at M_inf {ev.get('m_inf')}, "
+             f"max_gen_toks {', '.join(f'{t} {n}' for t, n in sorted(gen.items())) or 'not recorded'}), "
+             "moved by each stage's M less the measured one")
+    missing = {"finetuning": sorted(tasks - set(ft.get("positions_per_example", {}))),
+               "evaluation": sorted(tasks - set(ev.get("tasks", {})))}
+    for kind, names in missing.items():
+        if names:
+            words += (f"; no measured {kind} figure for {', '.join(names)}: "
+                      + ("seq_length per example" if kind == "finetuning" else
+                         "one request of seq_length per document") + " (padding)")
+    return words
+
+
+def _eval_documents(task: str, task_dir: Optional[str], limit: Optional[int]) -> int:
+    """The documents an evaluation scores: the offline eval file's rows or the hub split's size, at most `limit`."""
+    if task_dir and os.path.isfile(TASKS[task].local_file(task_dir, "eval")):
+        with open(TASKS[task].local_file(task_dir, "eval")) as fh:
+            n = sum(1 for line in fh if line.strip())
+    else:
+        n = TASKS[task].eval_docs
+    return min(n, limit) if limit else n
 
 
 def _data_inputs(d: DataSpec) -> dict:
@@ -492,7 +566,7 @@ def full_plan(r: Recipe) -> list[Stage]:
         if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
             inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            tags, _estimate(cfg, gpus(r.pretrain.nodes), vocab), _disk(cfg, vocab), inputs))
+                            tags, _estimate(cfg, gpus(r.pretrain.nodes), vocab=vocab), _disk(cfg, vocab), inputs))
         pretrained[model] = (key, cfg.pauses.ratio if variant == "pause" else None)
 
     f = r.finetune
@@ -518,6 +592,10 @@ def full_plan(r: Recipe) -> list[Stage]:
     data_dir = ["--data-dir", f.task_dir] if f.task_dir else []
     limit = ["--limit", str(r.evaluate.limit)] if r.evaluate.limit else []
     task_files = {task: _task_files(f.task_dir, task) for task in f.tasks}  # read once, not once per stage
+    from pause_megatron.perf import measured_rates
+
+    rates = measured_rates()
+    documents = {task: _eval_documents(task, f.task_dir, r.evaluate.limit) for task in f.tasks}
     for v, placement, m, ablation, pt in finetunes:
         pretrain_key, pause_ratio = pretrained[pt]
         for task in f.tasks:
@@ -535,7 +613,8 @@ def full_plan(r: Recipe) -> list[Stage]:
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
-                                    f.nodes, f.time, tags, _estimate(cfg, gpus(f.nodes), vocab), _disk(cfg, vocab),
+                                    f.nodes, f.time, tags, _finetune_estimate(cfg, gpus(f.nodes), task, rates, vocab=vocab),
+                                    _disk(cfg, vocab),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
@@ -553,6 +632,8 @@ def full_plan(r: Recipe) -> list[Stage]:
                              f"pauses.placement={ev_place}", *_tracking_overrides(r), _run_name(ekey), *common,
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags,
+                                        _eval_estimate(cfg, gpus(r.evaluate.nodes), task, documents[task], rates,
+                                                       m_inf=m_inf, placement=ev_place, vocab=vocab),
                                         inputs={"task": task, "limit": r.evaluate.limit, "m_inf": m_inf,
                                                 "placement": ev_place, "task_files": task_files[task]}))
     # The report's scores come from its evaluations (their identities); its labels from the variants.
@@ -939,20 +1020,39 @@ def print_plan(r: Recipe, *, log=print) -> None:
     if hf_dir_problem(r):
         log("note: until the model is there, this plan takes its shape from the pretrain config (model.* there)")
     log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
-    gpu_hours, disk, extra = 0.0, 0.0, 0.0
+    gpu_hours, bound_hours, disk, extra = 0.0, 0.0, 0.0, 0.0
     for s in stages:
         g = s.nodes * per_node if s.kind in GPU_STAGES else 0
-        est = f"{s.estimate_s / 3600:8.1f}" if s.estimate_s else "       -"
-        gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
+        hours = (s.estimate_s or 0.0) / 3600
+        bound = s.kind in LOWER_BOUND_STAGES  # "≥": FLOPs only, see the hours line below
+        est = "       -" if not s.estimate_s else ("≥" if bound else " ") + (
+            f"{hours:7.1f}" if hours >= 0.05 else f"{hours:7.0e}")
+        if bound:
+            bound_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
+        else:
+            gpu_hours += (s.estimate_s or 0.0) * max(g, 1) / 3600
         end, peak = s.disk_bytes or (0.0, 0.0)
         disk, extra = disk + end, max(extra, peak - end)
         size = _size(peak) if peak else "-"
         done = " (done)" if is_done(s) else ""
         log(f"{s.key + done:70s} {s.tags.get('variant', s.tags.get('pretrain', '-')):16s} {g:5d} {est} {size:>9s}")
-    log(f"total: {gpu_hours:,.0f} GPU-hours for the training stages (at {ASSUMED_MFU:.0%} MFU on H100); "
+    from pause_megatron.perf import measured_rates
+
+    rates = measured_rates()
+    log(f"total: {gpu_hours:,.0f} GPU-hours (estimated, not measured on a GPU) for pretraining and at least "
+        f"{bound_hours:,.0f} more for finetuning and evaluation (a lower bound); "
         f"{_size(disk)} of checkpoints kept at the end (train.keep_checkpoints bounds it; "
         f"{CHECKPOINT_BYTES_PER_PARAM} bytes per parameter each), and up to {_size(extra)} more for each stage "
         "saving at the same time (the disk column: a stage's peak, during a save)")
+    log(f"hours: model FLOPs at an assumed {ASSUMED_MFU:.0%} MFU on H100 (not measured: no GPU run); per stage "
+        "kind the positions counted are: pretrain: steps x global batch x seq_length; finetune: steps x global "
+        "batch x the positions computed per example of its task (padded to each microbatch's longest); "
+        "evaluate: the documents (--limit, the offline eval file's rows or the hub split's size) x lm-eval's "
+        "requests per document x positions per request (generation: prompt + max_gen_toks), forward only. "
+        "Finetune and evaluate hours (≥) are lower bounds, not plannable figures: a few hundred tokens per GPU "
+        "per step cannot keep the assumed MFU, and per-step overhead, loading and saving checkpoints, and "
+        "greedy decoding (bound by per-token latency, not FLOPs) are not counted (docs/recipes.md). "
+        f"Finetune/evaluate positions: {_rates_basis(rates, {s.tags['task'] for s in stages if 'task' in s.tags})}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

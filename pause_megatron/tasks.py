@@ -43,6 +43,7 @@ class Task:
     metric: str  # the lm-eval metric that is the paper's figure (GSM8K "accuracy" is exact_match of the number)
     examples: Callable[[dict], list[tuple[str, str]]]
     lm_eval: dict = field(default_factory=dict)  # lm-eval task config, without the dataset fields
+    eval_docs: int = 0  # documents in the hub's eval split (the dry-run's evaluation hours; offline: the file's rows)
 
     def local_file(self, data_dir: str, part: str) -> str:
         return os.path.join(data_dir, self.name, f"{part}.jsonl")
@@ -136,28 +137,30 @@ TASKS: dict[str, Task] = {
                                filter_list=[{"name": "strict-match", "filter": [
                                    {"function": "regex", "regex_pattern": r"#### (\-?[0-9\.\,]+)"},
                                    {"function": "take_first"}]}],
-                               metric_list=_em(ignore_case=True, regexes_to_ignore=[",", r"\$", r"\.$"]))),
+                               metric_list=_em(ignore_case=True, regexes_to_ignore=[",", r"\$", r"\.$"])),
+             eval_docs=1319),
         Task("squad", "rajpurkar/squad", None, "train", "validation", "exact_match",
              examples=lambda d: [(_squad_prompt(d), " " + d["answers"]["text"][0])],
              lm_eval=_generate(["\n"], 32, doc_to_text=_squad_prompt,
                                doc_to_target=lambda d: list(dict.fromkeys(d["answers"]["text"])),
-                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS))),
+                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS)), eval_docs=10570),
         Task("coqa", "EleutherAI/coqa", None, "train", "validation", "f1",
              examples=_coqa_examples,
              lm_eval=_generate(["\nQ:", "\n"], 32, doc_to_text="__coqa__", doc_to_target="__coqa__",
                                process_results="__coqa__",
                                metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
-                                            for m in ("em", "f1")])),
+                                            for m in ("em", "f1")]), eval_docs=500),
         Task("commonsense_qa", "tau/commonsense_qa", None, "train", "validation", "exact_match",
              examples=lambda d: [(_csqa_prompt(d), " " + _csqa_answer(d))],
              lm_eval=_generate(["\n"], 16, doc_to_text=_csqa_prompt, doc_to_target=_csqa_answer,
-                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS))),
+                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS)), eval_docs=1221),
         Task("piqa", "baber/piqa", None, "train", "validation", "acc",
              examples=lambda d: [(_piqa_prompt(d), " " + [d["sol1"], d["sol2"]][int(d["label"])])],
-             lm_eval=_choice(_piqa_prompt, lambda d: [d["sol1"], d["sol2"]], lambda d: int(d["label"]))),
+             lm_eval=_choice(_piqa_prompt, lambda d: [d["sol1"], d["sol2"]], lambda d: int(d["label"])),
+             eval_docs=1838),
         Task("hellaswag", "Rowan/hellaswag", None, "train", "validation", "acc",
              examples=lambda d: [(_hellaswag_prompt(d), " " + _hellaswag_choices(d)[int(d["label"])])],
-             lm_eval=_choice(_hellaswag_prompt, _hellaswag_choices, lambda d: int(d["label"]))),
+             lm_eval=_choice(_hellaswag_prompt, _hellaswag_choices, lambda d: int(d["label"])), eval_docs=10042),
         # LAMBADA ships a test split only: on the hub we finetune on its first 80% and evaluate on the rest.
         Task("lambada", "EleutherAI/lambada_openai", "default", "test[:80%]", "test[80%:]", "exact_match",
              examples=lambda d: [(_lambada_prompt(d), " " + _lambada_word(d))],
@@ -165,15 +168,15 @@ TASKS: dict[str, Task] = {
                                filter_list=[{"name": "first-word", "filter": [
                                    {"function": "regex", "regex_pattern": LAMBADA_WORD},
                                    {"function": "take_first"}]}],
-                               metric_list=_em(ignore_case=True))),
+                               metric_list=_em(ignore_case=True)), eval_docs=1031),
         Task("webqs", "stanfordnlp/web_questions", None, "train", "test", "exact_match",
              examples=lambda d: [(_webqs_prompt(d), " " + d["answers"][0])],
              lm_eval=_generate(["\n"], 16, doc_to_text=_webqs_prompt, doc_to_target=lambda d: list(d["answers"]),
-                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS))),
+                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS)), eval_docs=2032),
         Task("nq_open", "google-research-datasets/nq_open", None, "train", "validation", "exact_match",
              examples=lambda d: [(_nq_prompt(d), " " + d["answer"][0])],
              lm_eval=_generate(["\n", ".", ","], 16, doc_to_text=_nq_prompt, doc_to_target=lambda d: list(d["answer"]),
-                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS))),
+                               filter_list=FIRST_LINE_STRIPPED, metric_list=_em(**EM_KWARGS)), eval_docs=3610),
     ]
 }
 

@@ -30,8 +30,13 @@ def batched(pretrained):
 
 
 def test_batched_multiple_choice_scores_equal_one_request_at_a_time(batched):
+    """In batches, a question's endings share their context's computation (`score_shared`): the model
+    computes fewer positions than the requests hold (batch 1 computes them all, once each)."""
     mc = batched["multiple_choice"]
     assert len(mc["single"]) == len(mc["batched"]) == len(mc["direct"]) > 20
+    assert mc["contexts"] < len(mc["single"])
+    assert mc["positions"]["single"] == mc["positions"]["rows"]
+    assert mc["positions"]["batched"] < mc["positions"]["rows"]
     for (ll_d, greedy_d), (ll_1, greedy_1), (ll_b, greedy_b) in zip(mc["direct"], mc["single"], mc["batched"]):
         assert ll_b == pytest.approx(ll_d, rel=LL_REL) and ll_1 == pytest.approx(ll_d, rel=LL_REL)
         assert greedy_b == greedy_1 == greedy_d

@@ -33,14 +33,22 @@ def test_installed_release_is_in_the_supported_range():
 def test_each_shim_takes_the_branch_of_the_release_that_changed_it():
     """Shims detect features; the releases named in compat.py's comments must agree with what they detect."""
     probe = ("import contextlib, json\n"
+             "from megatron.core.inference.contexts import StaticInferenceContext\n"
              "from pause_megatron import compat\n"
+             "def logits_switch_in_config():\n"
+             "    context = StaticInferenceContext(1, 8)\n"
+             "    compat.logits_at_every_position(context)\n"
+             "    config = getattr(context, 'config', None)\n"
+             "    return config is not None and config.materialize_only_last_token_logits is False\n"
              "print(json.dumps({'version': compat.mcore_version(),\n"
              "    'cuda_graph_modules': 'cuda_graph_modules' in compat.no_cuda_graph_modules(),\n"
-             "    'inference_switch': not isinstance(compat.inference_mode(), contextlib.nullcontext)}))")
+             "    'inference_switch': not isinstance(compat.inference_mode(), contextlib.nullcontext),\n"
+             "    'logits_switch_in_config': logits_switch_in_config()}))")
     got = json.loads(python("-c", probe).stdout.strip().splitlines()[-1])
     version = tuple(got["version"])
     assert got["cuda_graph_modules"] == (version >= (0, 18, 0))
     assert got["inference_switch"] == (version >= (0, 18, 0))
+    assert got["logits_switch_in_config"] == (version >= (0, 19, 0))
 
 
 def test_building_the_model_logs_no_upstream_deprecation():

@@ -189,6 +189,31 @@ def test_a_batch_that_runs_out_of_memory_is_retried_smaller_with_the_same_result
         run_batched([1], lambda chunk: scores(chunk * 4), 1, sort_key=lambda x: x)
 
 
+def test_one_item_that_runs_out_of_memory_is_split_and_still_scored_in_order(capsys):
+    """Items of several requests (a context with its continuations): one that alone does not fit goes to `split`
+    (evaluation: one row at a time); the others stay whole; results in the callers' order."""
+    from pause_megatron.decoding import run_batched
+
+    calls = []
+
+    def scores(chunk):  # an item with more than 3 requests does not fit, even alone
+        calls.append(len(chunk))
+        if sum(len(item) for item in chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [[x * 10 for x in item] for item in chunk]
+
+    items = [[1, 2], [3, 4, 5, 6, 7], [8]]
+    split = []
+    got = run_batched(items, scores, 4, sort_key=lambda item: -len(item),
+                      split=lambda item: split.append(item) or [x * 10 for x in item])
+    assert got == [[x * 10 for x in item] for item in items]
+    assert split == [[3, 4, 5, 6, 7]]
+    assert calls == [3, 1, 1, 1]  # all three, halved to one: the long one alone (then split), the others
+    assert "one batch item ran out of memory; scoring it in pieces" in capsys.readouterr().err
+    with pytest.raises(torch.OutOfMemoryError):  # the pieces do not fit either: the error
+        run_batched([[1, 2, 3, 4]], scores, 1, sort_key=len, split=lambda item: scores([[x, x, x, x] for x in item]))
+
+
 def test_lambada_answer_filter_keeps_apostrophes(tmp_path):
     """lm-eval's own filter and metric, with our pattern: apostrophes inside a word kept, quotes around it not."""
     folder = tmp_path / "lambada"

@@ -32,10 +32,29 @@ def evaluate(checkpoint, tasks, *extra, check=True, limit=2):
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
 
 
+@pytest.fixture(scope="module")
+def tasks_run(pretrained, tmp_path_factory):
+    """Each of the nine tasks finetuned from `pretrained` (M_ft pauses, FT) and evaluated on its first 2 rows.
+
+    The finetuning and evaluation commands' own `main`s, called in turn in one process (tests/dist/
+    finetune_eval_tasks.py): the same work as `finetune` and `evaluate` below with one start-up instead of 27.
+    The command lines themselves (torchrun, exit codes, stdout) are run by the other tests of this file.
+    """
+    out = tmp_path_factory.mktemp("tasks")
+    proc = python(str(ROOT / "tests" / "dist" / "finetune_eval_tasks.py"), "--pretrained", str(pretrained), "--out",
+                  str(out), "--tasks", ",".join(sorted(PAPER_METRIC)), "--data-dir", SAMPLES, "--limit", "2",
+                  f"pauses.m_ft={M_FT}", *FT, timeout=1800)
+    results = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("TASK ")]
+    return out, {r["task"]: r for r in results}
+
+
 @pytest.mark.parametrize("task", sorted(PAPER_METRIC))
-def test_task_finetunes_then_evaluates_with_the_papers_metric(pretrained, tmp_path, task):
-    finetune(pretrained, tmp_path, task)
-    report = evaluate(tmp_path / "checkpoints", task)
+def test_task_finetunes_then_evaluates_with_the_papers_metric(tasks_run, task):
+    out, results = tasks_run
+    result = results[task]
+    assert result["error"] is None, result["error"]
+    assert result["finetune"] == 0 and result["evaluate"] == 0, result
+    report = json.loads((out / task / "eval.json").read_text())
     score = report["scores"][task][PAPER_METRIC[task]]
     assert 0.0 <= score <= 1.0 and report["m_inf"] == M_FT
 
@@ -82,11 +101,11 @@ def test_finetuning_loss_ignores_prompt_and_pause_labels(probe):
 
 
 @pytest.fixture(scope="module")
-def finetuned(pretrained, tmp_path_factory):
-    """A piqa finetuning checkpoint (global batch 4, micro batch 2)."""
-    out = tmp_path_factory.mktemp("ft_piqa")
-    finetune(pretrained, out, "piqa")
-    return out / "checkpoints"
+def finetuned(tasks_run):
+    """The piqa finetuning checkpoint of `tasks_run` (global batch 4, micro batch 2)."""
+    out, results = tasks_run
+    assert results["piqa"]["finetune"] == 0, results["piqa"]
+    return out / "piqa" / "checkpoints"
 
 
 def test_data_parallel_evaluation_gives_the_single_process_results_per_request(finetuned, tmp_path):
@@ -120,16 +139,20 @@ def test_data_parallel_evaluation_gives_the_single_process_results_per_request(f
                 assert got[doc_id]["resps"] == w["resps"]  # the generated texts
 
 
-def eval_prompts(checkpoint, *overrides):
+def eval_prompts(checkpoint, m_inf: list[int], *overrides) -> list[dict]:
+    """One evaluation per M_inf, in one process (tests/dist/eval_prompts.py loads the checkpoint for each)."""
     proc = python(str(ROOT / "tests" / "dist" / "eval_prompts.py"), "--checkpoint", str(checkpoint), "--tasks",
-                  "nq_open", "--data-dir", SAMPLES, "--limit", "2", "tracking.enabled=false", *overrides)
-    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("PROMPTS ")][-1][8:])
+                  "nq_open", "--data-dir", SAMPLES, "--limit", "2", "--m-inf", ",".join(map(str, m_inf)),
+                  "tracking.enabled=false", *overrides)
+    return [json.loads(l[8:]) for l in proc.stdout.splitlines() if l.startswith("PROMPTS ")]
 
 
 def test_m_inf_robustness_sweep_puts_m_inf_pauses_in_the_prompts_the_model_receives(finetuned):
     """Counted at the model's input, so evaluating with M_ft whatever pauses.m_inf says fails (docs/testing.md)."""
-    for m in (0, M_FT // 2, M_FT + 3):
-        got = eval_prompts(finetuned, f"pauses.m_inf={m}")
+    sweep = (0, M_FT // 2, M_FT + 3)
+    results = eval_prompts(finetuned, list(sweep))
+    assert len(results) == len(sweep)
+    for m, got in zip(sweep, results):
         assert got["m_inf"] == m and "exact_match" in got["scores"]["nq_open"]
         assert got["trailing_pauses"] == [m, m]  # two nq_open documents, one greedy generation each
 

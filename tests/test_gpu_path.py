@@ -89,13 +89,14 @@ def test_bf16_trains_resumes_bit_identically_and_decodes(tmp_path, request, simu
 
 
 @pytest.mark.slow
-def test_te_without_apex_and_apex_with_rmsnorm_build_and_step(tmp_path):
+def test_te_without_apex_apex_with_rmsnorm_and_gelu_without_bias_build_and_step(tmp_path):
     out = tmp_path / "out.json"
     torchrun(ROOT / "tests" / "dist" / "kernel_builds.py", "--out", str(out), timeout=600,
              PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'dist'}")
     r = read_json(out)
     assert r["te-without-apex"]["spec"] == "te"
-    for case in ("te-without-apex", "apex-rmsnorm"):
+    assert r["gelu-without-bias"]["kernels"]["bias_activation_fusion"]  # the machine's choice: on
+    for case in ("te-without-apex", "apex-rmsnorm", "gelu-without-bias"):
         assert "error" not in r[case], r[case]
         assert r[case]["loss"] > 0
 

@@ -259,7 +259,7 @@ def test_bad_inputs_are_refused_with_the_reason_and_leave_no_output(imported, tm
     (existing / "keep").write_text("x")
     errors = refused_all(
         ["export-hf", tmp_path, out], ["import-hf", tmp_path, out], ["export-hf", other, out],
-        ["import-hf", variant("llama", model_type="llama"), out],
+        ["import-hf", variant("mistral", model_type="mistral"), out],
         ["import-hf", variant("parallel", use_parallel_residual=True), out],
         ["import-hf", variant("pause", pause_token_id=3), out],
         ["import-hf", variant("act", hidden_act="relu"), out], ["import-hf", collapsing, out],
@@ -267,7 +267,7 @@ def test_bad_inputs_are_refused_with_the_reason_and_leave_no_output(imported, tm
         # fails only once the weights are read, after the output was started: still nothing left behind
         ["import-hf", variant("shape", intermediate_size=128), out])
     expected = ["is not a checkpoint", "not a Hugging Face model directory (no config.json)",
-                "does not match the loaded tokenizer", "model_type 'llama'", "use_parallel_residual",
+                "does not match the loaded tokenizer", "model_type 'mistral'", "use_parallel_residual",
                 "pause_token_id says <pause> is id 3", "hidden_act='relu'",
                 "the SentencePiece model normalizes text", "already exists", "mlp.dense_h_to_4h.weight has shape"]
     for want, err in zip(expected, errors):

@@ -279,6 +279,9 @@ def test_report_compares_prepending_with_appending_at_the_same_m_ft(tmp_path):
     assert f"30.0{ONE}" in row[50].split("|")[3] and f"25.0{ONE}" in row[50].split("|")[4]
     assert f"50.0{ONE} (M_ft=10)" in text  # the main table: the better M_ft, with its n
     assert "chosen on the reported evaluation split" in text
+    # The M_ft section: one column per M_ft (appended pauses), and its plot (test_recipe's run has one M_ft).
+    assert f"| PausePT_PauseFT | piqa | 50.0{ONE} | 30.0{ONE} |" in text.split("## M_ft")[1].split("##")[0]
+    assert (tmp_path / "out" / "report" / "m_ft.png").exists()
 
 
 def test_report_fails_on_a_missing_score_unless_the_stage_result_file_has_it(tmp_path):

@@ -232,6 +232,91 @@ def test_dry_run_prints_gpus_hours_and_disk(tmp_path):
     assert disk(kept.stdout) * 3 == pytest.approx(disk(proc.stdout) * 2, rel=0.05)
 
 
+def test_dry_run_hours_of_finetuning_and_evaluation_follow_the_measured_task_figures(tmp_path, monkeypatch):
+    """In-process (the planner runs no Megatron): finetune and evaluate stages get hours from the per-task
+    figures `perf.measured_rates` holds (positions computed per finetuning example; requests per document and
+    positions per request in evaluation), printed with their basis; doubling a task's figure doubles them
+    (a little more: the attention term grows with the width)."""
+    import copy
+
+    from pause_megatron import perf, recipe
+
+    monkeypatch.chdir(ROOT)
+    path = write_recipe(tmp_path)
+    measured = perf.measured_rates()
+
+    def planned(rates):
+        monkeypatch.setattr(perf, "measured_rates", lambda: rates)
+        lines = []
+        recipe.print_plan(recipe.load_recipe(path), log=lines.append)
+        return {s.key: s.estimate_s for s in recipe.plan(recipe.load_recipe(path))}, lines
+
+    base, lines = planned(measured)
+    stages = {kind: [k for k in base if k.startswith(kind + "/")] for kind in ("finetune", "evaluate")}
+    assert all(stages.values()) and all(base[k] > 0 for keys in stages.values() for k in keys)
+    for key in stages["finetune"][:1] + stages["evaluate"][:1]:
+        row = next(line for line in lines if line.startswith(key))
+        # the hours column (after stage 70, variant 16, GPUs 5 characters): a lower bound, marked
+        assert row[94] == "≥" and float(row[95:102]) > 0
+    assert next(line for line in lines if line.startswith("pretrain/std"))[94] == " "
+    basis = next(line for line in lines if line.startswith("hours:"))
+    assert "not measured" in basis and "measured on CPU" in basis and "positions computed per example" in basis
+    assert "lower bounds" in basis and "M_ft 10" in basis and "M_inf 10" in basis and "gsm8k 256" in basis
+    doubled = copy.deepcopy(measured)
+    doubled["finetune"]["positions_per_example"]["piqa"] *= 2
+    doubled["evaluate"]["tasks"]["piqa"]["positions_per_request"] *= 2
+    more, _ = planned(doubled)
+    for key in stages["finetune"] + stages["evaluate"]:
+        assert 2 <= more[key] / base[key] < 2.5
+    assert more["pretrain/std"] == base["pretrain/std"]
+
+
+
+def test_dry_run_hours_move_with_each_stages_pauses_and_fall_back_without_measured_figures(tmp_path, monkeypatch):
+    """The figures were measured at M_ft = M_inf = 10: a stage with other M (none0, append1, append2) computes
+    M less or more positions per example or request, so figures measured at M + 5 with 5 more positions plan
+    the same hours. Without the rates file, or without a task in it, the dry-run still plans (padding to
+    seq_length) and its basis line says so, naming the task."""
+    import copy
+
+    from pause_megatron import perf, recipe
+
+    monkeypatch.chdir(ROOT)
+    path = write_recipe(tmp_path)
+    measured = perf.measured_rates()
+    assert perf.measured_rates(str(tmp_path / "absent.json")) == {}
+
+    def planned(rates):
+        monkeypatch.setattr(perf, "measured_rates", lambda: rates)
+        lines = []
+        recipe.print_plan(recipe.load_recipe(path), log=lines.append)
+        basis = next(line for line in lines if line.startswith("hours:"))
+        return {s.key: s.estimate_s for s in recipe.plan(recipe.load_recipe(path)) if s.estimate_s}, basis
+
+    base, _ = planned(measured)
+    ft = [base[f"finetune/{pt}/piqa/{m}/seed0"] for pt, m in (("StdPT", "none0"), ("PausePT", "append1"),
+                                                               ("PausePT", "append2"))]
+    ev = [base[f"evaluate/{pt}/piqa/{m}/seed0/{m}"] for pt, m in (("StdPT", "none0"), ("PausePT", "append1"),
+                                                                   ("PausePT", "append2"))]
+    assert ft[0] < ft[1] < ft[2] and ev[0] < ev[1] < ev[2]
+    moved = copy.deepcopy(measured)
+    moved["finetune"]["m_ft"] += 5
+    moved["finetune"]["positions_per_example"]["piqa"] += 5
+    moved["evaluate"]["m_inf"] += 5
+    moved["evaluate"]["tasks"]["piqa"]["positions_per_request"] += 5
+    same, _ = planned(moved)
+    assert same == pytest.approx(base, rel=1e-9)
+
+    padded, basis = planned({})
+    assert "measured_rates.json missing" in basis
+    assert all(padded[k] > base[k] for k in base if k.startswith(("finetune/", "evaluate/")))
+    assert padded["pretrain/std"] == base["pretrain/std"]
+    without = copy.deepcopy(measured)
+    del without["finetune"]["positions_per_example"]["piqa"], without["evaluate"]["tasks"]["piqa"]
+    hours, basis = planned(without)
+    assert hours == padded
+    assert "no measured finetuning figure for piqa" in basis and "no measured evaluation figure for piqa" in basis
+
 # ---- slurm/finetune_eval_array.sh with fake srun/scontrol: what runs after a stop, and the array's size ------
 
 FAKE_SRUN = """#!/bin/sh

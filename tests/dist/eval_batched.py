@@ -26,10 +26,11 @@ class Counter:
     """The model, counting its forward passes."""
 
     def __init__(self, model):
-        self.module, self.calls = model, 0  # `module`: how decoding finds the output layer behind wrappers
+        self.module, self.calls, self.positions = model, 0, 0  # `module`: how decoding finds the GPTModel
 
     def __call__(self, **kwargs):
         self.calls += 1
+        self.positions += kwargs["input_ids"].numel()
         return self.module(**kwargs)
 
 
@@ -77,8 +78,14 @@ def main():
     out = {}
 
     mc = [inst for t in ("piqa", "hellaswag") for inst in requests(t, args.data_dir)]
+    before = {name: c.positions for name, c in counters.items()}
     out["multiple_choice"] = {name: [list(r) for r in lm.loglikelihood(mc, disable_tqdm=True)]
                               for name, lm in lms.items()}
+    # positions the model computed, against every request's context and continuation once each
+    out["multiple_choice"]["positions"] = {name: counters[name].positions - before[name] for name in lms}
+    out["multiple_choice"]["positions"]["rows"] = sum(
+        len(lms["single"].prompt(c, len(x))) + len(x) for c, x in (tok.encode_pair(*inst.args) for inst in mc))
+    out["multiple_choice"]["contexts"] = len({inst.args[0] for inst in mc})
     # and each request scored on its own, outside the adapter's batching and ordering
     single = lms["single"]
     out["multiple_choice"]["direct"] = []

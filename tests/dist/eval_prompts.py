@@ -3,7 +3,9 @@
 The checkpoint is loaded and evaluated through the same functions as the command line (`load_for_inference`
 with the overrides, then `evaluate_tasks`), with the model behind a recorder of every input. Prints one JSON
 object: M_inf as the config resolves it, the scores, and for each prompt the model decoded from (the first
-call of each greedy generation: more than one token) the number of `<pause>` tokens at its end.
+call of each greedy generation: more than one token) the number of `<pause>` tokens at its end. With
+`--m-inf 0,2,7`: one such object per value, each from a checkpoint loaded afresh with `pauses.m_inf=<value>`
+added to the overrides (one process start-up for the whole sweep).
 """
 
 import argparse
@@ -37,17 +39,21 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--tasks", required=True)
     ap.add_argument("--limit", type=int, required=True)
+    ap.add_argument("--m-inf", help="comma-separated pauses.m_inf values, one evaluation each")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    model, cfg, tok = load_for_inference(args.checkpoint, args.overrides)
-    recorder = Recorder(model)
-    scores, _ = evaluate_tasks(recorder, cfg, tok, tasks=args.tasks.split(","), data_dir=args.data_dir,
-                               limit=args.limit)
-    prompts = [ids for ids in recorder.inputs if len(ids) > 1]
-    p = cfg.pauses
-    print("PROMPTS " + json.dumps({"m_inf": p.m_inf if p.m_inf is not None else p.m_ft, "scores": scores,
-                                   "trailing_pauses": [trailing(ids, tok.pause_id) for ids in prompts]}), flush=True)
-    runtime.destroy()
+    sweep = [[f"pauses.m_inf={m}"] for m in args.m_inf.split(",")] if args.m_inf else [[]]
+    for extra in sweep:
+        model, cfg, tok = load_for_inference(args.checkpoint, [*args.overrides, *extra])
+        recorder = Recorder(model)
+        scores, _ = evaluate_tasks(recorder, cfg, tok, tasks=args.tasks.split(","), data_dir=args.data_dir,
+                                   limit=args.limit)
+        prompts = [ids for ids in recorder.inputs if len(ids) > 1]
+        p = cfg.pauses
+        print("PROMPTS " + json.dumps({"m_inf": p.m_inf if p.m_inf is not None else p.m_ft, "scores": scores,
+                                       "trailing_pauses": [trailing(ids, tok.pause_id) for ids in prompts]}),
+              flush=True)
+        runtime.destroy()
 
 
 if __name__ == "__main__":

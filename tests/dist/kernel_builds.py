@@ -1,6 +1,6 @@
 """Build and step the tiny model with the kernel decisions of other machines, under the CPU emulation.
 
-Each case is a `Present` (what a GPU machine has) and a normalization; the model is built with exactly what
+Each case is a `Present` (what a GPU machine has), a normalization and other model settings; the model is built with exactly what
 pause_megatron.kernels chooses for it and takes one bf16 training step. A case whose decisions name the
 Transformer Engine spec is built with the local spec here (no TE on the CPU): the decisions that do not
 need TE are kept, and the layer they can break, the output layer, is Megatron's own ColumnParallelLinear in
@@ -19,11 +19,14 @@ from pause_megatron.train import build_train_state, train_step
 
 from train_layout import PAUSE_ID, VOCAB, synthetic_batch
 
+BARE_GPU = kernels.Present(cuda=True, apex=False, transformer_engine=False, grad_accum_kernel=False)
 CASES = {
     "te-without-apex": (kernels.Present(cuda=True, apex=False, transformer_engine=True, grad_accum_kernel=False),
-                        "LayerNorm"),
+                        "LayerNorm", []),
     "apex-rmsnorm": (kernels.Present(cuda=True, apex=True, transformer_engine=False, grad_accum_kernel=False),
-                     "RMSNorm"),
+                     "RMSNorm", []),
+    # a GELU MLP without biases: Megatron's fused bias-GELU, on wherever bias fusions are, needs the bias
+    "gelu-without-bias": (BARE_GPU, "LayerNorm", ["model.linear_bias=none"]),
 }
 
 
@@ -32,9 +35,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = {}
-    for name, (present, normalization) in CASES.items():
+    for name, (present, normalization, overrides) in CASES.items():
         cfg = load_config(None, ["model.preset=tiny", "precision.dtype=bf16", "train.global_batch_size=2",
-                                 "train.micro_batch_size=2", f"model.normalization={normalization}"], world_size=1)
+                                 "train.micro_batch_size=2", f"model.normalization={normalization}", *overrides],
+                          world_size=1)
         runtime.init_distributed(cfg)
         k = kernels.choose(present, normalization=normalization)
         out[name] = {"kernels": k.transformer_config_kwargs(), "spec": k.spec}
