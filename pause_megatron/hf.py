@@ -298,6 +298,31 @@ def read_hf_config(hf_dir: str) -> tuple:
     return arch, arch.read(path, c)
 
 
+def hf_model_overrides(hf_dir: str, seq_length: Optional[int] = None) -> list[str]:
+    """The model.* overrides of the checkpoint import-hf writes from `hf_dir` (`model_overrides_of`): what a run
+    needs to start from it (the recipe plans its pretrainings with them before the import has run)."""
+    arch, c = read_hf_config(hf_dir)
+    return model_overrides_of(arch, c, seq_length)
+
+
+def model_overrides_of(arch, c: dict, seq_length: Optional[int]) -> list[str]:
+    """The architecture's overrides for config.json `c`, then every other config.ARCHITECTURE_KEYS at the value
+    they give (the defaults filled in), so that a run whose config or preset sets another one gets this model."""
+    from pause_megatron.config import load_config, model_overrides, to_dict
+
+    own = arch.overrides(c, seq_length)
+    full = model_overrides(to_dict(load_config(None, own, hardware=False))["model"])
+    keys = {o.split("=", 1)[0] for o in own}
+    return [*own, *(o for o in full if o.split("=", 1)[0] not in keys)]
+
+
+def import_vocab_size(hf_dir: str) -> int:
+    """The padded vocabulary of the checkpoint import-hf writes from `hf_dir`, from config.json: vocab_size, plus
+    one for `<pause>` unless the directory declares it (`_special_pause_ids`)."""
+    c = _read_json(os.path.join(hf_dir, "config.json"))
+    return padded_vocab_size(int(c["vocab_size"]) + (0 if _special_pause_ids(hf_dir, c) else 1))
+
+
 DEFAULT_SEQ_LENGTH = 2048  # the paper's and the Llama-family presets' training length
 
 
@@ -388,7 +413,7 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
         raise ConversionError(f"{hf_dir}: vocab_size={hf_vocab} is larger than the tokenizer's padded size {vocab} "
                               f"({tokenizer.vocab_size} pieces with <pause>, padded to a multiple of 128)")
     weights = _read_weights(hf_dir, load_file)
-    overrides = [*arch.overrides(c, seq_length), "model.spec=local", "precision.dtype=fp32",
+    overrides = [*model_overrides_of(arch, c, seq_length), "model.spec=local", "precision.dtype=fp32",
                  "tracking.enabled=false"]
     cfg = load_config(None, overrides)
     tmp = _staging(out_root)

@@ -56,6 +56,7 @@ RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when
 ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
 CHECKPOINT_BYTES_PER_PARAM = 16  # --dry-run disk: fp32 weights and main params' Adam moments (+ bf16 copy), roughly
 H100_BF16_TFLOPS = 989.4
+DEFAULT_VOCAB = 32128  # the dry-run's vocabulary without init: the default 32,000 pieces and <pause>, padded
 # --dry-run: stage kinds whose hours count FLOPs alone where other costs dominate (`print_plan`'s hours line)
 LOWER_BOUND_STAGES = ("finetune", "evaluate")
 
@@ -229,8 +230,10 @@ def _task_files(task_dir: Optional[str], task: str) -> Optional[list]:
 # ---- init: continued pretraining of a Hugging Face model ---------------------------------------------------
 
 IMPORT_KEY = "import"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")  # by name, size and mtime
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 NOT_READ = (".md", ".gitattributes")  # model cards and git metadata: no part of the import's result
+HASH_CHUNK = 16 << 20
+_HASHES: dict = {}  # (path, size, mtime_ns) -> sha256: one plan hashes each weight file once
 
 
 def hf_dir_problem(r: Recipe) -> Optional[str]:
@@ -259,10 +262,23 @@ def missing_inputs(r: Recipe) -> list[str]:
     return lines
 
 
+def _sha256(path: str) -> str:
+    """A file's sha256, streamed (a 1B model's 2.5 GB in seconds), once per plan for an unchanged file."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
 def _hf_dir_inputs(hf_dir: str) -> dict:
-    """What decides the import's result: config.json and the tokenizer files by content, the weight files by
-    name, size and mtime (hashing gigabytes at every plan would cost more than it guards); hidden entries
-    (huggingface-cli's .cache), sub-folders and model cards are not read by the import."""
+    """What decides the import's result: every file the import may read (config.json, tokenizer, weights) by
+    content, so a byte-identical copy or re-download keeps the identity and a changed byte changes it; hidden
+    entries (huggingface-cli's .cache), sub-folders and model cards are not read by the import."""
     if not os.path.isdir(hf_dir):
         return {"missing": hf_dir}
     files = []
@@ -270,41 +286,29 @@ def _hf_dir_inputs(hf_dir: str) -> dict:
         p = os.path.join(hf_dir, name)
         if name.startswith(".") or name.endswith(NOT_READ) or not os.path.isfile(p):
             continue
-        st = os.stat(p)
-        if name.endswith(WEIGHT_SUFFIXES) or st.st_size > SMALL_FILE:
-            files.append((name, st.st_size, st.st_mtime_ns))
-        else:
-            with open(p, "rb") as fh:
-                files.append((name, hashlib.sha256(fh.read()).hexdigest()))
+        files.append((name, _sha256(p)))
     return {"files": files}
 
 
-def _hf_model_overrides(hf_dir: str, seq_length: int) -> list[str]:
-    """The HF model's architecture as model.* overrides, read from its config.json when the recipe is planned
-    (the import has not run yet): the ones import-hf gives the checkpoint it writes (`hf.import_`), so the
-    pretraining stages build the shape the imported weights have (a different one is refused when they load)."""
+def _hf_model(r: Recipe) -> tuple[list[str], int]:
+    """The imported model's model.* overrides (`hf.hf_model_overrides`: the ones import-hf gives the checkpoint
+    it writes, read from config.json when the recipe is planned, before the import has run) and its padded
+    vocabulary (`hf.import_vocab_size`). Before the download: seq_length only and the vocabulary of the
+    pretrain config's preset (`config.OPEN_MODEL_VOCAB`; else the default tokenizer's)."""
     from pause_megatron import hf
 
-    try:
-        c = hf.read_neox_config(hf_dir)
-    except hf.ConversionError as exc:
-        raise ConfigError(f"init.hf_dir: {exc}") from None
-    # import_'s settings, minus the conversion's own (spec, fp32, tracking): each stage keeps its config's
-    return [f"model.num_layers={c['num_hidden_layers']}", f"model.hidden_size={c['hidden_size']}",
-            f"model.num_attention_heads={c['num_attention_heads']}", f"model.ffn_hidden_size={c['intermediate_size']}",
-            f"model.seq_length={seq_length}", f"model.rotary_base={int(c.get('rotary_emb_base', 10000))}",
-            "model.position_embedding=rope", "model.normalization=LayerNorm", "model.untie_embeddings=true",
-            f"model.gelu={hf.HF_GELUS[c.get('hidden_act', 'gelu')]}",
-            f"model.hidden_dropout={float(c.get('hidden_dropout', 0.0))}",
-            f"model.attention_dropout={float(c.get('attention_dropout', 0.0))}",
-            f"model.init_method_std={float(c.get('initializer_range', 0.02))}"]
+    if hf_dir_problem(r) is None:
+        try:
+            return (hf.hf_model_overrides(r.init.hf_dir, r.data.seq_length),
+                    hf.import_vocab_size(r.init.hf_dir))
+        except hf.ConversionError as exc:
+            raise ConfigError(f"init.hf_dir: {exc}") from None
+    from pause_megatron.config import OPEN_MODEL_VOCAB
+    from pause_megatron.tokenizer import padded_vocab_size
 
-
-def _hf_vocab_size(hf_dir: str) -> int:
-    """The HF model's vocabulary padded as the project pads it (the logits' FLOPs in --dry-run estimates)."""
-    with open(os.path.join(hf_dir, "config.json")) as fh:
-        vocab = int(json.load(fh).get("vocab_size", 32000))
-    return -(-(vocab + 1) // 128) * 128  # + <pause>
+    preset = load_config(r.pretrain.config, list(r.pretrain.overrides), hardware=False).model.preset
+    vocab = OPEN_MODEL_VOCAB.get(preset)
+    return [f"model.seq_length={r.data.seq_length}"], padded_vocab_size(vocab + 1) if vocab else DEFAULT_VOCAB
 
 
 def import_root(r: Recipe) -> str:
@@ -312,20 +316,67 @@ def import_root(r: Recipe) -> str:
     return f"{r.output_dir}/{IMPORT_KEY}/checkpoints"
 
 
-def imported_unmarked(r: Recipe, stage: Stage) -> bool:
-    """An import stage (claimed: its folder holds this identity's output only) whose checkpoint root is there:
-    import-hf renames it into place whole as its last act, so it finished, and was stopped before its marker
-    (import-hf refuses to write over it: the stage is marked done instead of run again)."""
-    return stage.kind == "import" and os.path.exists(import_root(r))
-
-
 def import_tokenizer(r: Recipe) -> str:
     """The tokenizer the import stored with its checkpoint, which the data stage tokenizes with (so data and
-    model share one tokenizer; pretraining checks its checksum against both). A file: build_c4 --tokenizer
-    takes a SentencePiece model file (where it also takes a directory of either kind, this is the root)."""
+    model share one tokenizer; pretraining checks its checksum against both). The recipe's one call site of
+    the checkpoint's tokenizer path: a SentencePiece model file today (build_c4 --tokenizer takes a file);
+    where build_c4 takes a tokenizer directory of either kind, this is the root."""
     from pause_megatron.checkpoint import TOKENIZER_FILE
 
     return os.path.join(import_root(r), TOKENIZER_FILE)
+
+
+def import_problem(root: str, hf_dir: str, seq_length: int, tokenizer: str) -> Optional[str]:
+    """Why the checkpoint root at `root` is not a finished import of `hf_dir` at `seq_length`, or None: its
+    `latest` must name a complete checkpoint (COMPLETE marker) recording that source and seq_length, and the
+    tokenizer stored with it (`tokenizer`) must be the one it records."""
+    from pause_megatron import checkpoint
+
+    latest = os.path.join(root, checkpoint.LATEST)
+    if not os.path.exists(latest):
+        return f"{root} has no `{checkpoint.LATEST}`"
+    with open(latest) as fh:
+        it = os.path.join(root, fh.read().strip())
+    if not os.path.exists(os.path.join(it, checkpoint.COMPLETE)):
+        return f"{it} is not complete"
+    try:
+        extra = checkpoint.read_extra(root)
+    except Exception as exc:  # unreadable: not the import's output, whatever the error
+        return f"{root}: {exc}"
+    got = (extra.get("source"), (extra.get("config") or {}).get("model", {}).get("seq_length"))
+    if got != (os.path.abspath(hf_dir), seq_length):
+        return f"{root} was imported from {got[0]} at seq_length {got[1]}, not {os.path.abspath(hf_dir)} at {seq_length}"
+    if not os.path.exists(tokenizer) or _sha256(tokenizer) != extra.get("tokenizer_sha256"):
+        return f"{tokenizer} is not the tokenizer {root} records"
+    return None
+
+
+def prepare_import(root: str, hf_dir: str, seq_length: int, tokenizer: str, *, log=print) -> bool:
+    """Before the import runs (locally, or in its Slurm job, which may be a requeue): True if `root` already
+    holds this import finished (import-hf renames it into place whole as its last act: a run stopped before
+    its stage was marked, and import-hf would refuse to write over it); otherwise anything at `root` is set
+    aside (kept, never reused) and False: import."""
+    if not os.path.lexists(root):
+        return False
+    why = import_problem(root, hf_dir, seq_length, tokenizer)
+    if why is None:
+        return True
+    aside, n = f"{root}.replaced", 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{root}.replaced.{n}"
+    os.rename(root, aside)
+    log(f"  {why}: set aside as {aside}; importing again")
+    return False
+
+
+def import_memory_gb(hf_dir: Optional[str]) -> int:
+    """The import job's memory (GB): the weight files' size (bf16 on disk, usually) as fp32 tensors read,
+    the model built and its state saved, about 3 x fp32, plus 8 GB for Python, torch and Megatron."""
+    if not hf_dir or not os.path.isdir(hf_dir):
+        return 16
+    size = sum(os.path.getsize(os.path.join(hf_dir, n)) for n in os.listdir(hf_dir) if n.endswith(WEIGHT_SUFFIXES))
+    return 8 + -(-3 * 2 * size // 10**9)  # bf16 -> fp32: x2 bytes
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
@@ -367,6 +418,12 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         parse_batch_size(recipe.evaluate.batch_size)
     except ValueError as exc:
         raise ConfigError(f"{path}: evaluate.batch_size: {exc}") from None
+    data_dir = os.path.normpath(f"{recipe.output_dir}/data")
+    if recipe.init.hf_dir and recipe.data.input and not os.path.normpath(recipe.data.path).startswith(data_dir + os.sep):
+        raise ConfigError(f"{path}: data.path {recipe.data.path} is outside {data_dir}: with init.hf_dir the shards "
+                          f"are made with the imported model's tokenizer, so they must live in the data stage's "
+                          f"folder (e.g. data.path: {data_dir}/c4_{recipe.data.seq_length}), which a new model sets "
+                          "aside whole, old shards included, before building its own")
     if recipe.launch.executor not in ("local", "slurm"):
         raise ConfigError(f"{path}: launch.executor must be 'local' or 'slurm', got {recipe.launch.executor!r}")
     return recipe
@@ -477,9 +534,10 @@ def _eval_documents(task: str, task_dir: Optional[str], limit: Optional[int]) ->
     return min(n, limit) if limit else n
 
 
-def _data_inputs(d: DataSpec) -> dict:
-    """What decides the data stage's output: its settings and (for real C4 files) the input files' names and sizes."""
-    inputs = {k: v for k, v in dataclasses.asdict(d).items() if k != "workers"}
+def _data_inputs(d: DataSpec, *, init: bool = False) -> dict:
+    """What decides the data stage's output: its settings and (for real C4 files) the input files' names and
+    sizes; with init, the import's tokenizer (the stage depends on it) instead of data.vocab_size."""
+    inputs = {k: v for k, v in dataclasses.asdict(d).items() if k != "workers" and not (init and k == "vocab_size")}
     if d.input and d.input != "sample":
         from data_prep.c4_input import list_inputs
 
@@ -495,12 +553,13 @@ def ranks_per_node(r: Recipe) -> int:
     return r.launch.gpus_per_node if r.launch.executor == "slurm" and r.launch.gpus_per_node > 0 else r.launch.nproc
 
 
-def _disk(cfg, vocab_size: int = 32128) -> tuple[float, float]:
+def _disk(cfg, vocab: int) -> tuple[float, float]:
     """Bytes of the checkpoints a training stage keeps at its end, and at its peak: with retention, a save
     writes the new checkpoint before the oldest kept one goes (keep + 1 at that moment)."""
-    t, m = cfg.train, cfg.model
-    h = m.hidden_size  # attention 4h^2 and MLP 2hf per layer; the embedding (and an untied output layer) hV
-    params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * vocab_size
+    from pause_megatron.perf import parameter_count
+
+    t = cfg.train
+    params = parameter_count(cfg, vocab_size=vocab)
     saves = -(-t.steps // t.save_interval) if t.save_interval else 1
     keep = t.keep_checkpoints or saves
     each = params * CHECKPOINT_BYTES_PER_PARAM
@@ -513,23 +572,18 @@ def full_plan(r: Recipe) -> list[Stage]:
     gpus = lambda nodes: nodes * ranks_per_node(r)  # noqa
     common = ["--tag", f"recipe={r.name}"]
     stages: list[Stage] = []
-    init_deps, init_overrides, vocab = [], [], 32128
+    init_deps, init_overrides, vocab = [], [], DEFAULT_VOCAB
     if r.init.hf_dir:
-        root = import_root(r)
         stages.append(Stage(IMPORT_KEY, "import", [], f"{out}/{IMPORT_KEY}", [], time=r.init.time,
                             inputs={"hf_dir": _hf_dir_inputs(r.init.hf_dir), "seq_length": r.data.seq_length}))
         init_deps = [IMPORT_KEY]
         # Without the directory (a --dry-run before the download) the shape is the pretrain config's.
-        if hf_dir_problem(r) is None:
-            init_overrides = _hf_model_overrides(r.init.hf_dir, r.data.seq_length)
-            vocab = _hf_vocab_size(r.init.hf_dir)
-        else:
-            init_overrides = [f"model.seq_length={r.data.seq_length}"]
-        init_overrides.append(f"train.init_from={root}")
+        init_overrides, vocab = _hf_model(r)
+        init_overrides.append(f"train.init_from={import_root(r)}")
     data_deps = list(init_deps)
     if r.data.input:
         stages.append(Stage("data", "data", [], f"{out}/data", init_deps, time=r.data.time,
-                            inputs=_data_inputs(r.data)))
+                            inputs=_data_inputs(r.data, init=bool(r.init.hf_dir))))
         data_deps = ["data", *init_deps]
 
     # The pretrained models: "StdPT", "PausePT" (the main ones) and "PausePT-r<ratio>" (the pause-ratio sweep,
@@ -756,9 +810,11 @@ def claim(stage: Stage, *, log=print) -> None:
 
 
 def _import_commands(r: Recipe, python: str) -> list[list[str]]:
-    """import-hf: one process on the CPU (no MLflow run, no Megatron job), model.seq_length = data.seq_length."""
-    return [[python, "-m", "pause_megatron.cli", "import-hf", r.init.hf_dir, import_root(r),
-             "--seq-length", str(r.data.seq_length)]]
+    """import-hf: one process on the CPU (no MLflow run, no Megatron job), model.seq_length = data.seq_length,
+    through `python -m pause_megatron.recipe import` (prepare_import first: a requeued Slurm job whose import
+    had finished marks it done instead of failing on import-hf's refusal to write over it)."""
+    return [[python, "-m", "pause_megatron.recipe", "import", r.init.hf_dir, import_root(r), str(r.data.seq_length),
+             import_tokenizer(r)]]
 
 
 def _data_commands(r: Recipe, python: str) -> list[list[str]]:
@@ -851,8 +907,9 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             continue
         log(f"[{i}/{len(stages)}] run  {stage.key}")
         claim(stage, log=log)
-        if imported_unmarked(r, stage):
-            mark_done(stage)
+        if stage.kind == "import" and prepare_import(import_root(r), r.init.hf_dir, r.data.seq_length,
+                                                     import_tokenizer(r), log=log):
+            mark_done(stage)  # a run stopped after the import finished, before its marker
             continue
         if stage.kind == "data":
             cmds = _data_commands(r, python)
@@ -891,7 +948,8 @@ def _stage_job(r: Recipe, stage: Stage, *, python: str, parent: Optional[str], r
         return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.data.workers), None
     if stage.kind == "import":  # converts on the CPU in fp32 whatever the node has (hf._cpu_only)
         steps = [cmd[2:] for cmd in _import_commands(r, python)]
-        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.launch.cpus_per_task), None
+        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.launch.cpus_per_task,
+                           mem_gb=import_memory_gb(r.init.hf_dir)), None
     if stage.kind == "report":
         steps = [["pause_megatron.cli", "recipe", "report", recipe_path, *overrides]]
         return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=1), None
@@ -969,7 +1027,8 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
                 f"launch.max_jobs is {r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
             break
         claim(stage, log=log)
-        if imported_unmarked(r, stage):
+        if stage.kind == "import" and prepare_import(import_root(r), r.init.hf_dir, r.data.seq_length,
+                                                     import_tokenizer(r), log=log):
             mark_done(stage)
             log(f"skip {stage.key} (done)")
             continue
@@ -1056,10 +1115,20 @@ def print_plan(r: Recipe, *, log=print) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY`: a Slurm stage job's completion marker."""
+    """`python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY`: a Slurm stage job's completion marker.
+    `python -m pause_megatron.recipe import HF_DIR ROOT SEQ_LENGTH TOKENIZER`: the import stage's command."""
     args = argv if argv is not None else sys.argv[1:]
+    if len(args) == 5 and args[0] == "import":
+        hf_dir, root, seq, tokenizer = args[1:]
+        if prepare_import(root, hf_dir, int(seq), tokenizer):
+            print(f"{root} holds this import, finished: not imported again")
+            return 0
+        from pause_megatron.hf import import_main
+
+        return import_main([hf_dir, root, "--seq-length", seq])
     if len(args) != 4 or args[0] != "mark":
-        print("usage: python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY", file=sys.stderr)
+        print("usage: python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY\n"
+              "       python -m pause_megatron.recipe import HF_DIR ROOT SEQ_LENGTH TOKENIZER", file=sys.stderr)
         return 2
     write_marker(args[1], args[2], args[3], done=True)
     return 0
