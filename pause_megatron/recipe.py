@@ -1077,7 +1077,8 @@ def print_plan(r: Recipe, *, log=print) -> None:
     for line in missing_inputs(r):
         log(f"note: {line}")
     if hf_dir_problem(r):
-        log("note: until the model is there, this plan takes its shape from the pretrain config (model.* there)")
+        log("note: until the model is there, this plan takes its shape from the pretrain config (model.* there) "
+            "and its vocabulary from that preset's model (config.OPEN_MODEL_VOCAB)")
     log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
     gpu_hours, bound_hours, disk, extra = 0.0, 0.0, 0.0, 0.0
     for s in stages:

@@ -339,3 +339,18 @@ def test_the_dry_run_counts_the_models_vocabulary_and_parameters_before_and_afte
     smollm2["vocab_size"] = 49153
     (hf / "config.json").write_text(json.dumps(smollm2))
     assert hf_.import_vocab_size(str(hf)) == 49280
+
+
+def test_a_model_of_another_architecture_than_the_recipes_preset_gets_every_architecture_key(tmp_path):
+    """The SmolLM2 recipe (preset smollm2-135m: GQA, SwiGLU, RMSNorm, no biases) given a GPT-NeoX directory plans
+    the NeoX model: the keys NeoX's config.json does not name come at the values import-hf gives them."""
+    hf = tmp_path / "neox"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(dict(
+        model_type="gpt_neox", vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=192, max_position_embeddings=64, rotary_pct=1.0, use_parallel_residual=False)))
+    _, stages = plan_of(f"recipes/{NEW[0]}.yaml", *FEW, f"output_dir={tmp_path / 'out'}", f"init.hf_dir={hf}")
+    argv = stages["pretrain/std"].argv
+    for override in ("model.mlp=gelu", "model.num_query_groups=null", "model.linear_bias=all",
+                     "model.normalization=LayerNorm", "model.rope_scaling_factor=null", "model.untie_embeddings=true"):
+        assert override in argv, override
