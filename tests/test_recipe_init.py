@@ -337,12 +337,10 @@ def test_the_dry_run_counts_the_models_vocabulary_and_parameters_before_and_afte
     assert before == after and float(after["pretrain/std"][0]) > 0.1
     params = 134_515_008 + 576 * (49280 - 49152)
     assert after["pretrain/std"][1:] == [f"{3 * 16 * params / 1e9:.1f}", "GB"]
-    # <pause> already declared by the tokenizer: no row added for it
+    # <pause> already among the model's 49,152 (a tokenizer that declares it): no row added, no padding
     assert hf_.import_vocab_size(str(hf)) == 49280
-    (hf / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"49152": {"content": "<pause>"}}}))
-    smollm2["vocab_size"] = 49153
-    (hf / "config.json").write_text(json.dumps(smollm2))
-    assert hf_.import_vocab_size(str(hf)) == 49280
+    (hf / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"49151": {"content": "<pause>"}}}))
+    assert hf_.import_vocab_size(str(hf)) == 49152
 
 
 def test_a_model_of_another_architecture_than_the_recipes_preset_gets_every_architecture_key(tmp_path):
