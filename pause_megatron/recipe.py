@@ -667,8 +667,8 @@ def full_plan(r: Recipe) -> list[Stage]:
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
-                                    f.nodes, f.time, tags, _finetune_estimate(cfg, gpus(f.nodes), task, rates, vocab=vocab),
-                                    _disk(cfg, vocab),
+                                    f.nodes, f.time, tags,
+                                    _finetune_estimate(cfg, gpus(f.nodes), task, rates, vocab=vocab), _disk(cfg, vocab),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
