@@ -16,7 +16,7 @@ from typing import Optional
 
 def recipe_main(argv: list[str]) -> int:
     from pause_megatron.config import ConfigError
-    from pause_megatron.recipe import load_recipe, print_plan, run
+    from pause_megatron.recipe import load_recipe, missing_inputs, print_plan, run
     from pause_megatron.report import ReportError, build_report
 
     ap = argparse.ArgumentParser(prog="pause-megatron recipe")
@@ -33,6 +33,8 @@ def recipe_main(argv: list[str]) -> int:
         from pause_megatron.recipe import plan
 
         plan(recipe)
+        if args.action == "run" and missing_inputs(recipe):  # a --dry-run plans without them
+            raise ConfigError("; ".join(missing_inputs(recipe)) + "; nothing was run")
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(_LLAMA, num_layers=24, hidden_size=896, num_attention_heads=14, num_query_groups=2,
                          ffn_hidden_size=4864, rotary_base=1000000, norm_epsilon=1e-6, linear_bias="qkv"),
 }
+# The open models' vocabulary (their config.json's vocab_size): the recipes' --dry-run before the download.
+OPEN_MODEL_VOCAB = {"smollm2-135m": 49152, "llama3.2-1b": 128256, "qwen2.5-0.5b": 151936}
 LINEAR_BIASES = ("all", "none", "qkv")
 
 

@@ -332,6 +332,52 @@ def read_hf_config(hf_dir: str) -> tuple:
     return arch, arch.read(path, c)
 
 
+def hf_model_overrides(hf_dir: str, seq_length: Optional[int] = None) -> list[str]:
+    """The model.* overrides of the checkpoint import-hf writes from `hf_dir` (`model_overrides_of`): what a run
+    needs to start from it (the recipe plans its pretrainings with them before the import has run)."""
+    arch, c = read_hf_config(hf_dir)
+    return model_overrides_of(arch, c, seq_length, divisible_by=import_vocab(hf_dir)[1])
+
+
+def model_overrides_of(arch, c: dict, seq_length: Optional[int], *, divisible_by: int = 128) -> list[str]:
+    """The architecture's overrides for config.json `c` and the vocabulary's divisor (`vocab_rows`), then every
+    other config.ARCHITECTURE_KEYS at the value they give (the defaults filled in), so that a run whose config or
+    preset sets another one gets this model."""
+    from pause_megatron.config import load_config, model_overrides, to_dict
+
+    own = [*arch.overrides(c, seq_length), f"model.make_vocab_size_divisible_by={divisible_by}"]
+    full = model_overrides(to_dict(load_config(None, own, hardware=False))["model"])
+    keys = {o.split("=", 1)[0] for o in own}
+    return [*own, *(o for o in full if o.split("=", 1)[0] not in keys)]
+
+
+def vocab_rows(hf_vocab: int, tokens: int) -> tuple[int, int]:
+    """The imported checkpoint's padded vocabulary and its model.make_vocab_size_divisible_by, for an HF model of
+    `hf_vocab` rows and a tokenizer of `tokens` ids (`<pause>` included): the tokens rounded up to a multiple of
+    128, or the model's own vocab_size when that is larger (Qwen2.5: 151936 rows for 151665 tokens; the spare
+    rows kept, `<pause>` in the first free one). Recording the divisor that pads the tokenizer to exactly
+    vocab_size makes every later run pad to the same size."""
+    divisible_by = 128 if hf_vocab <= padded_vocab_size(tokens) else hf_vocab
+    return padded_vocab_size(tokens, divisible_by=divisible_by), divisible_by
+
+
+def import_vocab(hf_dir: str) -> tuple[int, int]:
+    """`vocab_rows` of the checkpoint import-hf writes from `hf_dir`: the tokenizer's size when the directory has
+    one, else config.json's vocab_size plus one for `<pause>` unless the directory declares it."""
+    c = _read_json(os.path.join(hf_dir, "config.json"))
+    tok_path = tokenizers.tokenizer_file(hf_dir)
+    if tok_path is not None:
+        tokens = tokenizers.load(tok_path).vocab_size
+    else:
+        tokens = int(c["vocab_size"]) + (0 if _special_pause_ids(hf_dir, c) else 1)
+    return vocab_rows(int(c["vocab_size"]), tokens)
+
+
+def import_vocab_size(hf_dir: str) -> int:
+    """The padded vocabulary of the checkpoint import-hf writes from `hf_dir` (`import_vocab`)."""
+    return import_vocab(hf_dir)[0]
+
+
 DEFAULT_SEQ_LENGTH = 2048  # the paper's and the Llama-family presets' training length
 
 
@@ -420,11 +466,10 @@ def import_(hf_dir: str, out_root: str, *, seq_length: Optional[int] = None) -> 
     # model's own vocab_size when that is larger (Qwen2.5: 151936 rows for 151665 tokens), the model's spare
     # rows kept and <pause> in the first free one. The divisor that pads the tokenizer's size to exactly
     # vocab_size is recorded as model.make_vocab_size_divisible_by, so every later run pads to the same size.
-    divisible_by = 128 if hf_vocab <= padded_vocab_size(tokenizer.vocab_size) else hf_vocab
-    vocab = padded_vocab_size(tokenizer.vocab_size, divisible_by=divisible_by)
+    vocab, divisible_by = vocab_rows(hf_vocab, tokenizer.vocab_size)
     weights = _read_weights(hf_dir, load_file)
-    overrides = [*arch.overrides(c, seq_length), f"model.make_vocab_size_divisible_by={divisible_by}",
-                 "model.spec=local", "precision.dtype=fp32", "tracking.enabled=false"]
+    overrides = [*model_overrides_of(arch, c, seq_length, divisible_by=divisible_by), "model.spec=local",
+                 "precision.dtype=fp32", "tracking.enabled=false"]
     cfg = load_config(None, overrides)
     tmp = _staging(out_root)
     try:

@@ -63,6 +63,20 @@ def model_flops_per_token(cfg: Config, *, vocab_size: int, seq_length: Optional[
     return 3.0 * (m.num_layers * per_layer + 2 * h * vocab_size)
 
 
+def parameter_count(cfg: Config, *, vocab_size: int) -> int:
+    """The model's parameters, counted from the config as `model_flops_per_token` counts FLOPs (grouped-query
+    attention, SwiGLU, biases, norms, tied or untied embeddings; RoPE: no position table)."""
+    m = cfg.model
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = h * (m.num_query_groups or m.num_attention_heads) // m.num_attention_heads
+    norm = (1 if m.normalization == "RMSNorm" else 2) * h
+    weights = h * (h + 2 * kv) + h * h + (3 if m.mlp == "swiglu" else 2) * h * f
+    biases = {"all": (h + 2 * kv) + h + (2 if m.mlp == "swiglu" else 1) * f + h, "qkv": h + 2 * kv, "none": 0}
+    positions = m.seq_length * h if m.position_embedding == "learned_absolute" else 0
+    return (m.num_layers * (weights + biases[m.linear_bias] + 2 * norm) + norm + positions
+            + (2 if m.untie_embeddings else 1) * h * vocab_size)
+
+
 def model_flops(cfg: Config, *, vocab_size: int, positions: int, width_sum: int) -> float:
     """Training FLOPs of `positions` token positions in sequences of any widths; `width_sum` sums, over the
     positions, the width of each one's sequence (a [b, s] microbatch adds b*s positions and b*s*s). The count

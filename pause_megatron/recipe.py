@@ -1,10 +1,13 @@
-"""Recipes: the paper's experiments as one chain of stages — data, pretraining, finetuning, evaluation, report.
+"""Recipes: the paper's experiments as one chain of stages — [import,] data, pretraining, finetuning, evaluation,
+report.
 
 `pause-megatron recipe run recipes/paper_1b.yaml [--dry-run] [key=value ...]`
 
 A recipe names the variants (StdPT_StdFT, StdPT_PauseFT, PausePT_StdFT, PausePT_PauseFT), tasks, M_ft values,
-seeds and ablations; `plan()` expands it into stages, each a command of this project's own CLIs (data_prep,
-pretrain, finetune, evaluate) with its output directory. Running the recipe runs the stages in order, each as
+seeds and ablations; `plan()` expands it into stages, each a command of this project's own CLIs (import-hf,
+data_prep, pretrain, finetune, evaluate) with its output directory. With `init.hf_dir` (a local Hugging Face model
+directory) the chain starts by importing that model: the data is tokenized with its tokenizer and both
+pretrainings (StdPT, PausePT) continue from its weights. Running the recipe runs the stages in order, each as
 an MLflow child run of one parent run. Stages run locally (torchrun) or are submitted to Slurm, one job per
 stage with dependencies.
 
@@ -46,13 +49,14 @@ from pause_megatron.pauses import PAPER_M_FT, num_pretrain_pauses
 from pause_megatron.tasks import TASKS
 
 VARIANTS = ("StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT")
-STAGES = ("data", "pretrain", "finetune", "evaluate", "report")
+STAGES = ("import", "data", "pretrain", "finetune", "evaluate", "report")
 GPU_STAGES = ("pretrain", "finetune", "evaluate")  # Megatron ranks, one per GPU
 MARKER = "stage.json"
 RESULT = "result.json"  # an evaluate stage's scores (the report's fallback when MLflow has none)
 ASSUMED_MFU = 0.40  # for --dry-run time estimates: Megatron-LM's published figure at 1-2B on H100
 CHECKPOINT_BYTES_PER_PARAM = 16  # --dry-run disk: fp32 weights and main params' Adam moments (+ bf16 copy), roughly
 H100_BF16_TFLOPS = 989.4
+DEFAULT_VOCAB = 32128  # the dry-run's vocabulary without init: the default 32,000 pieces and <pause>, padded
 # --dry-run: stage kinds whose hours count FLOPs alone where other costs dominate (`print_plan`'s hours line)
 LOWER_BOUND_STAGES = ("finetune", "evaluate")
 
@@ -67,6 +71,16 @@ class DataSpec:
     vocab_size: int = 32000
     workers: int = 2  # also the data job's CPUs on Slurm
     time: str = "24:00:00"  # the data job's time limit on Slurm
+
+
+@dataclass
+class InitSpec:
+    # A local Hugging Face model directory (config.json, safetensors, tokenizer): imported by an `import` stage
+    # (`pause-megatron import-hf`, on the CPU); the data stage tokenizes with its tokenizer and both pretrainings
+    # start from its weights, with its architecture (read from config.json when the recipe is planned) and
+    # model.seq_length = data.seq_length. None: pretraining starts from random weights.
+    hf_dir: Optional[str] = None
+    time: str = "02:00:00"  # the import job's time limit on Slurm
 
 
 @dataclass
@@ -124,6 +138,7 @@ class Recipe:
     output_dir: str = "runs/recipe"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    init: InitSpec = field(default_factory=InitSpec)
     data: DataSpec = field(default_factory=DataSpec)
     pretrain: StageSpec = field(default_factory=lambda: StageSpec(config="recipes/pretrain_1b_pause.yaml"))
     finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(config="recipes/finetune.yaml"))
@@ -214,6 +229,162 @@ def _task_files(task_dir: Optional[str], task: str) -> Optional[list]:
     return files
 
 
+# ---- init: continued pretraining of a Hugging Face model ---------------------------------------------------
+
+IMPORT_KEY = "import"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
+NOT_READ = (".md", ".gitattributes")  # model cards and git metadata: no part of the import's result
+HASH_CHUNK = 16 << 20
+_HASHES: dict = {}  # (path, size, mtime_ns) -> sha256: one plan hashes each weight file once
+
+
+def hf_dir_problem(r: Recipe) -> Optional[str]:
+    """Why init.hf_dir cannot be imported as it stands (no such directory, no config.json), or None."""
+    d = r.init.hf_dir
+    if d and not os.path.exists(os.path.join(d, "config.json")):
+        return (f"init.hf_dir: {d} is not a Hugging Face model directory (no config.json); download the model "
+                f"there first (e.g. `huggingface-cli download <repo> --local-dir {d}`)")
+    return None
+
+
+def missing_inputs(r: Recipe) -> list[str]:
+    """What the recipe reads from disk and does not find: the model to import, the data stage's input files.
+
+    `--dry-run` plans without them (a plan made before the downloads; its identities change once they are
+    there); `recipe run` refuses before anything runs (cli).
+    """
+    lines = [hf_dir_problem(r)] if hf_dir_problem(r) else []
+    if r.data.input and r.data.input != "sample":
+        from data_prep.c4_input import list_inputs
+
+        try:
+            list_inputs(r.data.input)
+        except FileNotFoundError as exc:
+            lines.append(f"data.input: {exc}")
+    return lines
+
+
+def _sha256(path: str) -> str:
+    """A file's sha256, streamed (a 1B model's 2.5 GB in seconds), once per plan for an unchanged file."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def _hf_dir_inputs(hf_dir: str) -> dict:
+    """What decides the import's result: every file the import may read (config.json, tokenizer, weights) by
+    content, so a byte-identical copy or re-download keeps the identity and a changed byte changes it; hidden
+    entries (huggingface-cli's .cache), sub-folders and model cards are not read by the import."""
+    if not os.path.isdir(hf_dir):
+        return {"missing": hf_dir}
+    files = []
+    for name in sorted(os.listdir(hf_dir)):
+        p = os.path.join(hf_dir, name)
+        if name.startswith(".") or name.endswith(NOT_READ) or not os.path.isfile(p):
+            continue
+        files.append((name, _sha256(p)))
+    return {"files": files}
+
+
+def _hf_model(r: Recipe) -> tuple[list[str], int]:
+    """The imported model's model.* overrides (`hf.hf_model_overrides`: the ones import-hf gives the checkpoint
+    it writes, read from config.json when the recipe is planned, before the import has run) and its padded
+    vocabulary (`hf.import_vocab_size`). Before the download: seq_length only and the vocabulary of the
+    pretrain config's preset (`config.OPEN_MODEL_VOCAB`; else the default tokenizer's)."""
+    from pause_megatron import hf
+
+    if hf_dir_problem(r) is None:
+        try:
+            return (hf.hf_model_overrides(r.init.hf_dir, r.data.seq_length),
+                    hf.import_vocab_size(r.init.hf_dir))
+        except hf.ConversionError as exc:
+            raise ConfigError(f"init.hf_dir: {exc}") from None
+    from pause_megatron.config import OPEN_MODEL_VOCAB
+    from pause_megatron.tokenizer import padded_vocab_size
+
+    preset = load_config(r.pretrain.config, list(r.pretrain.overrides), hardware=False).model.preset
+    vocab = OPEN_MODEL_VOCAB.get(preset)
+    return [f"model.seq_length={r.data.seq_length}"], padded_vocab_size(vocab + 1) if vocab else DEFAULT_VOCAB
+
+
+def import_root(r: Recipe) -> str:
+    """The checkpoint root the import stage writes (train.init_from of both pretrainings)."""
+    return f"{r.output_dir}/{IMPORT_KEY}/checkpoints"
+
+
+def import_tokenizer(r: Recipe) -> str:
+    """Where the import stores its tokenizer (the checkpoint root, holding tokenizer.model or tokenizer.json),
+    which the data stage tokenizes with (`build_c4 --tokenizer` takes the folder): data and model share one
+    tokenizer, and pretraining checks its identity against both."""
+    return import_root(r)
+
+
+def import_problem(root: str, hf_dir: str, seq_length: int, tokenizer: str) -> Optional[str]:
+    """Why the checkpoint root at `root` is not a finished import of `hf_dir` at `seq_length`, or None: its
+    `latest` must name a complete checkpoint (COMPLETE marker) recording that source and seq_length, and the
+    tokenizer stored with it (`tokenizer`: a file, or the folder holding it) must be the one it records."""
+    from pause_megatron import checkpoint
+
+    latest = os.path.join(root, checkpoint.LATEST)
+    if not os.path.exists(latest):
+        return f"{root} has no `{checkpoint.LATEST}`"
+    with open(latest) as fh:
+        it = os.path.join(root, fh.read().strip())
+    if not os.path.exists(os.path.join(it, checkpoint.COMPLETE)):
+        return f"{it} is not complete"
+    try:
+        extra = checkpoint.read_extra(root)
+    except Exception as exc:  # unreadable: not the import's output, whatever the error
+        return f"{root}: {exc}"
+    got = (extra.get("source"), (extra.get("config") or {}).get("model", {}).get("seq_length"))
+    if got != (os.path.abspath(hf_dir), seq_length):
+        return f"{root} was imported from {got[0]} at seq_length {got[1]}, not {os.path.abspath(hf_dir)} at {seq_length}"
+    from pause_megatron import tokenizer as tokenizers
+
+    path = tokenizers.tokenizer_file(tokenizer)
+    try:
+        checksum = tokenizers.load(path).checksum if path else None
+    except ValueError:  # unreadable (tokenizers.UnreadableTokenizer is one): not the tokenizer it records
+        checksum = None
+    if checksum is None or checksum != extra.get("tokenizer_sha256"):
+        return f"{path or tokenizer} is not the tokenizer {root} records"
+    return None
+
+
+def prepare_import(root: str, hf_dir: str, seq_length: int, tokenizer: str, *, log=print) -> bool:
+    """Before the import runs (locally, or in its Slurm job, which may be a requeue): True if `root` already
+    holds this import finished (import-hf renames it into place whole as its last act: a run stopped before
+    its stage was marked, and import-hf would refuse to write over it); otherwise anything at `root` is set
+    aside (kept, never reused) and False: import."""
+    if not os.path.lexists(root):
+        return False
+    why = import_problem(root, hf_dir, seq_length, tokenizer)
+    if why is None:
+        return True
+    aside, n = f"{root}.replaced", 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{root}.replaced.{n}"
+    os.rename(root, aside)
+    log(f"  {why}: set aside as {aside}; importing again")
+    return False
+
+
+def import_memory_gb(hf_dir: Optional[str]) -> int:
+    """The import job's memory (GB): the weight files' size (bf16 on disk, usually) as fp32 tensors read,
+    the model built and its state saved, about 3 x fp32, plus 8 GB for Python, torch and Megatron."""
+    if not hf_dir or not os.path.isdir(hf_dir):
+        return 16
+    size = sum(os.path.getsize(os.path.join(hf_dir, n)) for n in os.listdir(hf_dir) if n.endswith(WEIGHT_SUFFIXES))
+    return 8 + -(-3 * 2 * size // 10**9)  # bf16 -> fp32: x2 bytes
+
+
 def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
     """The recipe file with dotted overrides, checked: unknown stages, variants or tasks fail here."""
     if not os.path.exists(path):
@@ -253,6 +424,12 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         parse_batch_size(recipe.evaluate.batch_size)
     except ValueError as exc:
         raise ConfigError(f"{path}: evaluate.batch_size: {exc}") from None
+    data_dir = os.path.normpath(f"{recipe.output_dir}/data")
+    if recipe.init.hf_dir and recipe.data.input and not os.path.normpath(recipe.data.path).startswith(data_dir + os.sep):
+        raise ConfigError(f"{path}: data.path {recipe.data.path} is outside {data_dir}: with init.hf_dir the shards "
+                          f"are made with the imported model's tokenizer, so they must live in the data stage's "
+                          f"folder (e.g. data.path: {data_dir}/c4_{recipe.data.seq_length}), which a new model sets "
+                          "aside whole, old shards included, before building its own")
     if recipe.launch.executor not in ("local", "slurm"):
         raise ConfigError(f"{path}: launch.executor must be 'local' or 'slurm', got {recipe.launch.executor!r}")
     return recipe
@@ -284,18 +461,18 @@ def _resolve(config: Optional[str], overrides: list[str], gpus: int, *, model: O
         raise ConfigError(f"{where} with {gpus} ranks: {exc}") from None
 
 
-def _estimate(cfg, gpus: int, width: Optional[float] = None) -> float:
+def _estimate(cfg, gpus: int, width: Optional[float] = None, *, vocab: int) -> float:
     """Seconds for a training stage at ASSUMED_MFU on H100s, each sequence `width` positions (default: the
     config's seq_length; finetuning: the measured positions per example, `_finetune_estimate`)."""
     from pause_megatron.perf import model_flops_per_token
 
     width = cfg.model.seq_length if width is None else width
     tokens = cfg.train.steps * cfg.train.global_batch_size * width
-    flops = model_flops_per_token(cfg, vocab_size=32128, seq_length=width) * tokens
+    flops = model_flops_per_token(cfg, vocab_size=vocab, seq_length=width) * tokens
     return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
 
 
-def _finetune_estimate(cfg, gpus: int, task: str, rates: dict) -> float:
+def _finetune_estimate(cfg, gpus: int, task: str, rates: dict, *, vocab: int) -> float:
     """A finetuning stage: its steps x global batch x the positions finetuning computes per example of this
     task (padded to each microbatch's longest; measured on the built-in rows at the rates file's M_ft,
     `perf.measured_rates`), moved by this stage's M_ft less the measured one (every example holds M_ft
@@ -304,12 +481,13 @@ def _finetune_estimate(cfg, gpus: int, task: str, rates: dict) -> float:
     ft = rates.get("finetune", {})
     measured = ft.get("positions_per_example", {}).get(task)
     if measured is None:
-        return _estimate(cfg, gpus)
+        return _estimate(cfg, gpus, vocab=vocab)
     m = cfg.pauses.m_ft if cfg.pauses.placement != "none" else 0
-    return _estimate(cfg, gpus, min(cfg.model.seq_length, max(1.0, measured - ft["m_ft"] + m)))
+    return _estimate(cfg, gpus, min(cfg.model.seq_length, max(1.0, measured - ft["m_ft"] + m)), vocab=vocab)
 
 
-def _eval_estimate(cfg, gpus: int, task: str, documents: int, rates: dict, *, m_inf: int, placement: str) -> float:
+def _eval_estimate(cfg, gpus: int, task: str, documents: int, rates: dict, *, m_inf: int, placement: str,
+                   vocab: int) -> float:
     """An evaluation stage: documents x lm-eval's requests per document x positions per request (measured on the
     built-in rows at the rates file's M_inf, moved by this stage's M_inf less that one: pauses or filler, none
     with placement none; generation counts max_gen_toks, an upper bound on the tokens it decodes) x forward
@@ -326,7 +504,7 @@ def _eval_estimate(cfg, gpus: int, task: str, documents: int, rates: dict, *, m_
         m = m_inf if placement != "none" else 0
         requests = measured["requests_per_doc"]
         width = min(cfg.model.seq_length, max(1.0, measured["positions_per_request"] - ev["m_inf"] + m))
-    flops = documents * requests * width * model_flops_per_token(cfg, vocab_size=32128, seq_length=width) / 3
+    flops = documents * requests * width * model_flops_per_token(cfg, vocab_size=vocab, seq_length=width) / 3
     return flops / (gpus * H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU)
 
 
@@ -362,16 +540,17 @@ def _eval_documents(task: str, task_dir: Optional[str], limit: Optional[int]) ->
     return min(n, limit) if limit else n
 
 
-def _data_inputs(d: DataSpec) -> dict:
-    """What decides the data stage's output: its settings and (for real C4 files) the input files' names and sizes."""
-    inputs = {k: v for k, v in dataclasses.asdict(d).items() if k != "workers"}
+def _data_inputs(d: DataSpec, *, init: bool = False) -> dict:
+    """What decides the data stage's output: its settings and (for real C4 files) the input files' names and
+    sizes; with init, the import's tokenizer (the stage depends on it) instead of data.vocab_size."""
+    inputs = {k: v for k, v in dataclasses.asdict(d).items() if k != "workers" and not (init and k == "vocab_size")}
     if d.input and d.input != "sample":
         from data_prep.c4_input import list_inputs
 
         try:
             inputs["files"] = [(os.path.basename(p), os.path.getsize(p)) for p in list_inputs(d.input)]
-        except FileNotFoundError as exc:
-            raise ConfigError(f"data.input: {exc}") from None
+        except FileNotFoundError:
+            inputs["files"] = None  # missing_inputs: a --dry-run plans without them, a run refuses
     return inputs
 
 
@@ -380,12 +559,13 @@ def ranks_per_node(r: Recipe) -> int:
     return r.launch.gpus_per_node if r.launch.executor == "slurm" and r.launch.gpus_per_node > 0 else r.launch.nproc
 
 
-def _disk(cfg) -> tuple[float, float]:
+def _disk(cfg, vocab: int) -> tuple[float, float]:
     """Bytes of the checkpoints a training stage keeps at its end, and at its peak: with retention, a save
     writes the new checkpoint before the oldest kept one goes (keep + 1 at that moment)."""
-    t, m = cfg.train, cfg.model
-    h = m.hidden_size  # attention 4h^2 and MLP 2hf per layer; the embedding (and an untied output layer) hV
-    params = m.num_layers * (4 * h * h + 2 * h * m.ffn_hidden_size) + (2 if m.untie_embeddings else 1) * h * 32128
+    from pause_megatron.perf import parameter_count
+
+    t = cfg.train
+    params = parameter_count(cfg, vocab_size=vocab)
     saves = -(-t.steps // t.save_interval) if t.save_interval else 1
     keep = t.keep_checkpoints or saves
     each = params * CHECKPOINT_BYTES_PER_PARAM
@@ -398,10 +578,19 @@ def full_plan(r: Recipe) -> list[Stage]:
     gpus = lambda nodes: nodes * ranks_per_node(r)  # noqa
     common = ["--tag", f"recipe={r.name}"]
     stages: list[Stage] = []
-    data_deps = []
+    init_deps, init_overrides, vocab = [], [], DEFAULT_VOCAB
+    if r.init.hf_dir:
+        stages.append(Stage(IMPORT_KEY, "import", [], f"{out}/{IMPORT_KEY}", [], time=r.init.time,
+                            inputs={"hf_dir": _hf_dir_inputs(r.init.hf_dir), "seq_length": r.data.seq_length}))
+        init_deps = [IMPORT_KEY]
+        # Without the directory (a --dry-run before the download) the shape is the pretrain config's.
+        init_overrides, vocab = _hf_model(r)
+        init_overrides.append(f"train.init_from={import_root(r)}")
+    data_deps = list(init_deps)
     if r.data.input:
-        stages.append(Stage("data", "data", [], f"{out}/data", [], time=r.data.time, inputs=_data_inputs(r.data)))
-        data_deps = ["data"]
+        stages.append(Stage("data", "data", [], f"{out}/data", init_deps, time=r.data.time,
+                            inputs=_data_inputs(r.data, init=bool(r.init.hf_dir))))
+        data_deps = ["data", *init_deps]
 
     # The pretrained models: "StdPT", "PausePT" (the main ones) and "PausePT-r<ratio>" (the pause-ratio sweep,
     # online pauses) -> (stage key, pause ratio or None for StdPT).
@@ -418,8 +607,9 @@ def full_plan(r: Recipe) -> list[Stage]:
         key = f"pretrain/{variant}" if ratio is None else f"pretrain/pause-r{ratio:g}"
         d = f"{out}/{key}"
         online = [] if ratio is None else ["pauses.source=online", f"pauses.ratio={ratio}"]
+        # The imported model's architecture comes after pretrain.overrides: its weights have that shape.
         overrides = [f"data.path={r.data.path}", f"data.variant={variant}", f"train.output_dir={d}",
-                     *_tracking_overrides(r), *r.pretrain.overrides, *online, _run_name(key)]
+                     *_tracking_overrides(r), *r.pretrain.overrides, *online, *init_overrides, _run_name(key)]
         cfg = _resolve(r.pretrain.config, overrides, gpus(r.pretrain.nodes))
         if variant == "pause":
             m = num_pretrain_pauses(seq_length=cfg.model.seq_length, ratio=cfg.pauses.ratio)
@@ -436,11 +626,12 @@ def full_plan(r: Recipe) -> list[Stage]:
         if not data_deps:  # data made outside the recipe: what it holds (with a data stage: its identity)
             inputs["data"] = _manifest_inputs(cfg.data.path)
         stages.append(Stage(key, "pretrain", argv, d, data_deps, r.pretrain.nodes, r.pretrain.time,
-                            tags, _estimate(cfg, gpus(r.pretrain.nodes)), _disk(cfg), inputs))
+                            tags, _estimate(cfg, gpus(r.pretrain.nodes), vocab=vocab), _disk(cfg, vocab), inputs))
         pretrained[model] = (key, cfg.pauses.ratio if variant == "pause" else None)
 
     f = r.finetune
-    pretrained_model = dataclasses.asdict(load_config(r.pretrain.config, r.pretrain.overrides, hardware=False).model)
+    pretrained_model = dataclasses.asdict(load_config(r.pretrain.config, [*r.pretrain.overrides, *init_overrides],
+                                                      hardware=False).model)
     finetunes = []  # (variant, placement, m, ablation, pretrained model)
     sweep_models = [m for m in pretrained if m.startswith("PausePT-r")]
     for v in r.variants:
@@ -482,8 +673,8 @@ def full_plan(r: Recipe) -> list[Stage]:
                         *common, *sum((["--tag", f"{k}={val}"] for k, val in tags.items()), [])]
                 cfg = _resolve(f.config, overrides, gpus(f.nodes), model=pretrained_model)
                 stages.append(Stage(key, "finetune", argv, d, [pretrain_key],
-                                    f.nodes, f.time, tags, _finetune_estimate(cfg, gpus(f.nodes), task, rates),
-                                    _disk(cfg),
+                                    f.nodes, f.time, tags,
+                                    _finetune_estimate(cfg, gpus(f.nodes), task, rates, vocab=vocab), _disk(cfg, vocab),
                                     {"config": _config_inputs(cfg), "task_files": task_files[task]}))
                 # Evaluations of this model: the main one, the M_inf sweep, the filler baseline.
                 evals = [(placement, m, ablation)]
@@ -502,7 +693,7 @@ def full_plan(r: Recipe) -> list[Stage]:
                              *sum((["--tag", f"{k}={val}"] for k, val in etags.items()), [])]
                     stages.append(Stage(ekey, "evaluate", eargv, ed, [key], r.evaluate.nodes, r.evaluate.time, etags,
                                         _eval_estimate(cfg, gpus(r.evaluate.nodes), task, documents[task], rates,
-                                                       m_inf=m_inf, placement=ev_place),
+                                                       m_inf=m_inf, placement=ev_place, vocab=vocab),
                                         inputs={"task": task, "limit": r.evaluate.limit, "m_inf": m_inf,
                                                 "placement": ev_place, "task_files": task_files[task]}))
     # The report's scores come from its evaluations (their identities); its labels from the variants.
@@ -624,6 +815,14 @@ def claim(stage: Stage, *, log=print) -> None:
     write_marker(stage.out, stage.key, stage.identity, done=False)
 
 
+def _import_commands(r: Recipe, python: str) -> list[list[str]]:
+    """import-hf: one process on the CPU (no MLflow run, no Megatron job), model.seq_length = data.seq_length,
+    through `python -m pause_megatron.recipe import` (prepare_import first: a requeued Slurm job whose import
+    had finished marks it done instead of failing on import-hf's refusal to write over it)."""
+    return [[python, "-m", "pause_megatron.recipe", "import", r.init.hf_dir, import_root(r), str(r.data.seq_length),
+             import_tokenizer(r)]]
+
+
 def _data_commands(r: Recipe, python: str) -> list[list[str]]:
     d = r.data
     cmds = []
@@ -632,8 +831,9 @@ def _data_commands(r: Recipe, python: str) -> list[list[str]]:
         source = f"{r.output_dir}/data/c4_json"
         cmds.append([python, "-m", "data_prep.c4_sample", source, "--files", str(d.sample_files),
                      "--docs-per-file", str(d.sample_docs_per_file)])
+    tokenizer = ["--tokenizer", import_tokenizer(r)] if r.init.hf_dir else ["--vocab-size", str(d.vocab_size)]
     cmds.append([python, "-m", "data_prep.build_c4", "build", "--input", source, "--output", d.path,
-                 "--seq-length", str(d.seq_length), "--vocab-size", str(d.vocab_size), "--workers", str(d.workers)])
+                 "--seq-length", str(d.seq_length), *tokenizer, "--workers", str(d.workers)])
     return cmds
 
 
@@ -679,8 +879,9 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
                   "SLURM_PROCID", "SLURM_NTASKS")
 
 
-def _local_env(r: Recipe) -> Optional[dict]:
-    if r.launch.nproc != 1:
+def _local_env(r: Recipe, kind: str = "pretrain") -> Optional[dict]:
+    """A one-process stage's environment without rank variables; None (this one) for data and torchrun."""
+    if kind == "data" or (kind != "import" and r.launch.nproc != 1):  # the import is one process whatever nproc
         return None
     return {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
 
@@ -712,8 +913,14 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             continue
         log(f"[{i}/{len(stages)}] run  {stage.key}")
         claim(stage, log=log)
+        if stage.kind == "import" and prepare_import(import_root(r), r.init.hf_dir, r.data.seq_length,
+                                                     import_tokenizer(r), log=log):
+            mark_done(stage)  # a run stopped after the import finished, before its marker
+            continue
         if stage.kind == "data":
             cmds = _data_commands(r, python)
+        elif stage.kind == "import":
+            cmds = _import_commands(r, python)
         elif stage.kind == "report":
             from pause_megatron.report import ReportError, build_report
 
@@ -730,8 +937,7 @@ def run(r: Recipe, *, recipe_path: str, overrides: list[str] = (), log=print) ->
             for cmd in cmds:
                 logfile.write("+ " + shlex.join(cmd) + "\n")
                 logfile.flush()
-                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                      env=_local_env(r) if stage.kind != "data" else None)
+                proc = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=_local_env(r, stage.kind))
                 if proc.returncode != 0:
                     log(f"stage {stage.key} failed (exit {proc.returncode}); its log: {stage.out}/stage.log")
                     return proc.returncode
@@ -746,6 +952,10 @@ def _stage_job(r: Recipe, stage: Stage, *, python: str, parent: Optional[str], r
     if stage.kind == "data":
         steps = [cmd[2:] for cmd in _data_commands(r, python)]  # [python, "-m", module, ...] -> module, ...
         return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.data.workers), None
+    if stage.kind == "import":  # converts on the CPU in fp32 whatever the node has (hf._cpu_only)
+        steps = [cmd[2:] for cmd in _import_commands(r, python)]
+        return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=r.launch.cpus_per_task,
+                           mem_gb=import_memory_gb(r.init.hf_dir)), None
     if stage.kind == "report":
         steps = [["pause_megatron.cli", "recipe", "report", recipe_path, *overrides]]
         return steps, dict(nodes=1, ntasks_per_node=1, gpus_per_node=0, cpus_per_task=1), None
@@ -823,6 +1033,11 @@ def _submit_all(r: Recipe, stages: list[Stage], *, python: str, parent: Optional
                 f"launch.max_jobs is {r.launch.max_jobs}; run the recipe again later to submit the rest (nothing is submitted twice)")
             break
         claim(stage, log=log)
+        if stage.kind == "import" and prepare_import(import_root(r), r.init.hf_dir, r.data.seq_length,
+                                                     import_tokenizer(r), log=log):
+            mark_done(stage)
+            log(f"skip {stage.key} (done)")
+            continue
         steps, res, cpu = _stage_job(r, stage, python=python, parent=parent, recipe_path=recipe_path,
                                      overrides=overrides)
         mark = ["-m", "pause_megatron.recipe", "mark", stage.out, stage.key, stage.identity]
@@ -865,6 +1080,11 @@ def print_plan(r: Recipe, *, log=print) -> None:
     stages = plan(r)
     per_node = ranks_per_node(r)
     log(f"recipe {r.name}: {len(stages)} stages, executor {r.launch.executor}")
+    for line in missing_inputs(r):
+        log(f"note: {line}")
+    if hf_dir_problem(r):
+        log("note: until the model is there, this plan takes its shape from the pretrain config (model.* there) "
+            "and its vocabulary from that preset's model (config.OPEN_MODEL_VOCAB)")
     log(f"{'stage':70s} {'variant':16s} {'GPUs':>5s} {'hours':>8s} {'disk':>9s}")
     gpu_hours, bound_hours, disk, extra = 0.0, 0.0, 0.0, 0.0
     for s in stages:
@@ -902,10 +1122,20 @@ def print_plan(r: Recipe, *, log=print) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY`: a Slurm stage job's completion marker."""
+    """`python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY`: a Slurm stage job's completion marker.
+    `python -m pause_megatron.recipe import HF_DIR ROOT SEQ_LENGTH TOKENIZER`: the import stage's command."""
     args = argv if argv is not None else sys.argv[1:]
+    if len(args) == 5 and args[0] == "import":
+        hf_dir, root, seq, tokenizer = args[1:]
+        if prepare_import(root, hf_dir, int(seq), tokenizer):
+            print(f"{root} holds this import, finished: not imported again")
+            return 0
+        from pause_megatron.hf import import_main
+
+        return import_main([hf_dir, root, "--seq-length", seq])
     if len(args) != 4 or args[0] != "mark":
-        print("usage: python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY", file=sys.stderr)
+        print("usage: python -m pause_megatron.recipe mark OUT_DIR STAGE_KEY IDENTITY\n"
+              "       python -m pause_megatron.recipe import HF_DIR ROOT SEQ_LENGTH TOKENIZER", file=sys.stderr)
         return 2
     write_marker(args[1], args[2], args[3], done=True)
     return 0

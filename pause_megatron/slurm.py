@@ -95,15 +95,17 @@ def job_script(*, steps: list[list[str]], mark: list[str], home: str, python: st
 
 def sbatch_command(script: str, *, name: str, out_dir: str, nodes: int, ntasks_per_node: int, gpus_per_node: int,
                    cpus_per_task: int, time: str, signal: Optional[str], deps: list[str], extra: list[str],
-                   workdir: str, comment: str) -> list[str]:
+                   workdir: str, comment: str, mem_gb: Optional[int] = None) -> list[str]:
     """sbatch's arguments for one stage. `gpus_per_node` is asked whenever it is above 0 (a GPU stage on one
     GPU too); `signal` (e.g. USR1@300) for stages that stop cleanly on it; `--kill-on-invalid-dep=yes` cancels
     the stage when a stage it waits for fails; `comment` (stage_comment) lets a rerun find the job even when
-    its id was never recorded (sbatch timed out after Slurm took the job)."""
+    its id was never recorded (sbatch timed out after Slurm took the job); `mem_gb`: the node memory the job
+    needs (the import's), else the cluster's default."""
     return ["sbatch", "--parsable", f"--job-name={name}", f"--comment={comment}", f"--chdir={workdir}",
             f"--nodes={nodes}",
             f"--ntasks-per-node={ntasks_per_node}", f"--cpus-per-task={cpus_per_task}",
-            *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node > 0 else []), f"--time={time}",
+            *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node > 0 else []),
+            *([f"--mem={mem_gb}G"] if mem_gb else []), f"--time={time}",
             f"--output={out_dir}/slurm-%j.out", "--open-mode=append", "--requeue",
             *([f"--signal={signal}"] if signal else []),
             "--kill-on-invalid-dep=yes", *([f"--dependency=afterok:{':'.join(deps)}"] if deps else []),
