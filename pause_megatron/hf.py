@@ -363,12 +363,14 @@ def vocab_rows(hf_vocab: int, tokens: int) -> tuple[int, int]:
 
 def import_vocab(hf_dir: str) -> tuple[int, int]:
     """`vocab_rows` of the checkpoint import-hf writes from `hf_dir`: the tokenizer's size when the directory has
-    one, else config.json's vocab_size plus one for `<pause>` unless the directory declares it."""
+    a readable one, else config.json's vocab_size plus one for `<pause>` unless the directory declares it."""
     c = _read_json(os.path.join(hf_dir, "config.json"))
     tok_path = tokenizers.tokenizer_file(hf_dir)
-    if tok_path is not None:
-        tokens = tokenizers.load(tok_path).vocab_size
-    else:
+    try:
+        tokens = tokenizers.load(tok_path).vocab_size if tok_path else None
+    except tokenizers.UnreadableTokenizer:  # import-hf itself refuses it, naming the file
+        tokens = None
+    if tokens is None:
         tokens = int(c["vocab_size"]) + (0 if _special_pause_ids(hf_dir, c) else 1)
     return vocab_rows(int(c["vocab_size"]), tokens)
 

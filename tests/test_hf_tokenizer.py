@@ -214,6 +214,12 @@ def test_import_hf_reads_a_model_directory_with_tokenizer_json_and_adds_pause(bp
         shutil.copy(os.path.join(bpe_dir, name), hf / name)
     proc = python("-m", "pause_megatron.cli", "import-hf", str(hf), str(tmp_path / "ckpt"))
     assert f"model.make_vocab_size_divisible_by={rows}" in proc.stdout  # every later run pads to `rows`
+    # a recipe plans its pretrainings (before the import runs) with the import's own model settings
+    from pause_megatron import hf as hf_
+    from pause_megatron.hf import checkpoint_model_overrides
+
+    assert set(checkpoint_model_overrides(str(tmp_path / "ckpt"))) <= set(hf_.hf_model_overrides(str(hf), TINY_SEQ))
+    assert hf_.import_vocab_size(str(hf)) == rows
     assert tokenizers.load(str(tmp_path / "ckpt")).record() == tok.record()  # <pause> added, stored as json
     extra = torch.load(tmp_path / "ckpt" / "iter_0000000" / "common.pt", weights_only=False)["extra"]
     assert {k: extra[k] for k in tok.record()} == tok.record()
