@@ -1,6 +1,6 @@
 """Batched, stop-aware evaluation against one request at a time, and finetuning's padding, side by side.
 
-    python benchmarks/bench_eval_batch.py [--batch-size 16] [--requests 64] [--max-gen-toks 256] [k=v overrides]
+    python benchmarks/bench_eval_batch.py [--batch-size 16] [--requests 256] [--max-gen-toks 256] [k=v overrides]
 
 Evaluation (tiny preset, random weights: speed does not depend on them; one process, arms alternated, best
 of --repeats):
@@ -222,7 +222,7 @@ def write_rates(result, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-gen-toks", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vocab-size", type=int, default=2000)
