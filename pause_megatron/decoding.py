@@ -175,7 +175,9 @@ def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], *, vocab_siz
     return score_rows(logits, [x for _, x in rows], vocab_size=vocab_size, banned_ids=banned_ids)
 
 
-SCORE_CHUNK_ELEMENTS = 1 << 20  # logits scored per step: 4 MiB of float32, so a step's passes stay in cache
+# Logits scored per step. On a CPU 4 MiB of float32, so a step's passes run in cache; on a GPU as many as
+# fit 256 MiB of float32, so a batch's scoring is a few kernels rather than a few per 32 rows.
+SCORE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "accelerator": 1 << 26}
 
 
 def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, vocab_size: Optional[int] = None,
@@ -201,7 +203,7 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
     allowed = (target < limit) & ~torch.isin(target, banned)
     logprob = torch.empty(target.shape, dtype=torch.float32, device=device)
     hit = torch.empty(target.shape, dtype=torch.bool, device=device)
-    step = max(1, SCORE_CHUNK_ELEMENTS // max(1, width))
+    step = max(1, SCORE_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "accelerator"] // max(1, width))
     for s in range(0, logits.shape[0], step):
         block, t = logits[s: s + step].float(), target[s: s + step]
         chosen = block.gather(1, t[:, None])[:, 0]
@@ -226,11 +228,11 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
             block[:, banned] = kept
         hit[s: s + step] = candidate
         logprob[s: s + step] = (chosen - top) - block.sub_(top[:, None]).exp_().sum(-1).log_()
-    out, k = [], 0
-    for n in lengths:
-        out.append((float(logprob[k: k + n].sum()), bool(hit[k: k + n].all())))
-        k += n
-    return out
+    if not lengths:
+        return []
+    sums = torch.stack([p.sum() for p in logprob.split(lengths)]).tolist()  # one copy to the host, not one a row
+    hits = torch.stack([h.all() for h in hit.split(lengths)]).tolist()
+    return list(zip(sums, hits))
 
 
 def shares_contexts(model) -> bool:

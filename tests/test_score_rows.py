@@ -66,11 +66,11 @@ def test_planted_cases():
     assert [g for _, g in got] == [True, False, True, False, False, False, True, True, False]
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])  # 1000: the whole tensor at once, as on a GPU
 def test_random_bf16_logits_greedy_continuations_and_blocks(monkeypatch, chunk_rows):
     """Random logits rounded to bf16 (ties occur), half the targets greedy's own pick, blocks that split
     continuations: scores within float32 rounding of the reference, greedy flags identical."""
-    monkeypatch.setattr(decoding, "SCORE_CHUNK_ELEMENTS", chunk_rows * V)
+    monkeypatch.setitem(decoding.SCORE_CHUNK_ELEMENTS, "cpu", chunk_rows * V)
     g = torch.Generator().manual_seed(1)
     lengths = [int(n) for n in torch.randint(1, 6, (40,), generator=g)]
     logits = (torch.randn(sum(lengths), V, generator=g) * 2).bfloat16().float()
@@ -87,6 +87,11 @@ def test_random_bf16_logits_greedy_continuations_and_blocks(monkeypatch, chunk_r
     ties = (logits[:, :VOCAB] == logits[:, :VOCAB].amax(-1, keepdim=True)).sum(-1) > 1
     assert bool(ties.any())
     check(logits, continuations)  # and with nothing banned
+
+
+def test_empty_rows():
+    assert score_rows(torch.zeros(0, V), []) == []
+    assert check(torch.randn(2, V), [[], [3, 4], []], **PICK)[0] == (0.0, True)
 
 
 def test_wrong_length_refused():
