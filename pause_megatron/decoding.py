@@ -180,15 +180,21 @@ def score_batch(model, rows: Sequence[tuple[list[int], list[int]]], *, vocab_siz
 SCORE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "accelerator": 1 << 26}
 
 
+def score_block_rows(width: int, device: torch.device) -> int:
+    """Rows of logits `score_rows` works on at a time (`SCORE_CHUNK_ELEMENTS` of this device kind)."""
+    return max(1, SCORE_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "accelerator"] // max(1, width))
+
+
 def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, vocab_size: Optional[int] = None,
                banned_ids: tuple[int, ...] = ()) -> list[tuple[float, bool]]:
     """[(sum of log p(continuation), whether greedy picks it)] from `logits` [K, vocab], the positions that
     predict the continuations' tokens one after another (K = their total length). Consumes `logits`.
 
     log p(t) = x_t - m - log(sum(exp(x - m))) over the whole output layer (m its maximum), as `log_softmax`
-    computes it. "Greedy" is `greedy_pick`'s choice: t is picked when it may be emitted and x_t is the largest
-    logit among the ids that may be, and the only one that large; a tie (bf16 logits have them) is settled
-    by `greedy_pick` itself (the first such id) on the tied positions alone. The logits are worked on in
+    computes it. "Greedy" is `greedy_pick`'s choice on the logits (as `generate` picks): t is picked when it
+    may be emitted and x_t is the largest logit among the ids that may be, and the only one that large; a tie
+    (bf16 logits have them) is settled by `greedy_pick` itself (the first such id) on the tied positions alone.
+    (Before, `greedy_pick` ran on the log-probabilities, where two logits an ulp apart can round into a tie.) The logits are worked on in
     place, in blocks of rows (`SCORE_CHUNK_ELEMENTS`), with one maximum and one exp-sum pass each: no
     log-softmax tensor of the logits' size is written and no argmax is taken (on a CPU, `argmax` costs about
     ten times `amax`). On the tiny model this made scoring about twice as fast (docs/performance.md).
@@ -203,7 +209,7 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
     allowed = (target < limit) & ~torch.isin(target, banned)
     logprob = torch.empty(target.shape, dtype=torch.float32, device=device)
     hit = torch.empty(target.shape, dtype=torch.bool, device=device)
-    step = max(1, SCORE_CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "accelerator"] // max(1, width))
+    step = score_block_rows(width, device)
     for s in range(0, logits.shape[0], step):
         block, t = logits[s: s + step].float(), target[s: s + step]
         chosen = block.gather(1, t[:, None])[:, 0]
@@ -219,10 +225,12 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
             allowed_top = top = block.amax(-1)
         candidate = allowed[s: s + step] & (chosen == allowed_top)
         rows = candidate.nonzero()[:, 0]
-        if len(rows):  # x_t is the largest: greedy picks t unless an earlier id ties with it
-            ties = (block[rows, :limit] == allowed_top[rows, None]).sum(-1) > 1
-            if bool(ties.any()):
-                tied = rows[ties]
+        if len(rows):  # x_t is the largest: greedy picks t unless another id is as large (then the first wins)
+            block[rows, t[rows]] = float("-inf")
+            runner_up = block[:, :limit].amax(-1)[rows]  # one more amax pass, no copy of the rows
+            block[rows, t[rows]] = chosen[rows]
+            tied = rows[runner_up == allowed_top[rows]]
+            if len(tied):
                 candidate[tied] = greedy_pick(block[tied], vocab_size=vocab_size, banned_ids=banned_ids) == t[tied]
         if len(banned) or limit < width:
             block[:, banned] = kept

@@ -1,16 +1,18 @@
 """`decoding.score_rows` (one max and one exp-sum pass per position, in place, no argmax) against the plain
-reference: `log_softmax` over the whole output layer and `greedy_pick` (what scoring computed before).
+reference: `log_softmax` over the whole output layer and `greedy_pick` on the logits (as `generate` picks).
 
 Pure torch, no model: the logits are built so that every branch is taken: continuations that greedy picks,
 ties at the maximum (before and after the target, as bf16 logits have them), a maximum on `<pause>` or on a
 padded id (greedy then picks the next), a target that may not be emitted, blocks that split a continuation.
 """
 
+import math
+
 import pytest
 import torch
 
 from pause_megatron import decoding
-from pause_megatron.decoding import greedy_pick, score_rows
+from pause_megatron.decoding import greedy_pick, score_block_rows, score_rows
 
 V, VOCAB, PAUSE = 50, 45, 44  # table width, ids below VOCAB may be decoded, <pause> is banned
 
@@ -21,7 +23,7 @@ def reference(logits, continuations, **pick):
         logprobs = torch.log_softmax(logits[k: k + len(x)], -1)
         target = torch.tensor(x, dtype=torch.long)
         out.append((float(logprobs.gather(1, target[:, None]).sum()),
-                    bool((greedy_pick(logprobs, **pick) == target).all())))
+                    bool((greedy_pick(logits[k: k + len(x)], **pick) == target).all())))  # as `generate` picks
         k += len(x)
     return out
 
@@ -57,13 +59,17 @@ def test_planted_cases():
     row(44, False, i44=12.0)  # the target is <pause>: never greedy
     row(46, False, i46=12.0)  # the target is a padded id
     row(7, False, i8=9.0, i7=8.0)  # not the maximum
+    row(7, True, i44=120.0, i7=9.0)  # the normaliser counts <pause>: log p = 9 - 120 - log(...), finite
+    row(3, True, i47=12.0, i3=9.0, i7=9.0)  # a padded id on top, then a tie: the first (the target) wins
+    row(46, False, i46=9.0, i7=9.0)  # a padded target as large as the largest allowed logit
     logits = torch.stack([x for x, _, _ in rows])
     continuations = [[t] for _, t, _ in rows]
     got = check(logits, continuations, **PICK)
     assert [g for _, g in got] == [e for _, _, e in rows]
+    assert all(math.isfinite(ll) for ll, _ in got)
     # without banned ids or padding, the <pause>-and-padded rows pick their largest logit
     got = check(logits, continuations)
-    assert [g for _, g in got] == [True, False, True, False, False, False, True, True, False]
+    assert [g for _, g in got] == [True, False, True, False, False, False, True, True, False, False, False, False]
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 1000])  # 1000: the whole tensor at once, as on a GPU
@@ -92,6 +98,13 @@ def test_random_bf16_logits_greedy_continuations_and_blocks(monkeypatch, chunk_r
 def test_empty_rows():
     assert score_rows(torch.zeros(0, V), []) == []
     assert check(torch.randn(2, V), [[], [3, 4], []], **PICK)[0] == (0.0, True)
+
+
+def test_blocks_per_device_kind():
+    """A CPU works on 4 MiB of float32 at a time, an accelerator on up to 256 MiB (no device needed to ask)."""
+    assert score_block_rows(32128, torch.device("cpu")) == (1 << 20) // 32128
+    assert score_block_rows(32128, torch.device("cuda", 0)) == (1 << 26) // 32128
+    assert score_block_rows(1 << 27, torch.device("cuda")) == 1  # a row wider than a block is a block
 
 
 def test_wrong_length_refused():
