@@ -14,6 +14,8 @@ of --repeats):
     stop callback at that length, as a GSM8K or nq_open answer ends at its `until`); before: one prompt at a
     time decoded to --max-gen-toks and cut afterwards; after: batched and stop-aware. The two mixed arms
     (batched without stops, stop-aware at batch 1) separate the two effects.
+Scoring alone (`scoring`): the old log-softmax + `greedy_pick` against `decoding.score_rows` on the same logits,
+for random targets and for greedy ones.
 Finetuning padding: positions computed per target token at seq 2048 on the built-in task rows
 (pause_megatron/sample_tasks, M_ft=10 appended, micro batch 4), padded to seq_length (before) and to the
 microbatch's longest (after), with a SentencePiece model trained on those rows (--vocab-size).
@@ -58,7 +60,7 @@ PICK = {"vocab_size": 32001, "banned_ids": (32000,)}
 
 @torch.no_grad()
 def all_logits_score(model, rows):
-    """Scoring as it was before this work (evaluate.continuation_logprob at 998a683): one request per forward,
+    """Scoring as it was before this work (evaluate.continuation_logprob at c03692a^): one request per forward,
     logits and a log-softmax at every position of the row, then the continuation's, greedy by `greedy_pick`."""
     from pause_megatron.decoding import forward, greedy_pick
 
@@ -70,6 +72,41 @@ def all_logits_score(model, rows):
         target = torch.tensor(x)
         greedy = greedy_pick(picked, **PICK)
         out.append((float(picked.gather(1, target[:, None]).sum()), bool((greedy == target).all())))
+    return out
+
+
+def scoring_rates(repeats=3):
+    """Scoring alone, on logits [1408, VOCAB] (64 requests' continuation tokens) of random values: the old way
+    (a log-softmax per continuation, `greedy_pick` on it) against `decoding.score_rows`, for random targets
+    and for targets that are each position's greedy pick (every one takes score_rows's tie check)."""
+    from pause_megatron.decoding import greedy_pick, score_rows
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1408, VOCAB, generator=gen) * 3
+    lengths = [22] * 64
+
+    def old(conts):
+        out, k = [], 0
+        for x in conts:
+            logprobs = torch.log_softmax(logits[k: k + len(x)], -1)
+            target = torch.tensor(x)
+            out.append((float(logprobs.gather(1, target[:, None]).sum()),
+                        bool((greedy_pick(logprobs, **PICK) == target).all())))
+            k += len(x)
+        return out
+
+    out = {}
+    for name, flat in (("random", torch.randint(0, 32000, (1408,), generator=gen).tolist()),
+                       ("greedy", greedy_pick(logits, **PICK).tolist())):
+        conts = [flat[sum(lengths[:i]): sum(lengths[:i + 1])] for i in range(len(lengths))]
+        best = {"old": float("inf"), "score_rows": float("inf")}
+        for _ in range(repeats):
+            best["old"] = min(best["old"], timed(lambda: old(conts), 1))
+            best["score_rows"] = min(best["score_rows"], timed(lambda: score_rows(logits.clone(), conts, **PICK), 1))
+        clone = timed(lambda: logits.clone(), repeats)  # score_rows consumes its logits: the copy is not its cost
+        out[name] = {"old_cpu_s": best["old"], "score_rows_cpu_s": best["score_rows"] - clone,
+                     "ratio": best["old"] / (best["score_rows"] - clone),
+                     "same": [g for _, g in old(conts)] == [g for _, g in score_rows(logits.clone(), conts, **PICK)]}
     return out
 
 
@@ -244,6 +281,7 @@ def main():
               "load_average_1m_start": os.getloadavg()[0], "batch_size": args.batch_size}
     result["finetune_padding"], tok = finetune_padding(args)
     result["eval_requests"] = eval_requests(tok)
+    result["scoring"] = scoring_rates()
     if not args.skip_eval:
         result["eval"] = eval_rates(args)
     result["load_average_1m_end"] = os.getloadavg()[0]
