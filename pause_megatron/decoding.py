@@ -197,7 +197,7 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
     (Before, `greedy_pick` ran on the log-probabilities, where two logits an ulp apart can round into a tie.) The logits are worked on in
     place, in blocks of rows (`SCORE_CHUNK_ELEMENTS`), with one maximum and one exp-sum pass each: no
     log-softmax tensor of the logits' size is written and no argmax is taken (on a CPU, `argmax` costs about
-    ten times `amax`). On the tiny model this made scoring about twice as fast (docs/performance.md).
+    ten times `amax`). Scoring alone is 2.2-3.0x faster on the tiny model's logits (docs/performance.md).
     """
     lengths = [len(x) for x in continuations]
     if sum(lengths) != logits.shape[0]:
