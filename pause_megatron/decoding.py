@@ -194,10 +194,11 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
     computes it. "Greedy" is `greedy_pick`'s choice on the logits (as `generate` picks): t is picked when it
     may be emitted and x_t is the largest logit among the ids that may be, and the only one that large; a tie
     (bf16 logits have them) is settled by `greedy_pick` itself (the first such id) on the tied positions alone.
-    (Before, `greedy_pick` ran on the log-probabilities, where two logits an ulp apart can round into a tie.) The logits are worked on in
-    place, in blocks of rows (`SCORE_CHUNK_ELEMENTS`), with one maximum and one exp-sum pass each: no
-    log-softmax tensor of the logits' size is written and no argmax is taken (on a CPU, `argmax` costs about
-    ten times `amax`). Scoring alone is 2.2-3.0x faster on the tiny model's logits (docs/performance.md).
+    (Before, `greedy_pick` ran on the log-probabilities, where two logits an ulp apart can round into a tie.)
+    The logits are worked on in place, in blocks of rows (`score_block_rows`), with a maximum and an exp-sum
+    pass each, and one more maximum where the target is the largest (the tie check): no log-softmax tensor of
+    the logits' size is written and no argmax is taken (on a CPU, `argmax` costs about ten times `amax`).
+    Scoring alone is 2.2-3.0x faster on the tiny model's logits (docs/performance.md).
     """
     lengths = [len(x) for x in continuations]
     if sum(lengths) != logits.shape[0]:
