@@ -1,10 +1,11 @@
 """Batched, stop-aware evaluation against one request at a time, and finetuning's padding, side by side.
 
-    python benchmarks/bench_eval_batch.py [--batch-size 16] [--requests 64] [--max-gen-toks 256] [k=v overrides]
+    python benchmarks/bench_eval_batch.py [--batch-size 16] [--requests 256] [--max-gen-toks 256] [k=v overrides]
 
 Evaluation (tiny preset, random weights: speed does not depend on them; one process, arms alternated, best
 of --repeats):
   * multiple choice: contexts of 40-200 tokens with 4 continuations of 5-40 tokens each (HellaSwag's shape),
+    half of them random tokens, half the model's own greedy continuation (so greedy flags are True there),
     scored one request per forward with logits at every position (before: `all_logits_score`), and with
     logits only at the continuations (`decoding.score_batch`) at batch 1 and in batches of --batch-size
     rows; and each context computed once for its 4 continuations (`decoding.score_shared`) in batches of the
@@ -13,6 +14,8 @@ of --repeats):
     stop callback at that length, as a GSM8K or nq_open answer ends at its `until`); before: one prompt at a
     time decoded to --max-gen-toks and cut afterwards; after: batched and stop-aware. The two mixed arms
     (batched without stops, stop-aware at batch 1) separate the two effects.
+Scoring alone (`scoring`): the old log-softmax + `greedy_pick` against `decoding.score_rows` on the same logits,
+for random targets and for greedy ones.
 Finetuning padding: positions computed per target token at seq 2048 on the built-in task rows
 (pause_megatron/sample_tasks, M_ft=10 appended, micro batch 4), padded to seq_length (before) and to the
 microbatch's longest (after), with a SentencePiece model trained on those rows (--vocab-size).
@@ -50,10 +53,16 @@ def timed(fn, repeats):
     return best
 
 
+# What evaluation passes (evaluate.PauseLM.decode_kwargs): a 32,000-piece tokenizer, <pause> its next id, the
+# table padded to VOCAB; greedy may not pick <pause> nor a padded id.
+PICK = {"vocab_size": 32001, "banned_ids": (32000,)}
+
+
 @torch.no_grad()
 def all_logits_score(model, rows):
-    """Scoring as it was before `logits_only_at`: logits at every position of the row, then the continuation's."""
-    from pause_megatron.decoding import forward
+    """Scoring as it was before this work (evaluate.continuation_logprob at c03692a^): one request per forward,
+    logits and a log-softmax at every position of the row, then the continuation's, greedy by `greedy_pick`."""
+    from pause_megatron.decoding import forward, greedy_pick
 
     out = []
     for c, x in rows:
@@ -61,7 +70,43 @@ def all_logits_score(model, rows):
         logprobs = torch.log_softmax(forward(model, ids, torch.arange(ids.shape[1])[None])[0], -1)
         picked = logprobs[len(c) - 1: len(c) - 1 + len(x)]
         target = torch.tensor(x)
-        out.append((float(picked.gather(1, target[:, None]).sum()), bool((picked.argmax(-1) == target).all())))
+        greedy = greedy_pick(picked, **PICK)
+        out.append((float(picked.gather(1, target[:, None]).sum()), bool((greedy == target).all())))
+    return out
+
+
+def scoring_rates(repeats=3):
+    """Scoring alone, on logits [1408, VOCAB] (64 requests' continuation tokens) of random values: the old way
+    (a log-softmax per continuation, `greedy_pick` on it) against `decoding.score_rows`, for random targets
+    and for targets that are each position's greedy pick (every one takes score_rows's tie check)."""
+    from pause_megatron.decoding import greedy_pick, score_rows
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1408, VOCAB, generator=gen) * 3
+    lengths = [22] * 64
+
+    def old(conts):
+        out, k = [], 0
+        for x in conts:
+            logprobs = torch.log_softmax(logits[k: k + len(x)], -1)
+            target = torch.tensor(x)
+            out.append((float(logprobs.gather(1, target[:, None]).sum()),
+                        bool((greedy_pick(logprobs, **PICK) == target).all())))
+            k += len(x)
+        return out
+
+    out = {}
+    for name, flat in (("random", torch.randint(0, 32000, (1408,), generator=gen).tolist()),
+                       ("greedy", greedy_pick(logits, **PICK).tolist())):
+        conts = [flat[sum(lengths[:i]): sum(lengths[:i + 1])] for i in range(len(lengths))]
+        best = {"old": float("inf"), "score_rows": float("inf")}
+        for _ in range(repeats):
+            best["old"] = min(best["old"], timed(lambda: old(conts), 1))
+            best["score_rows"] = min(best["score_rows"], timed(lambda: score_rows(logits.clone(), conts, **PICK), 1))
+        clone = timed(lambda: logits.clone(), repeats)  # score_rows consumes its logits: the copy is not its cost
+        out[name] = {"old_cpu_s": best["old"], "score_rows_cpu_s": best["score_rows"] - clone,
+                     "ratio": best["old"] / (best["score_rows"] - clone),
+                     "same": [g for _, g in old(conts)] == [g for _, g in score_rows(logits.clone(), conts, **PICK)]}
     return out
 
 
@@ -75,13 +120,19 @@ def eval_rates(args):
     for _ in range(args.requests // 4):
         ctx = tok(rng.randint(40, 200))
         mc += [(ctx, tok(rng.randint(5, 40))) for _ in range(4)]
+    # Half the continuations are the model's own greedy text (a trained model's right answers often are):
+    # scoring then takes its greedy-flag path on every one of their tokens, not only on random tokens.
+    mine = list(range(0, len(mc), 2))
+    picked = generate(model, [mc[i][0] for i in mine], max_new_tokens=[len(mc[i][1]) for i in mine], **PICK)
+    for i, ids in zip(mine, picked):
+        mc[i] = (mc[i][0], ids)
     prompts = [tok(rng.randint(30, 200)) for _ in range(args.requests // 4)]
     answer = [rng.randint(5, 60) for _ in prompts]
     key_mc = lambda r: (-len(r[0]) - len(r[1]), tuple(r[0] + r[1]))  # noqa: E731
     groups = [(mc[i][0], [x for _, x in mc[i: i + 4]]) for i in range(0, len(mc), 4)]
 
     def shared(contexts):
-        out = run_batched(groups, lambda c: score_shared(model, c), contexts,
+        out = run_batched(groups, lambda c: score_shared(model, c, **PICK), contexts,
                           sort_key=lambda g: (-len(g[0]) - max(map(len, g[1])), tuple(g[0])))
         return [r for rs in out for r in rs]
     key_gen = lambda r: (-len(r[0]), tuple(r[0]))  # noqa: E731
@@ -91,15 +142,16 @@ def eval_rates(args):
 
         def run(chunk):
             stop = (lambda b, ids: len(ids) >= chunk[b][1]) if stop_aware else None
-            out = generate(model, [r[0] for r in chunk], max_new_tokens=args.max_gen_toks, stop=stop)
+            out = generate(model, [r[0] for r in chunk], max_new_tokens=args.max_gen_toks, stop=stop, **PICK)
             return [o[: r[1]] for o, r in zip(out, chunk)]  # cut at the "stop string"
 
         return run_batched(rows, run, batch_size, sort_key=key_gen)
 
     arms = {
         "mc_batch1_all_logits": lambda: run_batched(mc, lambda c: all_logits_score(model, c), 1, sort_key=key_mc),
-        "mc_batch1": lambda: run_batched(mc, lambda c: score_batch(model, c), 1, sort_key=key_mc),
-        "mc_batched": lambda: run_batched(mc, lambda c: score_batch(model, c), args.batch_size, sort_key=key_mc),
+        "mc_batch1": lambda: run_batched(mc, lambda c: score_batch(model, c, **PICK), 1, sort_key=key_mc),
+        "mc_batched": lambda: run_batched(mc, lambda c: score_batch(model, c, **PICK), args.batch_size,
+                                          sort_key=key_mc),
         # each context once, its 4 continuations reading its KV cache: batches of the same 16 rows, and of
         # --batch-size contexts (what `evaluate --batch-size` does: it counts contexts)
         "mc_shared_same_rows": lambda: shared(max(1, args.batch_size // 4)),
@@ -115,7 +167,7 @@ def eval_rates(args):
             best[name] = min(best[name], timed(fn, 1))
     n = {"mc": len(mc), "gen": len(prompts)}
     old_ll = run_batched(mc, lambda c: all_logits_score(model, c), 1, sort_key=key_mc)
-    new_ll = run_batched(mc, lambda c: score_batch(model, c), args.batch_size, sort_key=key_mc)
+    new_ll = run_batched(mc, lambda c: score_batch(model, c, **PICK), args.batch_size, sort_key=key_mc)
     mc_max_rel_diff = max(abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(old_ll, new_ll))
     shared_ll = shared(args.batch_size)
     mc_shared_max_rel_diff = max(abs(a[0] - b[0]) / abs(a[0]) for a, b in zip(old_ll, shared_ll))
@@ -127,9 +179,12 @@ def eval_rates(args):
             "mc_speedup_selected_logits_only": best["mc_batch1_all_logits"] / best["mc_batch1"],
             "mc_speedup_shared": best["mc_batch1_all_logits"] / best["mc_shared"],
             "mc_speedup_shared_same_rows": best["mc_batch1_all_logits"] / best["mc_shared_same_rows"],
+            # batching and sharing alone: today's scoring one request per forward against the shared batches
+            "mc_speedup_shared_same_rows_vs_batch1": best["mc_batch1"] / best["mc_shared_same_rows"],
             "mc_max_rel_diff": mc_max_rel_diff, "mc_same_greedy": [a[1] for a in old_ll] == [b[1] for b in new_ll],
             "mc_shared_max_rel_diff": mc_shared_max_rel_diff,
             "mc_shared_same_greedy": [a[1] for a in old_ll] == [b[1] for b in shared_ll],
+            "mc_greedy_requests": sum(a[1] for a in old_ll),
             "gen_speedup": best["gen_batch1_full"] / best["gen_batched_stop"],
             "gen_speedup_batching_only": best["gen_batch1_full"] / best["gen_batched_full"],
             "gen_speedup_stops_only": best["gen_batch1_full"] / best["gen_batch1_stop"],
@@ -212,7 +267,7 @@ def write_rates(result, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-gen-toks", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vocab-size", type=int, default=2000)
@@ -226,6 +281,7 @@ def main():
               "load_average_1m_start": os.getloadavg()[0], "batch_size": args.batch_size}
     result["finetune_padding"], tok = finetune_padding(args)
     result["eval_requests"] = eval_requests(tok)
+    result["scoring"] = scoring_rates()
     if not args.skip_eval:
         result["eval"] = eval_rates(args)
     result["load_average_1m_end"] = os.getloadavg()[0]
