@@ -59,8 +59,16 @@ def greedy_pick(logits: torch.Tensor, *, vocab_size: Optional[int] = None, banne
         logits = logits.clone()
         if vocab_size is not None:
             logits[..., vocab_size:] = float("-inf")
-        logits[..., list(banned_ids)] = float("-inf")
+        logits[..., _checked_ids(banned_ids, logits.shape[-1])] = float("-inf")
     return logits.argmax(-1)
+
+
+def _checked_ids(ids: Sequence[int], width: int) -> list[int]:
+    """`ids` as a list, refused unless each is a row of the output layer (a negative id would ban from the end)."""
+    wrong = [i for i in ids if not 0 <= i < width]
+    if wrong:
+        raise ValueError(f"banned ids {wrong} are not ids of the {width}-row output layer")
+    return list(ids)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -198,7 +206,8 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
     The logits are worked on in place, in blocks of rows (`score_block_rows`), with a maximum and an exp-sum
     pass each, and one more maximum where the target is the largest (the tie check): no log-softmax tensor of
     the logits' size is written and no argmax is taken (on a CPU, `argmax` costs about ten times `amax`).
-    Scoring alone is 2.2-3.0x faster on the tiny model's logits (docs/performance.md).
+    A NaN logit makes the position's log-probability NaN and its flag False (`argmax` would pick the NaN).
+    Scoring alone is 2.2-3.0x faster on logits of the tiny model's width (docs/performance.md).
     """
     lengths = [len(x) for x in continuations]
     if sum(lengths) != logits.shape[0]:
@@ -206,7 +215,8 @@ def score_rows(logits: torch.Tensor, continuations: Sequence[list[int]], *, voca
     device, width = logits.device, logits.shape[-1]
     target = torch.tensor([t for x in continuations for t in x], dtype=torch.long, device=device)
     limit = width if vocab_size is None else min(vocab_size, width)
-    banned = torch.tensor(sorted({i for i in banned_ids if 0 <= i < limit}), dtype=torch.long, device=device)
+    banned = torch.tensor(sorted({i for i in _checked_ids(banned_ids, width) if i < limit}), dtype=torch.long,
+                          device=device)
     allowed = (target < limit) & ~torch.isin(target, banned)
     logprob = torch.empty(target.shape, dtype=torch.float32, device=device)
     hit = torch.empty(target.shape, dtype=torch.bool, device=device)

@@ -95,6 +95,24 @@ def test_random_bf16_logits_greedy_continuations_and_blocks(monkeypatch, chunk_r
     check(logits, continuations)  # and with nothing banned
 
 
+def test_float32_logits_greedy_targets():
+    """Unrounded float32 logits, every target greedy's pick: the tie check's masking of the target is undone
+    to the bit (a bf16 value would survive a lossy restore)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(30, V, generator=g) * 3
+    targets = greedy_pick(logits, **PICK).tolist()
+    got = check(logits, [targets[k: k + 3] for k in range(0, 30, 3)], **PICK)
+    assert all(flag for _, flag in got)
+
+
+def test_banned_ids_outside_the_table_refused():
+    for banned in ((-1,), (V,)):
+        with pytest.raises(ValueError, match="not ids of the 50-row output layer"):
+            score_rows(torch.zeros(1, V), [[1]], banned_ids=banned)
+        with pytest.raises(ValueError, match="not ids of the 50-row output layer"):
+            greedy_pick(torch.zeros(1, V), banned_ids=banned)
+
+
 def test_empty_rows():
     assert score_rows(torch.zeros(0, V), []) == []
     assert check(torch.randn(2, V), [[], [3, 4], []], **PICK)[0] == (0.0, True)
