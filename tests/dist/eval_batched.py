@@ -40,9 +40,11 @@ def full_logits_logprob(model, context, continuation, **pick):
     ids = torch.tensor([context + continuation])
     with cpu_emulation.without_device_rewrites():
         logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], attention_mask=None)
-    logprobs = torch.log_softmax(logits[0].float(), -1)[len(context) - 1: len(context) - 1 + len(continuation)]
+    picked = logits[0].float()[len(context) - 1: len(context) - 1 + len(continuation)]
+    logprobs = torch.log_softmax(picked, -1)
     target = torch.tensor(continuation)
-    return float(logprobs.gather(1, target[:, None]).sum()), bool((greedy_pick(logprobs, **pick) == target).all())
+    # greedy as generation picks: on the logits
+    return float(logprobs.gather(1, target[:, None]).sum()), bool((greedy_pick(picked, **pick) == target).all())
 
 
 def requests(task_name: str, data_dir: str):
